@@ -1,0 +1,57 @@
+"""finetune: fine-tune pretrained DeiT/ViT classifiers through timm, and compare them with a ViT
+trained from scratch.
+
+The library calls::
+
+    from finetune import load_model, resize_pos_embed, set_trainable
+
+    model = load_model("deit_tiny_patch16_224.fb_in1k", num_classes=10, img_size=32,
+                       patch_size=4, pos_embed_mode="bicubic")
+    print(set_trainable(model, "head"))
+
+Names are imported on first use, so ``finetune validate`` and ``finetune ls`` start without
+loading torch and timm.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "CheckpointError": "errors",
+    "FinetuneError": "errors",
+    "GridError": "errors",
+    "OfflineError": "errors",
+    "SourceNotFoundError": "errors",
+    "LoadReport": "models",
+    "create_model": "models",
+    "load_model": "models",
+    "reset_head": "models",
+    "save_model": "models",
+    "ParamCounts": "params",
+    "count_parameters": "params",
+    "param_groups": "params",
+    "set_trainable": "params",
+    "POS_EMBED_MODES": "pos_embed",
+    "resize_model_input": "pos_embed",
+    "resize_pos_embed": "pos_embed",
+    "PRESETS": "presets",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'finetune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

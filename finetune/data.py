@@ -1,0 +1,754 @@
+"""Datasets held in memory as uint8 tensors, and a GPU batch loader that augments whole batches.
+
+The design follows airbench: a dataset is decoded once into one ``uint8 (N, 3, H, W)`` tensor, the
+tensor moves to the device once, and each batch is a slice of a device ``randperm``. Augmentation
+(pad-and-crop, flip, random resized crop) and resizing (e.g. CIFAR's 32 px to a ViT's 224 px) run on
+the whole batch on the device, so the CPU never touches a 224-px image and there are no DataLoader
+workers to feed. Upsampling 50,000 images to 224 px on the CPU, as the course's notebook does, is
+what makes its head-only epoch slow.
+
+``load_splits`` builds the train/val/test tensors from the recipe's ``data`` section;
+``BatchLoader`` turns one of them into normalised float batches on the device. ``read_image`` and
+``preprocess_images`` serve single photos (the ``predict`` command).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import socket
+import urllib.parse
+import warnings
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.io import ImageReadMode
+from torchvision.transforms.v2 import functional as TF
+
+from .errors import DataError
+
+# torchvision >= 0.29 marks its image codecs deprecated in favour of TorchCodec (not a dependency
+# here). They are still the fastest CPU decoders available, so their warning is silenced locally.
+_TV_CODEC_DEPRECATION = "The image decoding and encoding capabilities of TorchVision are deprecated"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_DECODE_CHUNK = 512  # files per thread-pool task; small tasks cost more in overhead than they save
+_RESIZE_CHUNK = 1024  # images resized at once when a whole split is resized in memory
+_CIFAR_CLASSES = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}
+_DOWNLOAD_CONNECT_TIMEOUT_S = 10.0  # how long to wait for the download server before giving up
+_DOWNLOAD_STALL_TIMEOUT_S = 60.0  # how long a started download may go without receiving data
+
+
+@dataclass
+class ImageTensors:
+    """One split of a dataset, decoded.
+
+    Attributes:
+        images: ``uint8 (N, 3, H, W)`` on the CPU.
+        labels: ``int64 (N,)`` class indices into ``DatasetSplits.classes``.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+@dataclass
+class DatasetSplits:
+    """The splits of a dataset and its class names.
+
+    Attributes:
+        train: images to train on (after ``train_subset`` and ``val_split``).
+        val: images held out of the train set, or ``None`` when ``val_split`` is 0.
+        test: the dataset's own test set (ImageFolder: ``test/`` or ``val/``).
+        classes: class names; label ``i`` is ``classes[i]``.
+        name: the dataset's name in the recipe (``cifar10``, ``imagefolder``, ...).
+    """
+
+    train: ImageTensors
+    val: ImageTensors | None
+    test: ImageTensors
+    classes: list[str]
+    name: str
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading splits
+# --------------------------------------------------------------------------------------------------
+
+
+def load_splits(cfg, *, seed: int) -> DatasetSplits:
+    """Load the dataset named by a recipe's ``data`` section into CPU uint8 tensors.
+
+    Args:
+        cfg: the recipe's ``data`` section (``name``, ``root``, ``download``, ``train_subset``,
+            ``val_split``, ``image_size``, ``synthetic_*``).
+        seed: seeds the synthetic images and the choice of the train subset and validation images.
+
+    Returns:
+        The train, val (or ``None``) and test splits, each ``uint8 (N, 3, S, S)`` when
+        ``cfg.image_size = S`` and at the dataset's own size otherwise.
+
+    Raises:
+        DataError: the data is missing and cannot be downloaded, a file is not an image, images
+            differ in size with no ``image_size``, or the subset and validation sizes do not fit.
+    """
+    if cfg.name in _CIFAR_CLASSES:
+        train, test, classes = _load_cifar(cfg.name, Path(cfg.root).expanduser(), download=cfg.download)
+    elif cfg.name == "imagefolder":
+        train, test, classes = _load_imagefolder(Path(cfg.root).expanduser(), image_size=cfg.image_size)
+    elif cfg.name == "synthetic":
+        train, test, classes = _make_synthetic(
+            num_train=cfg.synthetic_train,
+            num_test=cfg.synthetic_test,
+            num_classes=cfg.synthetic_classes,
+            size=cfg.synthetic_size,
+            seed=seed,
+        )
+    else:
+        raise DataError(
+            f"data.name is {cfg.name!r}, which is not a dataset finetune knows.",
+            "Use one of cifar10, cifar100, imagefolder or synthetic.",
+        )
+
+    train, val = split_train(train, train_subset=cfg.train_subset, val_split=cfg.val_split, seed=seed)
+    if cfg.image_size is not None:
+        # ImageFolder files were resized while decoding (a no-op here); CIFAR and synthetic tensors
+        # are resized after the subset is taken, so images that will not be used are not resized.
+        train, test = _resize_split(train, cfg.image_size), _resize_split(test, cfg.image_size)
+        val = _resize_split(val, cfg.image_size) if val is not None else None
+    return DatasetSplits(train=train, val=val, test=test, classes=classes, name=cfg.name)
+
+
+def split_train(
+    train: ImageTensors, *, train_subset: int | float | None, val_split: int | float, seed: int
+) -> tuple[ImageTensors, ImageTensors | None]:
+    """Pick a seeded random training subset and a disjoint held-out validation set.
+
+    One seeded permutation of the train set decides both: validation images are taken from its end
+    and training images from its start, so changing ``train_subset`` never changes which images are
+    held out, and changing ``val_split`` never changes the training subset (as long as they fit).
+    Both keep the dataset's original order.
+
+    Args:
+        train: the full train split.
+        train_subset: images to train on (int), a fraction of the full train set (float in
+            ``(0, 1]``), or ``None`` for every image not held out.
+        val_split: images (int) or fraction of the full train set (float in ``[0, 1)``) to hold
+            out; 0 holds out none.
+        seed: seeds the permutation.
+
+    Returns:
+        ``(train, val)``; ``val`` is ``None`` when ``val_split`` is 0.
+
+    Raises:
+        DataError: the two together ask for more images than the train set has.
+    """
+    n = len(train)
+    n_val = _count_images(val_split, n, field="data.val_split")
+    n_train = n - n_val if train_subset is None else _count_images(train_subset, n, field="data.train_subset")
+    if n_train < 1 or n_train + n_val > n:
+        raise DataError(
+            f"The train set has {n} images, too few for data.train_subset={train_subset!r} "
+            f"({n_train} images) plus data.val_split={val_split!r} ({n_val} images).",
+            "Lower data.train_subset or data.val_split so that together they fit in the train set.",
+        )
+    if n_val == 0 and n_train == n:
+        return train, None
+
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    train_idx = perm[:n_train].sort().values
+    subset = ImageTensors(train.images[train_idx], train.labels[train_idx])
+    if n_val == 0:
+        return subset, None
+    val_idx = perm[n - n_val :].sort().values
+    return subset, ImageTensors(train.images[val_idx], train.labels[val_idx])
+
+
+def _count_images(amount: int | float | None, total: int, *, field: str) -> int:
+    """Turn a recipe's image count (int) or fraction (float) into a number of images."""
+    if amount is None:
+        return 0
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
+        raise DataError(f"{field} is {amount!r}, not a number of images or a fraction.", "Use e.g. 10000 or 0.2.")
+    if isinstance(amount, float):
+        if amount > 1.0:
+            raise DataError(
+                f"{field} is {amount}: a float is a fraction of the train set and must be at most 1.",
+                "Write a number of images as an integer, e.g. 10000.",
+            )
+        # A non-zero fraction always keeps at least one image.
+        return max(1, round(amount * total)) if amount > 0 else 0
+    return amount
+
+
+def _resize_split(split: ImageTensors, size: int) -> ImageTensors:
+    """Resize a split's images to ``(N, 3, size, size)`` (shorter side, then centre crop)."""
+    images = split.images
+    if images.shape[-2:] == (size, size):
+        return split
+    out = torch.empty((images.shape[0], 3, size, size), dtype=torch.uint8)
+    for start in range(0, images.shape[0], _RESIZE_CHUNK):
+        # Chunks bound the intermediates that resizing a whole split at once would need.
+        out[start : start + _RESIZE_CHUNK] = resize_center_crop(images[start : start + _RESIZE_CHUNK], (size, size))
+    return ImageTensors(out, split.labels)
+
+
+# ---- CIFAR-10 / CIFAR-100 ------------------------------------------------------------------------
+
+
+def _load_cifar(name: str, root: Path, *, download: bool) -> tuple[ImageTensors, ImageTensors, list[str]]:
+    """Read CIFAR's pickled batches through torchvision; download them first when asked."""
+    dataset_cls = _CIFAR_CLASSES[name]
+    try:
+        train_set = dataset_cls(str(root), train=True, download=False)
+    except RuntimeError:
+        # torchvision raises RuntimeError for missing or corrupt files (it checks md5 sums).
+        if not download:
+            raise _cifar_missing_error(name, dataset_cls, root, reason="download is off (data.download=false)")
+        _download_cifar(name, dataset_cls, root)
+        train_set = dataset_cls(str(root), train=True, download=False)
+    test_set = dataset_cls(str(root), train=False, download=False)
+    return _cifar_tensors(train_set), _cifar_tensors(test_set), list(train_set.classes)
+
+
+def _cifar_tensors(dataset: torchvision.datasets.CIFAR10) -> ImageTensors:
+    # torchvision keeps the pixels as uint8 (N, 32, 32, 3) HWC numpy; we want (N, 3, 32, 32).
+    images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
+    return ImageTensors(images, torch.tensor(dataset.targets, dtype=torch.int64))
+
+
+def _download_cifar(name: str, dataset_cls: type, root: Path) -> None:
+    """Download CIFAR with torchvision, failing within seconds when there is no network.
+
+    torchvision's ``urlopen`` has no timeout, so on a machine behind a firewall that drops packets it
+    would hang for minutes. A short connection attempt first turns "no network" into an error in at
+    most ``_DOWNLOAD_CONNECT_TIMEOUT_S``; a socket timeout during the download stops a stalled one.
+    """
+    host = urllib.parse.urlsplit(dataset_cls.url).hostname
+    try:
+        socket.create_connection((host, 443), timeout=_DOWNLOAD_CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise _cifar_missing_error(name, dataset_cls, root, reason=f"{host} cannot be reached ({err})") from None
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(_DOWNLOAD_STALL_TIMEOUT_S)  # urllib gives no other way to set it
+    try:
+        dataset_cls(str(root), train=True, download=True)
+    except (OSError, RuntimeError) as err:  # URLError and socket timeouts are OSErrors
+        raise _cifar_missing_error(name, dataset_cls, root, reason=f"the download failed ({err})") from None
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+
+
+def _cifar_missing_error(name: str, dataset_cls: type, root: Path, *, reason: str) -> DataError:
+    folder = root / dataset_cls.base_folder
+    hints = []
+    if root.name == dataset_cls.base_folder:
+        hints.append(f"data.root should be the folder that contains {dataset_cls.base_folder}, i.e. {root.parent}.")
+    if (root / "train").is_dir():
+        hints.append(f"{root} holds a train/ folder: for an ImageFolder copy set data.name=imagefolder.")
+    return DataError(
+        f"{name} is not in {folder} (missing or corrupt files) and {reason}.",
+        " ".join(
+            hints
+            + [
+                f"Download it on a connected machine into {root} (finetune with data.download=true, or "
+                f"torchvision.datasets.{dataset_cls.__name__}('{root}', download=True)), point data.root "
+                "at a folder that already holds it, or use data.name=imagefolder with data.root at an "
+                "ImageFolder copy (train/<class>/*.jpg and test/<class>/*.jpg)."
+            ]
+        ),
+    )
+
+
+# ---- ImageFolder ---------------------------------------------------------------------------------
+
+
+def _load_imagefolder(root: Path, *, image_size: int | None) -> tuple[ImageTensors, ImageTensors, list[str]]:
+    """Decode ``root/train`` and ``root/test`` (or ``root/val``) ImageFolder trees."""
+    if not root.is_dir():
+        raise DataError(
+            f"data.root {root} is not a folder.",
+            "Point data.root at the folder that holds train/<class>/<image> and test/<class>/<image>.",
+        )
+    train_dir = root / "train"
+    test_dir = next((root / sub for sub in ("test", "val") if (root / sub).is_dir()), None)
+    if not train_dir.is_dir() or test_dir is None:
+        missing = [str(p) for p in (train_dir,) if not p.is_dir()] + ([] if test_dir else [f"{root}/test (or val)"])
+        raise DataError(
+            f"data.name=imagefolder expects the folders {' and '.join(missing)}, which do not exist.",
+            f"Lay the images out as {root}/train/<class>/<image> and {root}/test/<class>/<image>.",
+        )
+
+    train_files, train_labels, classes = _list_imagefolder(train_dir, allow_empty=False)
+    test_files, test_names, test_classes = _list_imagefolder(test_dir, allow_empty=True)
+    unknown = sorted(set(test_classes) - set(classes))
+    if unknown:
+        raise DataError(
+            f"{test_dir} has class folders that {train_dir} lacks: {', '.join(unknown)}.",
+            "Give train/ and test/ the same class folders.",
+        )
+    # Labels follow train/'s class order, so a class missing from test/ cannot shift the others.
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    test_labels = [class_to_idx[test_classes[i]] for i in test_names]
+
+    train = ImageTensors(_decode_files(train_files, image_size), torch.tensor(train_labels, dtype=torch.int64))
+    test = ImageTensors(_decode_files(test_files, image_size), torch.tensor(test_labels, dtype=torch.int64))
+    return train, test, classes
+
+
+def _list_imagefolder(folder: Path, *, allow_empty: bool) -> tuple[list[str], list[int], list[str]]:
+    """Files, labels and classes of an ImageFolder tree (files without an image extension are skipped)."""
+    try:
+        tree = torchvision.datasets.ImageFolder(str(folder), allow_empty=allow_empty)
+    except FileNotFoundError as err:  # no class folders, or a class folder with no image files
+        raise DataError(
+            f"{folder} is not a usable ImageFolder tree: {err}",
+            f"Put each class's images in its own folder: {folder}/<class>/<image>.jpg.",
+        ) from None
+    files = [path for path, _ in tree.samples]
+    if not files:
+        raise DataError(f"{folder} holds no image files.", f"Add images as {folder}/<class>/<image>.jpg.")
+    return files, [label for _, label in tree.samples], list(tree.classes)
+
+
+def _decode_files(files: list[str], image_size: int | None) -> torch.Tensor:
+    """Decode image files into one ``uint8 (N, 3, H, W)`` tensor, in a thread pool.
+
+    With ``image_size`` each image is resized (shorter side, centre crop) right after decoding, so a
+    folder of large photos never sits in memory at full size.
+    """
+    chunks = [files[i : i + _DECODE_CHUNK] for i in range(0, len(files), _DECODE_CHUNK)]
+    threads = min(len(chunks), os.cpu_count() or 1, 16)
+    out: torch.Tensor | None = None
+    with warnings.catch_warnings(), ThreadPoolExecutor(threads) as pool:
+        warnings.filterwarnings("ignore", message=_TV_CODEC_DEPRECATION, category=DeprecationWarning)
+        start = 0
+        results = pool.map(lambda chunk: _decode_chunk(chunk, image_size), chunks)
+        try:
+            # map yields in file order, so files[0] sets the size every other image must have.
+            for decoded in results:
+                if out is None:
+                    out = torch.empty((len(files), *decoded[0].shape), dtype=torch.uint8)
+                for offset, image in enumerate(decoded):
+                    if image.shape != out.shape[1:]:
+                        raise DataError(
+                            f"Images differ in size: {files[0]} is {_size(out[0])} but "
+                            f"{files[start + offset]} is {_size(image)}, and data.image_size is not set.",
+                            "Set data.image_size (e.g. data.image_size=224) to resize every image to one size "
+                            "when it is loaded.",
+                        )
+                    out[start + offset] = image
+                start += len(decoded)
+        except DataError:
+            pool.shutdown(cancel_futures=True)  # no point decoding the rest
+            raise
+    assert out is not None, "an empty file list is rejected by _list_imagefolder"
+    return out
+
+
+def _size(image: torch.Tensor) -> str:
+    return f"{image.shape[-1]}x{image.shape[-2]}"
+
+
+def _decode_chunk(files: list[str], image_size: int | None) -> list[torch.Tensor]:
+    """Decode (and resize) one chunk of files; runs in a worker thread."""
+    blobs = [_read_bytes(path) for path in files]
+    images: list[torch.Tensor | None] = [None] * len(files)
+    jpegs = [i for i, blob in enumerate(blobs) if blob.startswith(_JPEG_MAGIC)]
+    if jpegs:
+        try:
+            # One call for the chunk's JPEGs: per-call overhead dominates for small (CIFAR) images.
+            decoded = torchvision.io.decode_jpeg(
+                [_as_tensor(blobs[i]) for i in jpegs], mode=ImageReadMode.RGB, apply_exif_orientation=True
+            )
+            for i, image in zip(jpegs, decoded):
+                images[i] = image
+        except RuntimeError:
+            pass  # a corrupt JPEG: decode one by one below to find out which
+    for i, path in enumerate(files):
+        image = images[i] if images[i] is not None else _decode_bytes(blobs[i], path)
+        images[i] = resize_center_crop(image, (image_size, image_size)) if image_size else image
+    return images
+
+
+def _read_bytes(path: str | Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise DataError(f"The image file {path} does not exist.", "Check the path.") from None
+    except IsADirectoryError:
+        raise DataError(f"{path} is a folder, not an image file.", "Give the path of an image file.") from None
+    except OSError as err:
+        raise DataError(f"Could not read {path}: {err}.", "Check that the file is readable.") from None
+
+
+def _as_tensor(blob: bytes) -> torch.Tensor:
+    """Encoded bytes as the 1-D uint8 tensor torchvision's decoders take."""
+    return torch.frombuffer(bytearray(blob), dtype=torch.uint8)  # bytearray: frombuffer wants it writable
+
+
+def _decode_bytes(blob: bytes, path: str | Path) -> torch.Tensor:
+    """Decode one encoded image to ``uint8 (3, H, W)`` RGB: torchvision first, then Pillow."""
+    if blob:
+        try:
+            return torchvision.io.decode_image(_as_tensor(blob), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        except RuntimeError:
+            pass  # not JPEG/PNG/GIF/WEBP (e.g. BMP, TIFF) or corrupt: Pillow knows more formats
+    try:
+        with Image.open(io.BytesIO(blob)) as pil:
+            rgb = ImageOps.exif_transpose(pil).convert("RGB")
+            return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise DataError(
+            f"{path} is not an image that can be read ({type(err).__name__}: {err}).",
+            "Delete or replace the file, or move it out of the dataset folder.",
+        ) from None
+
+
+# ---- synthetic -----------------------------------------------------------------------------------
+
+
+def _make_synthetic(
+    *, num_train: int, num_test: int, num_classes: int, size: int, seed: int
+) -> tuple[ImageTensors, ImageTensors, list[str]]:
+    """Seeded random images whose class is visible: a disc of the class's colour at the class's place.
+
+    Each class has a colour and a disc centre; an image is grey noise with that disc (jittered,
+    noisy) painted on it. A tiny model's loss falls within a few steps, which is what smoke tests
+    and ``finetune`` dry runs need; nothing here resembles natural images.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    colours = torch.rand(num_classes, 3, generator=gen) * 195 + 30  # (K, 3) in [30, 225]
+    centres = torch.rand(num_classes, 2, generator=gen) * size * 0.5 + size * 0.25  # (K, 2), inner half
+    # Separate streams for train and test: the test images do not depend on num_train.
+    train = _synthetic_images(num_train, colours, centres, size, torch.Generator().manual_seed(seed * 2 + 1))
+    test = _synthetic_images(num_test, colours, centres, size, torch.Generator().manual_seed(seed * 2 + 2))
+    return train, test, [f"class_{k}" for k in range(num_classes)]
+
+
+def _synthetic_images(
+    n: int, colours: torch.Tensor, centres: torch.Tensor, size: int, gen: torch.Generator
+) -> ImageTensors:
+    num_classes = colours.shape[0]
+    labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=gen)]  # balanced classes
+    out = torch.empty((n, 3, size, size), dtype=torch.uint8)
+    coords = torch.arange(size, dtype=torch.float32)
+    radius = max(size / 5, 1.0)
+    for start in range(0, n, _RESIZE_CHUNK):
+        y = labels[start : start + _RESIZE_CHUNK]
+        b = y.shape[0]
+        centre = centres[y] + (torch.rand(b, 2, generator=gen) - 0.5) * size / 8  # (b, 2) jittered
+        dist2 = (coords[None, :, None] - centre[:, 0, None, None]) ** 2 + (
+            coords[None, None, :] - centre[:, 1, None, None]
+        ) ** 2  # (b, size, size)
+        disc = (dist2 <= radius**2)[:, None]  # (b, 1, size, size)
+        background = torch.randn(b, 3, size, size, generator=gen) * 40 + 128
+        images = torch.where(disc, colours[y][:, :, None, None], background)
+        images = images + torch.randn(b, 3, size, size, generator=gen) * 12
+        out[start : start + b] = images.round().clamp(0, 255).to(torch.uint8)
+    return ImageTensors(out, labels)
+
+
+# --------------------------------------------------------------------------------------------------
+# Single images (predict)
+# --------------------------------------------------------------------------------------------------
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """Read an image file as ``uint8 (3, H, W)`` RGB, honouring EXIF orientation.
+
+    Raises:
+        DataError: the file does not exist or is not an image.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_TV_CODEC_DEPRECATION, category=DeprecationWarning)
+        return _decode_bytes(_read_bytes(path), path)
+
+
+def resize_center_crop(images: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+    """Scale images to cover ``out_size``, then cut the centre (torchvision's eval transform).
+
+    Args:
+        images: ``(3, H, W)`` or ``(B, 3, H, W)``, uint8 or float.
+        out_size: ``(H', W')``.
+
+    Returns:
+        ``(3, H', W')`` or ``(B, 3, H', W')`` of the input's dtype; antialiased when shrinking.
+    """
+    out_h, out_w = out_size
+    height, width = images.shape[-2:]
+    if (height, width) == (out_h, out_w):
+        return images
+    scale = max(out_h / height, out_w / width)  # for a square output: shorter side -> out size
+    new_size = [max(out_h, round(height * scale)), max(out_w, round(width * scale))]
+    resized = TF.resize(images, new_size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    return TF.center_crop(resized, [out_h, out_w])
+
+
+def preprocess_images(
+    images: Sequence[torch.Tensor],
+    out_size: int | tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> torch.Tensor:
+    """Turn decoded photos of any size into one normalised model input.
+
+    Args:
+        images: ``uint8 (3, H, W)`` images; sizes may differ.
+        out_size: model input size ``(H', W')`` (or one int for square).
+        mean: per-channel mean of ``x / 255``.
+        std: per-channel std of ``x / 255``.
+
+    Returns:
+        ``float32 (B, 3, H', W')``: ``(x / 255 - mean) / std`` after resize and centre crop.
+    """
+    size = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
+    batch = torch.stack([resize_center_crop(image, size) for image in images])
+    return _normalize(batch, mean, std)
+
+
+def _normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``uint8 (B, 3, H, W)`` -> ``float32 (x / 255 - mean) / std``."""
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean_t) / std_t
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch augmentation (whole batches, on the device)
+# --------------------------------------------------------------------------------------------------
+
+
+def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Pad with zeros by ``padding`` and cut a random window of the original size, per image.
+
+    Equivalent to torchvision's ``RandomCrop(size, padding)`` applied to each image: every image is
+    shifted by its own ``(dy, dx)`` in ``[-padding, padding]`` with zeros filling the gap.
+
+    Args:
+        images: ``(B, C, H, W)`` of any dtype.
+        padding: largest shift in pixels.
+        generator: on ``images.device``.
+
+    Returns:
+        ``(B, C, H, W)``, same dtype.
+    """
+    batch, _, height, width = images.shape
+    device = images.device
+    shifts = torch.randint(0, 2 * padding + 1, (2, batch), device=device, generator=generator)  # window offsets
+    padded = F.pad(images, (padding, padding, padding, padding))  # (B, C, H + 2p, W + 2p), zeros
+    rows = shifts[0, :, None] + torch.arange(height, device=device)  # (B, H) rows of the padded image
+    cols = shifts[1, :, None] + torch.arange(width, device=device)  # (B, W)
+    b = torch.arange(batch, device=device)[:, None, None]
+    # Gather in (B, H, W, C) so one advanced index picks every image's own window, no loop over images.
+    windows = padded.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return windows.permute(0, 3, 1, 2)
+
+
+def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mirror each image left-right with probability 1/2. ``(B, C, H, W)`` -> same."""
+    flip = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def random_resized_crop(
+    images: torch.Tensor,
+    out_size: tuple[int, int],
+    scale: tuple[float, float],
+    generator: torch.Generator,
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> torch.Tensor:
+    """Cut a random box from each image and resample it straight to ``out_size``.
+
+    Like torchvision's ``RandomResizedCrop``: box area is uniform in ``scale`` (fraction of the
+    image), aspect ratio log-uniform in ``ratio``; box sides are clipped to the image, so extreme
+    draws come out slightly squarer. One ``affine_grid`` + ``grid_sample`` does every image at once.
+
+    Args:
+        images: float ``(B, C, H, W)``.
+        out_size: ``(H', W')``.
+        scale: ``(low, high)`` area fractions.
+        generator: on ``images.device``.
+        ratio: ``(low, high)`` width / height.
+
+    Returns:
+        float ``(B, C, H', W')``.
+    """
+    batch, channels = images.shape[:2]
+    device = images.device
+    rand = torch.rand(4, batch, device=device, generator=generator)
+    area = scale[0] + (scale[1] - scale[0]) * rand[0]
+    log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * rand[1]
+    # Box half-extents in affine_grid's normalised coordinates, where the image spans [-1, 1].
+    box_w = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)
+    box_h = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
+    theta = torch.zeros(batch, 2, 3, device=device)
+    theta[:, 0, 0] = box_w
+    theta[:, 1, 1] = box_h
+    theta[:, 0, 2] = (2 * rand[2] - 1) * (1 - box_w)  # box centre, kept inside the image
+    theta[:, 1, 2] = (2 * rand[3] - 1) * (1 - box_h)
+    grid = F.affine_grid(theta, [batch, channels, *out_size], align_corners=False)  # (B, H', W', 2)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch loader
+# --------------------------------------------------------------------------------------------------
+
+
+class BatchLoader:
+    """Batches of one split, normalised on the device, with augmentation on whole batches.
+
+    ``in_memory=True`` moves the uint8 images to the device once (CIFAR-10's 50,000 train images are
+    150 MB); each batch is then an index into them, with no host work and no host syncs. With
+    ``in_memory=False`` the images stay on the CPU and each batch is gathered into pinned memory and
+    copied with ``non_blocking``. Training batches are slices of a ``randperm`` drawn from a
+    generator seeded with ``seed + epoch``: call :meth:`set_epoch` before each epoch, as with
+    ``DistributedSampler``; the same epoch gives the same batches and augmentations.
+
+    Per batch, on the device: pad-and-crop (``augment.crop_padding``) or random resized crop
+    (``augment.random_resized_crop``, which replaces it), horizontal flip (``augment.hflip``), then
+    ``(x / 255 - mean) / std`` and a bilinear resize to ``out_size`` when the stored size differs,
+    then ``channels_last`` and ``dtype``. Evaluation batches are not augmented or shuffled and keep
+    the last partial batch.
+    """
+
+    def __init__(
+        self,
+        data: ImageTensors,
+        *,
+        batch_size: int,
+        train: bool,
+        device: torch.device,
+        out_size: tuple[int, int],
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment=None,
+        channels_last: bool = False,
+        drop_last: bool | None = None,
+        in_memory: bool = True,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ):
+        """Stage one split for batching.
+
+        Args:
+            data: the split; uint8 ``(N, 3, H, W)`` images and int64 labels.
+            batch_size: images per batch.
+            train: shuffle and augment (and by default drop the last partial batch).
+            device: where batches are produced.
+            out_size: ``(H', W')`` of the batches the model sees.
+            mean: per-channel mean of ``x / 255``.
+            std: per-channel std of ``x / 255``.
+            augment: the recipe's ``data.augment`` (``hflip``, ``crop_padding``,
+                ``random_resized_crop``, ``rrc_scale``); ``None``: no augmentation. Ignored when
+                ``train`` is false.
+            channels_last: return batches in channels-last memory format.
+            drop_last: drop a final partial batch; ``None``: drop when training, keep otherwise.
+            in_memory: keep the images on ``device`` (``False``: on the CPU, copied per batch).
+            seed: seeds shuffling and augmentation, together with the epoch.
+            dtype: floating dtype of the batches.
+
+        Raises:
+            DataError: a training split smaller than one batch when the last partial one is dropped.
+        """
+        device = torch.device(device)
+        assert batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"
+        assert dtype.is_floating_point, f"dtype must be a floating type, got {dtype}"
+        assert data.images.dtype == torch.uint8 and data.images.dim() == 4, "images must be uint8 (N, 3, H, W)"
+        self.batch_size = batch_size
+        self.train = train
+        self.device = device
+        self.out_size = (int(out_size[0]), int(out_size[1]))
+        self.augment = augment if train else None
+        self.channels_last = channels_last
+        self.drop_last = train if drop_last is None else drop_last
+        self.in_memory = in_memory
+        self.seed = seed
+        self.dtype = dtype
+        self.epoch = 0
+        self.num_images = len(data)
+        if self.drop_last and self.num_images < batch_size:
+            raise DataError(
+                f"The {'training' if train else 'evaluation'} split has {self.num_images} images, fewer "
+                f"than one batch of {batch_size}, so an epoch would have no batches.",
+                "Lower data.batch_size or use more images (data.train_subset, data.synthetic_train).",
+            )
+
+        # Where the index permutation lives: beside the images, so indexing never crosses devices.
+        self._index_device = device if in_memory else torch.device("cpu")
+        self._images = data.images.to(self._index_device)
+        self._labels = data.labels.to(self._index_device)
+        self._pin = not in_memory and device.type == "cuda"
+        self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        if self.drop_last:
+            return self.num_images // self.batch_size
+        return math.ceil(self.num_images / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose shuffle and augmentation the next iteration uses (``seed + epoch``)."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(x, y)``: ``x`` ``(B, 3, *out_size)`` of ``dtype``, ``y`` int64 ``(B,)``, on the device."""
+        order = None
+        aug_gen = None
+        if self.train:
+            index_gen = torch.Generator(device=self._index_device).manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_images, device=self._index_device, generator=index_gen)
+            aug_gen = torch.Generator(device=self.device).manual_seed(self.seed + self.epoch)
+        for i in range(len(self)):
+            start, stop = i * self.batch_size, min((i + 1) * self.batch_size, self.num_images)
+            if order is None:
+                images, labels = self._images[start:stop], self._labels[start:stop]  # views, no copy
+            else:
+                idx = order[start:stop]
+                images, labels = self._images.index_select(0, idx), self._labels.index_select(0, idx)
+            if not self.in_memory:
+                images, labels = self._to_device(images), self._to_device(labels)
+            yield self._prepare(images, aug_gen), labels
+
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        if self._pin:
+            # A fresh pinned buffer per batch: the caching host allocator will not reuse it until
+            # the asynchronous copy from it has finished.
+            pinned = torch.empty(batch.shape, dtype=batch.dtype, pin_memory=True)
+            pinned.copy_(batch)
+            return pinned.to(self.device, non_blocking=True)
+        return batch.to(self.device)
+
+    def _prepare(self, images: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        """uint8 ``(B, 3, H, W)`` -> augmented, normalised, resized ``(B, 3, *out_size)``."""
+        aug = self.augment
+        rrc = aug is not None and aug.random_resized_crop
+        if aug is not None and not rrc and aug.crop_padding > 0:
+            images = random_crop(images, aug.crop_padding, gen)  # still uint8: a quarter of the bytes
+        if aug is not None and aug.hflip:
+            images = random_hflip(images, gen)
+        # Normalising before resizing is exact (bilinear weights sum to 1, so they commute with a
+        # per-channel affine map) and touches 49x fewer values for 32 -> 224.
+        x = (images.float() / 255 - self._mean) / self._std
+        if rrc:
+            x = random_resized_crop(x, self.out_size, tuple(aug.rrc_scale), gen)
+        elif tuple(x.shape[-2:]) != self.out_size:
+            # On the device: upsampling CIFAR to 224 px here is the reason the data is kept small.
+            # Antialiasing only matters (and only costs) when shrinking.
+            shrink = x.shape[-2] > self.out_size[0] or x.shape[-1] > self.out_size[1]
+            x = F.interpolate(x, size=self.out_size, mode="bilinear", align_corners=False, antialias=shrink)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.to(dtype=self.dtype, memory_format=memory_format)

@@ -1,0 +1,234 @@
+"""Position-embedding and patch-embedding surgery.
+
+``resize_pos_embed`` is a pure tensor function; ``resize_model_input`` applies it (and, when the
+patch size changes, a resampled patch-embedding kernel) to a timm ``VisionTransformer`` and keeps
+``patch_embed``'s image size, grid and patch count consistent with the new weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import GridError
+
+PosEmbedMode = Literal["bicubic", "bilinear", "nearest", "truncate", "crop"]
+POS_EMBED_MODES: tuple[str, ...] = ("bicubic", "bilinear", "nearest", "truncate", "crop")
+_INTERPOLATING = ("bicubic", "bilinear", "nearest")
+
+
+def to_2tuple(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """``7 -> (7, 7)``; ``(7, 5) -> (7, 5)``."""
+    if isinstance(size, int):
+        return (size, size)
+    h, w = size
+    return (int(h), int(w))
+
+
+def resize_pos_embed(
+    pos_embed: torch.Tensor,
+    new_grid: int | tuple[int, int],
+    *,
+    old_grid: int | tuple[int, int] | None = None,
+    num_prefix_tokens: int = 1,
+    mode: PosEmbedMode = "bicubic",
+    antialias: bool = True,
+) -> torch.Tensor:
+    """Fit a learned absolute position embedding to a new patch grid.
+
+    Args:
+        pos_embed: ``(B, P + H*W, D)``, usually ``B = 1``; the first ``P`` slots belong to prefix
+            tokens (cls, distillation, registers) and the rest to the ``H x W`` patch grid, row-major.
+        new_grid: ``(H', W')`` of the new grid, or one int for a square grid.
+        old_grid: ``(H, W)`` of the old grid. Inferred when square; required otherwise.
+        num_prefix_tokens: ``P``: 1 for ViT/DeiT, 2 for distilled DeiT (cls + dist), 0 for models
+            whose prefix tokens carry no position (timm's ``no_embed_class``).
+        mode: how to map the old grid onto the new one.
+
+            - ``"bicubic"``, ``"bilinear"``, ``"nearest"``: 2D interpolation of the grid, as timm's
+              ``resample_abs_pos_embed`` does (computed in float32, cast back).
+            - ``"truncate"``: keep the first ``H'*W'`` grid slots in flat order, as the course does
+              for 32-px inputs (197 slots -> cls + first 4). The kept slots are the start of the
+              old grid's *top row*, so a 2x2 grid gets positions learned for a 1x4 strip.
+            - ``"crop"``: keep the top-left ``H' x W'`` window of the old grid. Like truncation it
+              reuses learned vectors without resampling, but each kept vector keeps its 2D
+              neighbours (slot (i, j) stays (i, j)), so the layout the model learned is preserved.
+              It is the better of the two no-interpolation choices; both lose the spacing of the
+              original grid, which interpolation keeps.
+        antialias: low-pass filter when downsampling with ``bilinear`` or ``bicubic`` (torch
+            supports it for those modes only; ``nearest`` ignores it).
+
+    Returns:
+        ``(B, P + H'*W', D)`` in the input's dtype. Prefix slots are copied bit for bit. When the
+        grid does not change, the input tensor itself is returned.
+
+    Raises:
+        GridError: an unknown mode, a grid that does not match ``pos_embed``, or ``truncate`` /
+            ``crop`` to a grid larger than the old one.
+
+    Example:
+        >>> pe = torch.randn(1, 1 + 14 * 14, 192)      # DeiT-tiny at 224 px
+        >>> resize_pos_embed(pe, 2).shape               # 32 px with 16-px patches
+        torch.Size([1, 5, 192])
+        >>> resize_pos_embed(pe, (2, 2), mode="truncate").shape
+        torch.Size([1, 5, 192])
+    """
+    if mode not in POS_EMBED_MODES:
+        raise GridError(
+            f"Unknown position-embedding mode {mode!r}.", f"Use one of: {', '.join(POS_EMBED_MODES)}."
+        )
+    if pos_embed.ndim != 3:
+        raise GridError(
+            f"pos_embed must have shape (B, tokens, dim); got {tuple(pos_embed.shape)}.",
+            "Pass the model's pos_embed parameter as it is, e.g. model.pos_embed.",
+        )
+    batch, num_tokens, dim = pos_embed.shape
+    num_grid = num_tokens - num_prefix_tokens
+    new_h, new_w = to_2tuple(new_grid)
+    if old_grid is None:
+        side = math.isqrt(max(num_grid, 0))
+        if side * side != num_grid:
+            raise GridError(
+                f"Cannot infer the old grid: {num_grid} grid slots ({num_tokens} tokens minus "
+                f"{num_prefix_tokens} prefix) is not a square number.",
+                "Pass old_grid=(H, W), or check num_prefix_tokens.",
+            )
+        old_h, old_w = side, side
+    else:
+        old_h, old_w = to_2tuple(old_grid)
+        if old_h * old_w != num_grid:
+            raise GridError(
+                f"old_grid {old_h}x{old_w} has {old_h * old_w} slots but pos_embed has {num_grid} "
+                f"grid slots ({num_tokens} tokens minus {num_prefix_tokens} prefix).",
+                "Pass the grid the embedding was trained with, or check num_prefix_tokens.",
+            )
+    if min(new_h, new_w) < 1:
+        raise GridError(f"The new grid must be at least 1x1; got {new_h}x{new_w}.")
+    if (new_h, new_w) == (old_h, old_w):
+        return pos_embed
+
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    if mode == "truncate":
+        if new_h * new_w > num_grid:
+            raise GridError(
+                f"Cannot truncate a {old_h}x{old_w} position embedding ({num_grid} slots) to a "
+                f"larger {new_h}x{new_w} grid ({new_h * new_w} slots).",
+                "Truncation only shrinks; use mode='bicubic' (interpolation) to grow the grid.",
+            )
+        grid = grid[:, : new_h * new_w]
+    elif mode == "crop":
+        if new_h > old_h or new_w > old_w:
+            raise GridError(
+                f"Cannot crop a {old_h}x{old_w} position embedding to a larger {new_h}x{new_w} grid.",
+                "Cropping only shrinks; use mode='bicubic' (interpolation) to grow the grid.",
+            )
+        grid = grid.reshape(batch, old_h, old_w, dim)[:, :new_h, :new_w].reshape(batch, -1, dim)
+    else:
+        # (B, H*W, D) -> (B, D, H, W) image layout for F.interpolate; float32 like timm.
+        image = grid.float().reshape(batch, old_h, old_w, dim).permute(0, 3, 1, 2)
+        image = F.interpolate(
+            image, size=(new_h, new_w), mode=mode, antialias=antialias and mode != "nearest"
+        )
+        grid = image.permute(0, 2, 3, 1).reshape(batch, new_h * new_w, dim).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+def pos_embed_prefix_tokens(model: nn.Module) -> int:
+    """How many leading ``pos_embed`` slots belong to prefix tokens rather than the patch grid."""
+    if getattr(model, "no_embed_class", False):
+        return 0
+    return int(getattr(model, "num_prefix_tokens", 1))
+
+
+def check_image_size(img_size: tuple[int, int], patch_size: tuple[int, int]) -> None:
+    """Raise a :class:`GridError` unless the image splits into whole patches."""
+    if img_size[0] % patch_size[0] or img_size[1] % patch_size[1]:
+        h, w = img_size
+        ph, pw = patch_size
+        good = sorted({max(ph, h // ph * ph), (h // ph + 1) * ph})
+        raise GridError(
+            f"Image size {h}x{w} is not divisible by the patch size {ph}x{pw}.",
+            f"Use an image size that is a multiple of the patch size (e.g. {' or '.join(map(str, good))}),"
+            " or choose another patch size.",
+        )
+
+
+def resize_model_input(
+    model: nn.Module,
+    img_size: int | tuple[int, int] | None = None,
+    *,
+    patch_size: int | tuple[int, int] | None = None,
+    mode: PosEmbedMode = "bicubic",
+    antialias: bool = True,
+) -> nn.Module:
+    """Make a timm ViT accept a new image size and/or patch size, in place.
+
+    The patch-embedding kernel is resampled with timm's ``resample_patch_embed`` (FlexiViT's
+    pseudo-inverse resize) when the patch size changes; ``pos_embed`` is refitted to the new grid
+    with :func:`resize_pos_embed` in the given ``mode``; ``patch_embed.img_size``, ``grid_size``,
+    ``num_patches`` and ``patch_size`` are updated to match.
+
+    Example:
+        >>> model = timm.create_model("deit_tiny_patch16_224", num_classes=10)
+        >>> resize_model_input(model, 32, mode="truncate").pos_embed.shape
+        torch.Size([1, 5, 192])
+    """
+    from timm.layers import resample_patch_embed
+
+    patch_embed = model.patch_embed
+    old_patch = to_2tuple(patch_embed.patch_size)
+    new_patch = to_2tuple(patch_size) if patch_size is not None else old_patch
+    new_img = to_2tuple(img_size) if img_size is not None else to_2tuple(patch_embed.img_size)
+    check_image_size(new_img, new_patch)
+
+    if new_patch != old_patch:
+        old_proj = patch_embed.proj
+        new_proj = nn.Conv2d(
+            old_proj.in_channels,
+            old_proj.out_channels,
+            kernel_size=new_patch,
+            stride=new_patch,
+            bias=old_proj.bias is not None,
+            device=old_proj.weight.device,
+            dtype=old_proj.weight.dtype,
+        )
+        with torch.no_grad():
+            new_proj.weight.copy_(resample_patch_embed(old_proj.weight, list(new_patch)))
+            if old_proj.bias is not None:
+                new_proj.bias.copy_(old_proj.bias)
+        new_proj.weight.requires_grad_(old_proj.weight.requires_grad)
+        if new_proj.bias is not None:
+            new_proj.bias.requires_grad_(old_proj.bias.requires_grad)
+        new_proj.train(old_proj.training)
+        patch_embed.proj = new_proj
+        patch_embed.patch_size = new_patch
+
+    old_grid = to_2tuple(patch_embed.grid_size)
+    new_grid = (new_img[0] // new_patch[0], new_img[1] // new_patch[1])
+    if getattr(model, "pos_embed", None) is not None and new_grid != old_grid:
+        old = model.pos_embed
+        with torch.no_grad():
+            resized = resize_pos_embed(
+                old.detach(),
+                new_grid,
+                old_grid=old_grid,
+                num_prefix_tokens=pos_embed_prefix_tokens(model),
+                mode=mode,
+                antialias=antialias,
+            )
+        model.pos_embed = nn.Parameter(resized.clone(), requires_grad=old.requires_grad)
+
+    patch_embed.img_size = new_img
+    patch_embed.grid_size = new_grid
+    patch_embed.num_patches = new_grid[0] * new_grid[1]
+    try:  # timm >= 1.0.22 records constructor args for re-creation; keep them truthful
+        from timm.models._input import update_model_input_size
+
+        update_model_input_size(model, new_img, patch_size=new_patch)
+    except ImportError:
+        pass
+    return model
