@@ -306,6 +306,41 @@ def _load_imagefolder(root: Path, *, image_size: int | None) -> tuple[ImageTenso
     return train, test, classes
 
 
+def load_eval_split(cfg, *, seed: int = 0, classes: Sequence[str] | None = None) -> tuple[ImageTensors, list[str]]:
+    """The split ``finetune eval`` scores: the test set, without decoding the train set.
+
+    Args:
+        cfg: a recipe's ``data`` section. For ``imagefolder``, ``root`` may hold ``test/`` or
+            ``val/``, or be itself a folder of class folders.
+        seed: seeds synthetic data.
+        classes: the model's class names. Folder labels are mapped onto them by name, so a test
+            folder that lacks some classes still gets the model's label numbers.
+
+    Returns:
+        ``(split, classes)``.
+    """
+    if cfg.name != "imagefolder":
+        splits = load_splits(cfg, seed=seed)
+        return splits.test, splits.classes
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder.", "Pass a folder of <class>/<image> folders, or one with test/ in it.")
+    folder = next((root / sub for sub in ("test", "val") if (root / sub).is_dir()), root)
+    files, labels, folder_classes = _list_imagefolder(folder, allow_empty=True)
+    if classes is not None:
+        index = {c: i for i, c in enumerate(classes)}
+        unknown = sorted(set(folder_classes) - set(index))
+        if unknown:
+            raise DataError(
+                f"{folder} has class folders the model does not know: {', '.join(unknown[:10])}.",
+                f"The model's classes are: {', '.join(list(classes)[:20])}.",
+            )
+        labels = [index[folder_classes[label]] for label in labels]
+        folder_classes = list(classes)
+    images = _decode_files(files, cfg.image_size)
+    return ImageTensors(images, torch.tensor(labels, dtype=torch.int64)), folder_classes
+
+
 def _list_imagefolder(folder: Path, *, allow_empty: bool) -> tuple[list[str], list[int], list[str]]:
     """Files, labels and classes of an ImageFolder tree (files without an image extension are skipped)."""
     try:

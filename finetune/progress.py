@@ -1,0 +1,60 @@
+"""Terminal progress for a training run: a rich progress bar plus one line per evaluated epoch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+
+class TrainProgress:
+    """Progress bar over optimizer steps showing loss and images/s.
+
+    Values are shown as of the last log interval: reading them more often would force a host
+    sync on every step.
+    """
+
+    def __init__(self, total_steps: int, *, quiet: bool = False):
+        self.quiet = quiet
+        self._progress = Progress(
+            TextColumn("epoch {task.fields[epoch]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[ips]} img/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=quiet,
+            transient=False,
+        )
+        self._task = self._progress.add_task("train", total=total_steps, epoch=1, loss="-", ips="-")
+
+    def __enter__(self) -> TrainProgress:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._progress.__exit__(*exc)
+
+    def advance(self, step: int, epoch: int) -> None:
+        self._progress.update(self._task, completed=step, epoch=epoch)
+
+    def update(self, step: int, epoch: int, *, loss: float, images_per_s: float) -> None:
+        self._progress.update(self._task, completed=step, epoch=epoch, loss=f"{loss:.4f}", ips=f"{images_per_s:,.0f}")
+
+    def epoch_done(self, epoch: int, row: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        parts = [f"epoch {epoch}", f"train loss {row['train_loss']:.4f}"]
+        if row.get("train_acc1") is not None:
+            parts.append(f"train acc {100 * row['train_acc1']:.2f}%")
+        parts.append(f"test acc {100 * row['test_acc1']:.2f}% (top-5 {100 * row['test_acc5']:.2f}%)")
+        parts.append(f"test loss {row['test_loss']:.4f}")
+        if row.get("val_acc1") is not None:
+            parts.append(f"val acc {100 * row['val_acc1']:.2f}%")
+        parts.append(f"{row['time_s']:.1f} s")
+        self._progress.console.print(" | ".join(parts))

@@ -1,0 +1,316 @@
+"""Reports over fake run directories, written in the training engine's on-disk format."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune.errors import FinetuneError
+from finetune.report import (
+    format_table,
+    plot_confusion,
+    plot_curves,
+    read_run,
+    varied_keys,
+    write_report,
+)
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def recipe(**overrides) -> dict:
+    """A resolved recipe; ``overrides`` use dotted keys (``optim__lr`` for ``optim.lr``)."""
+    raw = {
+        "description": "fake",
+        "name": None,
+        "seed": 0,
+        "model": {"arch": "vit_lab", "img_size": 32, "num_classes": 10},
+        "train": {"mode": "scratch", "epochs": 3, "precision": "fp32"},
+        "optim": {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999]},
+        "data": {"name": "cifar10", "batch_size": 32, "mean": [0.5, 0.5, 0.5]},
+        "output": {"dir": "runs", "overwrite": False},
+    }
+    for dotted, value in overrides.items():
+        *path, leaf = dotted.split("__")
+        section = raw
+        for part in path:
+            section = section[part]
+        section[leaf] = value
+    return raw
+
+
+def make_run(
+    root: Path,
+    name: str,
+    *,
+    epochs: int = 3,
+    steps_per_epoch: int = 20,
+    peak: float = 0.6,
+    status: str = "finished",
+    error: str | None = None,
+    summary: bool = True,
+    val: bool = False,
+    **recipe_overrides,
+) -> Path:
+    """Write a run directory: recipe.yaml, metrics.jsonl and (unless ``summary=False``) summary.json.
+
+    Test accuracy rises towards ``peak``; each epoch takes 10 s of training.
+    """
+    run = root / name
+    run.mkdir(parents=True)
+    rec = recipe(**recipe_overrides)
+    rec["name"] = name
+    rec["train"]["epochs"] = epochs
+    (run / "recipe.yaml").write_text(yaml.safe_dump(rec, sort_keys=False))
+    lines, accs = [], []
+    for epoch in range(1, epochs + 1):
+        for i in range(1, steps_per_epoch + 1):
+            step = (epoch - 1) * steps_per_epoch + i
+            lines.append({"kind": "step", "epoch": epoch, "step": step, "time_s": step * 0.5,
+                          "loss": 2.3 * math.exp(-step / 40) + 0.05 * (i % 3), "lr": 1e-3,
+                          "images_per_s": 640.0})
+        acc = peak * (1 - 0.5 ** epoch)
+        accs.append(acc)
+        lines.append({"kind": "epoch", "epoch": epoch, "step": epoch * steps_per_epoch,
+                      "time_s": 10.0 * epoch, "train_loss": 2.0 / epoch, "train_acc1": acc + 0.05,
+                      "test_acc1": acc, "test_acc5": min(1.0, acc + 0.3), "test_loss": 2.1 / epoch,
+                      "val_acc1": acc - 0.01 if val else None, "lr": 1e-3})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    if summary:
+        best = max(range(epochs), key=accs.__getitem__)
+        (run / "summary.json").write_text(json.dumps({
+            "name": name, "status": status, "error": error, "recipe_path": f"recipes/{name}.yaml",
+            "epochs": epochs, "best_acc1": accs[best], "best_epoch": best + 1,
+            "final_acc1": accs[-1], "final_acc5": min(1.0, accs[-1] + 0.3), "final_loss": 0.7,
+            "train_images": 50000, "params_trainable": 1930, "params_total": 5526346,
+            "wall_time_s": 12.0 * epochs + 3.0, "train_time_s": 10.0 * epochs, "images_per_s": 4321.5,
+            "peak_memory_mb": 1234.5, "device": "cpu", "device_name": "CPU",
+            "versions": {"torch": "2.5"}, "classes": CLASSES,
+            "confusion_matrix": [[90 if i == j else 1 for j in range(10)] for i in range(10)],
+            "per_class_acc": [0.9] * 10, "mode": "scratch", "arch": "vit_lab", "source": None,
+        }))
+    return run
+
+
+def assert_png(path: Path, min_bytes: int = 10_000) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, f"{path} is not a PNG"
+    assert len(data) > min_bytes, f"{path} is only {len(data)} bytes"
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    """The cells of the first Markdown table, header first, separator dropped."""
+    rows = [line for line in markdown.splitlines() if line.startswith("| ") and "---" not in line]
+    return [[c.strip() for c in row.strip("|").split(" | ")] for row in rows]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_import_does_not_load_matplotlib():
+    # A fresh interpreter: importing the module must stay light for `finetune --help`.
+    import subprocess
+
+    code = "import finetune.report, sys; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("val", [False, True])
+def test_plot_curves_from_path_and_rows(tmp_path, val):
+    run = make_run(tmp_path, "r", val=val)
+    assert_png(plot_curves(run / "metrics.jsonl", tmp_path / "a.png", title="r"))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert_png(plot_curves(rows, tmp_path / "sub" / "b.png"))
+
+
+def test_plot_curves_survives_truncated_file_and_running_epoch(tmp_path):
+    run = make_run(tmp_path, "r", epochs=2)
+    with (run / "metrics.jsonl").open("a") as f:
+        # epoch 3 still running: step lines without an epoch line, then a half-written line
+        f.write(json.dumps({"kind": "step", "epoch": 3, "step": 45, "time_s": 22.0, "loss": 0.5,
+                            "lr": 1e-3, "images_per_s": 600.0}) + "\n")
+        f.write('{"kind": "step", "epo')
+    assert_png(plot_curves(run / "metrics.jsonl", tmp_path / "c.png"))
+
+
+def test_plot_curves_with_only_epoch_lines(tmp_path):
+    rows = [{"kind": "epoch", "epoch": 1, "step": 10, "time_s": 1.0, "train_loss": 1.0,
+             "train_acc1": None, "test_acc1": 0.5, "test_acc5": 0.9, "test_loss": 1.2, "val_acc1": None,
+             "lr": 0.1}]
+    assert_png(plot_curves(rows, tmp_path / "one.png"), min_bytes=5_000)
+
+
+@pytest.mark.parametrize("n, normalize", [(10, True), (10, False), (100, True)])
+def test_plot_confusion(tmp_path, n, normalize):
+    matrix = [[50 if i == j else (i + j) % 3 for j in range(n)] for i in range(n)]
+    matrix[1] = [0] * n  # a class with no test images must not divide by zero
+    classes = CLASSES if n == 10 else [f"class_{i}" for i in range(n)]
+    assert_png(plot_confusion(matrix, classes, tmp_path / f"cm{n}.png", normalize=normalize, title="r"))
+
+
+def test_plot_confusion_rejects_mismatched_classes(tmp_path):
+    with pytest.raises(ValueError, match="3 class names"):
+        plot_confusion([[1, 0], [0, 1]], ["a", "b", "c"], tmp_path / "x.png")
+
+
+def test_read_run_finished(tmp_path):
+    r = read_run(make_run(tmp_path, "good", epochs=4, peak=0.8))
+    assert (r.name, r.status, r.error) == ("good", "finished", None)
+    assert r.best_acc1 == pytest.approx(0.8 * (1 - 0.5**4))
+    assert r.best_epoch == 4 and r.epochs == 4 and r.epochs_done == 4
+    assert len(r.epoch_rows) == 4 and all(row["kind"] == "epoch" for row in r.epoch_rows)
+    assert r.recipe["optim.lr"] == 1e-3 and r.recipe["data.mean"] == [0.5, 0.5, 0.5]
+    assert r.params_total == 5526346 and r.peak_memory_mb == 1234.5
+    assert r.ok
+
+
+def test_read_run_without_summary_is_missing_with_accuracy_from_metrics(tmp_path):
+    r = read_run(make_run(tmp_path, "crashed", epochs=2, summary=False))
+    assert r.status == "missing" and "summary.json" in r.error
+    assert r.name == "crashed"  # from the recipe
+    assert r.best_acc1 == pytest.approx(0.6 * 0.75) and r.epochs_done == 2
+    assert not r.ok
+
+
+def test_read_run_unreadable_summary_and_absent_folder(tmp_path):
+    run = make_run(tmp_path, "broken")
+    (run / "summary.json").write_text("{not json")
+    r = read_run(run)
+    assert r.status == "failed" and r.error.startswith("unreadable summary.json")
+    gone = read_run(tmp_path / "nowhere")
+    assert gone.status == "missing" and "no such run folder" in gone.error and gone.recipe == {}
+
+
+def test_varied_keys_finds_exactly_the_differing_keys(tmp_path):
+    runs = [
+        make_run(tmp_path, "a", optim__lr=1e-3, data__batch_size=32),
+        make_run(tmp_path, "b", optim__lr=1e-4, data__batch_size=32, output__overwrite=True),
+        make_run(tmp_path, "c", optim__lr=1e-3, data__batch_size=32, data__mean=[0.4, 0.5, 0.5],
+                 description="other"),
+        make_run(tmp_path, "d", summary=False),  # name differs too, and is ignored
+    ]
+    records = [read_run(r) for r in runs] + [read_run(tmp_path / "absent")]
+    # data.mean is a list: compared by value; the absent run has no recipe and changes nothing
+    assert varied_keys(records) == ["optim.lr", "data.mean"]
+
+
+def test_varied_keys_key_present_in_only_some_recipes(tmp_path):
+    a, b = make_run(tmp_path, "a"), make_run(tmp_path, "b")
+    rec = yaml.safe_load((b / "recipe.yaml").read_text())
+    rec["train"]["ema"] = True
+    (b / "recipe.yaml").write_text(yaml.safe_dump(rec))
+    assert varied_keys([read_run(a), read_run(b)]) == ["train.ema"]
+
+
+def test_format_table_values(tmp_path):
+    records = [
+        read_run(make_run(tmp_path, "lr1e-3", peak=0.9, optim__lr=1e-3)),
+        read_run(make_run(tmp_path, "lr1e-5", peak=0.5, optim__lr=1e-5, status="failed",
+                          error="RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB | x " * 3)),
+    ]
+    rows = table_rows(format_table(records, ["optim.lr"]))
+    header, good, bad = rows
+    assert header[:3] == ["Run", "Status", "optim.lr"]
+    cell = dict(zip(header, good))
+    assert cell["optim.lr"] == "0.001" and dict(zip(header, bad))["optim.lr"] == "1e-05"
+    assert cell["Best top-1 (%)"] == "**78.75**"  # 0.9 * (1 - 1/8), 2 decimals, best in bold
+    assert cell["Final top-1 (%)"] == "78.75"
+    assert cell["Epochs"] == "3" and cell["Time"] == "39.0s" and cell["Images/s"] == "4,322"
+    assert cell["Trainable params"] == "1.93k" and cell["Total params"] == "5.53M"
+    assert cell["Peak mem (MB)"] == "1,234"
+    status = dict(zip(header, bad))["Status"]
+    assert status.startswith("failed: RuntimeError: CUDA out of memory")
+    assert status.endswith("...") and len(status) <= len("failed: ") + 60
+    assert len(bad) == len(header)  # the "|" in the error is escaped, not a new column
+
+
+def test_write_report_tables_and_plots(tmp_path):
+    runs = [
+        make_run(tmp_path / "runs", "lr1e-3", peak=0.7, optim__lr=1e-3),
+        make_run(tmp_path / "runs", "lr1e-4", peak=0.8, optim__lr=1e-4, epochs=5),
+        make_run(tmp_path / "runs", "lr1e-2", peak=0.1, optim__lr=1e-2, status="failed",
+                 error="Traceback (most recent call last):\n  File x\nFloatingPointError: loss is nan"),
+        make_run(tmp_path / "runs", "killed", summary=False, optim__lr=3e-3),
+    ]
+    paths = write_report(runs, tmp_path / "report", title="LR sweep")
+    assert set(paths) == {"markdown", "csv", "acc_vs_epoch", "acc_vs_time"}
+    for kind in ("acc_vs_epoch", "acc_vs_time"):
+        assert_png(paths[kind])
+
+    rows = read_csv(paths["csv"])
+    assert [r["name"] for r in rows] == ["lr1e-3", "lr1e-4", "lr1e-2", "killed"]
+    # varied: train.epochs (3 vs 5) and optim.lr, in recipe order
+    assert list(rows[0])[:4] == ["name", "status", "train.epochs", "optim.lr"]
+    assert [r["optim.lr"] for r in rows] == ["0.001", "0.0001", "0.01", "0.003"]
+    assert [r["status"] for r in rows] == ["finished", "finished", "failed", "missing"]
+    assert float(rows[1]["best_top1_pct"]) == pytest.approx(100 * 0.8 * (1 - 0.5**5), abs=1e-4)
+    assert rows[1]["best_epoch"] == "5" and rows[0]["params_total"] == "5526346"
+    assert "loss is nan" in rows[2]["error"] and rows[3]["peak_memory_mb"] == ""
+
+    md = paths["markdown"].read_text()
+    assert md.startswith("# LR sweep\n")
+    table = table_rows(md)
+    assert len(table) == 1 + 4 and all(len(row) == len(table[0]) for row in table)
+    by_name = {row[0]: dict(zip(table[0], row)) for row in table[1:]}
+    # a traceback is shortened to its last line
+    assert by_name["lr1e-2"]["Status"] == "failed: FloatingPointError: loss is nan"
+    assert by_name["killed"]["Status"].startswith("missing: no summary.json")
+    assert by_name["lr1e-4"]["Best top-1 (%)"] == "**77.50**"
+    assert "acc_vs_epoch.png" in md and "acc_vs_time.png" in md and "sweep.png" not in md
+    assert "## Errors" in md and "Settings shared by all runs" in md
+
+
+def test_write_report_all_failed_writes_tables_only(tmp_path):
+    runs = [make_run(tmp_path, "x", status="failed", error="boom"), make_run(tmp_path, "y", summary=False)]
+    paths = write_report(runs, tmp_path / "out", sweep_keys=["optim.lr"])
+    assert set(paths) == {"markdown", "csv"}
+    assert len(read_csv(paths["csv"])) == 2
+
+
+def test_sweep_one_key(tmp_path):
+    runs = [make_run(tmp_path, f"lr{lr:g}-s{seed}", peak=0.5 + 0.1 * i, optim__lr=lr, seed=seed)
+            for i, lr in enumerate([1e-4, 3e-4, 1e-3, 3e-3]) for seed in (0, 1)]
+    runs.append(make_run(tmp_path, "bad", optim__lr=1e-2, status="failed", error="nan"))
+    paths = write_report(runs, tmp_path / "out", sweep_keys=["optim.lr"])
+    assert_png(paths["sweep"])
+    rows = read_csv(paths["csv"])
+    # the sweep key leads, then the other varied key
+    assert list(rows[0])[2:4] == ["optim.lr", "seed"]
+    assert "sweep.png" in paths["markdown"].read_text()
+
+
+def test_sweep_two_keys_and_more(tmp_path):
+    runs = [make_run(tmp_path, f"lr{lr:g}-bs{bs}-e{ep}", peak=0.5 + lr * 50 + bs / 1000,
+                     optim__lr=lr, data__batch_size=bs, epochs=ep)
+            for lr in (1e-4, 1e-3) for bs in (32, 128, 512) for ep in (1, 2)]
+    runs = runs[:-1]  # one combination missing: a blank heatmap cell
+    two = write_report(runs, tmp_path / "two", sweep_keys=["optim.lr", "data.batch_size"])
+    assert_png(two["sweep"])
+    three = write_report(runs, tmp_path / "three",
+                         sweep_keys=["optim.lr", "data.batch_size", "train.epochs"])
+    assert_png(three["sweep"])
+
+
+def test_sweep_key_not_in_recipes_is_a_message(tmp_path):
+    runs = [make_run(tmp_path, "a"), make_run(tmp_path, "b", optim__lr=1e-2)]
+    with pytest.raises(FinetuneError, match=r"optim\.learning_rate.*optim\.lr"):
+        write_report(runs, tmp_path / "out", sweep_keys=["optim.learning_rate"])
+    assert not (tmp_path / "out").exists()  # checked before anything is written
+
+
+def test_write_report_needs_runs(tmp_path):
+    with pytest.raises(FinetuneError, match="No run directories"):
+        write_report([], tmp_path / "out")
