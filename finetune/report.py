@@ -532,21 +532,22 @@ def _ordered(values: Iterable[Any]) -> list[Any]:
     return distinct
 
 
-def _mean_best(records: Sequence[RunRecord], key: str, value: Any) -> tuple[float, int]:
-    """Mean best accuracy (%) of the runs with ``key == value``, and how many runs that is."""
-    accs = [100 * r.best_acc1 for r in records if r.recipe.get(key) == value]
-    return sum(accs) / len(accs), len(accs)
+def _best_by_value(records: Sequence[RunRecord], key: str) -> list[tuple[Any, list[float]]]:
+    """Each value of ``key`` with the best accuracies (%) of the runs that used it."""
+    return [(v, [100 * r.best_acc1 for r in records if r.recipe.get(key) == v])
+            for v in _ordered(r.recipe.get(key) for r in records)]
 
 
 def _sweep_line(ax: Axes, records: Sequence[RunRecord], key: str) -> None:
-    values = _ordered(r.recipe.get(key) for r in records)
+    groups = _best_by_value(records, key)
+    values = [v for v, _ in groups]
     numeric = all(_number(v) is not None for v in values)
     xs = values if numeric else list(range(len(values)))
-    means = [_mean_best(records, key, v)[0] for v in values]
-    # Every run as a dot, so repeated seeds show their spread; the line joins the means.
-    for x, v in zip(xs, values):
-        runs = [100 * r.best_acc1 for r in records if r.recipe.get(key) == v]
-        ax.plot([x] * len(runs), runs, "o", color="C0", alpha=0.4, markersize=4)
+    means = [sum(accs) / len(accs) for _, accs in groups]
+    # Every run as a dot, so repeated seeds (or other swept keys) show their spread; the line
+    # joins the means.
+    for x, (_, accs) in zip(xs, groups):
+        ax.plot([x] * len(accs), accs, "o", color="C0", alpha=0.4, markersize=4)
     ax.plot(xs, means, "o-", color="C0", markersize=6)
     for x, m in zip(xs, means):
         ax.annotate(f"{m:.2f}", (x, m), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
@@ -556,14 +557,18 @@ def _sweep_line(ax: Axes, records: Sequence[RunRecord], key: str) -> None:
         ax.set_xticks(xs, [format_value(v) for v in values])
         ax.minorticks_off()
     ax.set(xlabel=key, ylabel="best test top-1 (%)")
+    ax.margins(y=0.12)  # room for the labels above the top points
     ax.grid(alpha=0.3)
 
 
-def _sweep_heatmap(fig: Figure, ax: Axes, records: Sequence[RunRecord], row_key: str, col_key: str) -> None:
+def _sweep_heatmap(
+    fig: Figure, ax: Axes, records: Sequence[RunRecord], row_key: str, col_key: str
+) -> None:
     import numpy as np
     from matplotlib.patches import Rectangle
 
-    rows, cols = _ordered(r.recipe.get(row_key) for r in records), _ordered(r.recipe.get(col_key) for r in records)
+    rows = _ordered(r.recipe.get(row_key) for r in records)
+    cols = _ordered(r.recipe.get(col_key) for r in records)
     grid = np.full((len(rows), len(cols)), np.nan)
     runs = np.zeros_like(grid, dtype=int)
     for i, rv in enumerate(rows):
@@ -706,13 +711,17 @@ def _write_csv(records: Sequence[RunRecord], keys: Sequence[str], path: Path) ->
     return path
 
 
-def _markdown(records: Sequence[RunRecord], keys: Sequence[str], title: str | None, paths: dict[str, Path]) -> str:
+def _markdown(
+    records: Sequence[RunRecord], keys: Sequence[str], title: str | None, paths: dict[str, Path]
+) -> str:
+    """``report.md``: summary line, table, plots, full errors, and the settings all runs share."""
     counts: dict[str, int] = {}
     for r in records:
         counts[r.status] = counts.get(r.status, 0) + 1
+    differ = ", ".join(f"`{k}`" for k in keys)
     lines = [f"# {title or 'Run comparison'}", "",
              f"{len(records)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + ". "
-             + (f"Settings that differ: {', '.join(f'`{k}`' for k in keys)}." if keys else "All settings equal.")]
+             + (f"Settings that differ: {differ}." if keys else "All settings are equal.")]
     scored = [r for r in records if r.best_acc1 is not None and r.status == "finished"]
     if scored:
         best = max(scored, key=lambda r: r.best_acc1)
@@ -729,7 +738,8 @@ def _markdown(records: Sequence[RunRecord], keys: Sequence[str], title: str | No
     if failed:
         lines += ["", "## Errors", ""]
         for r in failed:
-            lines += [f"**{r.name}** ({r.status}, `{r.run_dir}`):", "", "```", str(r.error).strip(), "```", ""]
+            lines += [f"**{r.name}** ({r.status}, `{r.run_dir}`):", "",
+                      "```", str(r.error).strip(), "```", ""]
     # The settings every run shares make the report self-describing without opening a recipe.
     recipes = [r.recipe for r in records if r.recipe]
     if recipes:
