@@ -120,6 +120,8 @@ def load_splits(cfg, *, seed: int) -> DatasetSplits:
             "Use one of cifar10, cifar100, imagefolder or synthetic.",
         )
 
+    if getattr(cfg, "classes", None):
+        train, test, classes = select_classes(train, test, classes, cfg.classes)
     train, val = split_train(train, train_subset=cfg.train_subset, val_split=cfg.val_split, seed=seed)
     if cfg.image_size is not None:
         # ImageFolder files were resized while decoding (a no-op here); CIFAR and synthetic tensors
@@ -127,6 +129,33 @@ def load_splits(cfg, *, seed: int) -> DatasetSplits:
         train, test = _resize_split(train, cfg.image_size), _resize_split(test, cfg.image_size)
         val = _resize_split(val, cfg.image_size) if val is not None else None
     return DatasetSplits(train=train, val=val, test=test, classes=classes, name=cfg.name)
+
+
+def select_classes(
+    train: ImageTensors, test: ImageTensors, classes: list[str], keep: Sequence[str]
+) -> tuple[ImageTensors, ImageTensors, list[str]]:
+    """Keep only the images of the classes named in ``keep``, relabelled ``0..len(keep)-1`` in that order.
+
+    Used to split one dataset into two tasks, e.g. pretraining on five CIFAR-10 classes and
+    fine-tuning on the other five.
+    """
+    unknown = [name for name in keep if name not in classes]
+    if unknown or len(set(keep)) != len(keep):
+        raise DataError(
+            f"data.classes names {', '.join(unknown) if unknown else 'a class twice'}; "
+            f"the dataset's classes are: {', '.join(classes)}.",
+            "List each class at most once, spelled as above.",
+        )
+    lookup = torch.full((len(classes),), -1, dtype=torch.int64)
+    for new, name in enumerate(keep):
+        lookup[classes.index(name)] = new
+
+    def subset(split: ImageTensors) -> ImageTensors:
+        labels = lookup[split.labels]  # old label -> new label, -1 for dropped classes
+        kept = labels >= 0
+        return ImageTensors(split.images[kept], labels[kept])
+
+    return subset(train), subset(test), list(keep)
 
 
 def split_train(

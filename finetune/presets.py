@@ -35,6 +35,11 @@ PRESETS: dict[str, tuple[dict[str, Any], str]] = {
         dict(img_size=32, patch_size=4, embed_dim=384, depth=7, num_heads=12, mlp_ratio=2.0, global_pool="avg"),
         "larger CIFAR ViT: 32 px, patch 4, width 384, depth 7, 12 heads, MLP ratio 2 (8.3M params)",
     ),
+    "vit_cifar_xs": (
+        # Small enough to pretrain and fine-tune on a CPU: the transfer-learning study's model.
+        dict(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0, global_pool="avg"),
+        "small CIFAR ViT for the transfer study: 32 px, patch 4, width 128, depth 6, 4 heads (0.8M params)",
+    ),
     "vit_tiny_test": (
         dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, global_pool="avg"),
         "toy ViT for tests and CPU smoke runs: 32 px, patch 8, width 32, depth 2",
@@ -64,6 +69,7 @@ default_cfgs = generate_default_cfgs(
         "vit_lab": _cfg((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
         "vit_cifar_s": _cfg(CIFAR10_MEAN, CIFAR10_STD),
         "vit_cifar_b": _cfg(CIFAR10_MEAN, CIFAR10_STD),
+        "vit_cifar_xs": _cfg(CIFAR10_MEAN, CIFAR10_STD),
         "vit_tiny_test": _cfg((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     }
 )
@@ -91,6 +97,12 @@ def vit_cifar_s(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
 def vit_cifar_b(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """A larger from-scratch CIFAR ViT (see ``PRESETS``)."""
     return _build("vit_cifar_b", pretrained, **kwargs)
+
+
+@register_model
+def vit_cifar_xs(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """The transfer study's small CIFAR ViT (see ``PRESETS``)."""
+    return _build("vit_cifar_xs", pretrained, **kwargs)
 
 
 @register_model

@@ -205,6 +205,9 @@ class DataConfig(_Section):
     train_subset: int | float | None = Field(
         None, description="Train on this many images (int) or this fraction (float in (0, 1]); null: all."
     )
+    classes: list[str] | None = Field(
+        None, description="Keep only these classes (by name), relabelled 0..k-1 in this order; null: all."
+    )
     val_split: int | float = Field(
         0, description="Images (int) or fraction (float in [0, 1)) of the train set held out for validation."
     )
@@ -216,7 +219,6 @@ class DataConfig(_Section):
     )
     std: tuple[float, float, float] | None = Field(None, description="Normalisation std; null: the model's.")
     in_memory: bool = Field(True, description="Keep the whole dataset on the device as uint8.")
-    num_workers: int = Field(2, ge=0, description="DataLoader workers, used by the streaming path only.")
     synthetic_train: int = Field(256, ge=1, description="Training images of the synthetic dataset.")
     synthetic_test: int = Field(128, ge=1, description="Test images of the synthetic dataset.")
     synthetic_classes: int = Field(10, ge=2, description="Classes of the synthetic dataset.")

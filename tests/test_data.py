@@ -59,7 +59,6 @@ def make_cfg(**overrides) -> types.SimpleNamespace:
         val_split=0,
         image_size=None,
         in_memory=True,
-        num_workers=0,
         synthetic_train=200,
         synthetic_test=50,
         synthetic_classes=5,
@@ -489,3 +488,17 @@ def test_read_image_errors(tmp_path):
         read_image(text)
     with pytest.raises(DataError, match="folder"):
         read_image(tmp_path)
+
+
+def test_select_classes_relabels_in_the_given_order():
+    from finetune.data import select_classes
+
+    labels = torch.tensor([0, 1, 2, 3, 1, 2])
+    images = torch.arange(6, dtype=torch.uint8).view(6, 1, 1, 1).expand(6, 3, 2, 2).contiguous()
+    split = ImageTensors(images, labels)
+    train, test, classes = select_classes(split, split, ["a", "b", "c", "d"], ["c", "b"])
+    assert classes == ["c", "b"]
+    assert train.labels.tolist() == [1, 0, 1, 0]  # b, c, b, c -> c is 0, b is 1
+    assert train.images[:, 0, 0, 0].tolist() == [1, 2, 4, 5]
+    with pytest.raises(DataError, match="the dataset's classes are: a, b, c, d"):
+        select_classes(split, split, ["a", "b", "c", "d"], ["b", "zebra"])

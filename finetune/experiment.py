@@ -1,0 +1,762 @@
+"""Experiments: several variants of one recipe, run into one folder and compared in one report.
+
+An experiment file is a base recipe plus named variants, each a set of overrides::
+
+    # finetune compare recipes/compare_cifar.yaml
+    description: "Head-only vs full fine-tuning vs a ViT from scratch"
+    name: compare_cifar          # experiment folder: output.dir/compare_cifar/, one run folder per variant
+    base: deit_tiny_cifar.yaml   # a recipe file (relative to this file, or a shipped name) or an inline mapping
+    overrides:                   # applied to every variant, before the variant's own settings
+      - data.train_subset=10000
+    sweep_keys: []               # optional: recipe keys to plot accuracy against (sweep.png)
+    variants:                    # one run per variant, in this order
+      head: {train.mode: head}
+      full: {}                   # the base as it is
+      scratch: {train.mode: scratch, model.source: null, model.arch: vit_cifar_s, model.img_size: 32}
+
+A variant's settings are dotted keys (``optim.lr: 1.0e-3``) or nested sections (``optim: {lr: ...}``).
+Each variant's recipe is: the base, then ``overrides``, then the variant's settings, then the
+command-line overrides; every variant is validated before anything runs. All variants share the
+base's seed, and so its data split, unless a variant sets ``seed`` itself.
+
+The experiment owns three recipe keys: ``name`` (the variant's name), ``output.dir`` (the experiment
+folder) and ``output.overwrite``. Re-running an experiment reuses every run that finished with the
+same recipe, replaces run folders left by failed or interrupted runs, and refuses to touch a finished
+run whose recipe differs: a base recipe's ``output.overwrite: true`` is ignored, so a result is never
+replaced by accident.
+
+The experiment folder holds one run folder per variant, ``experiment.yaml`` (every variant's complete
+recipe; ``finetune compare`` reads it back) and the report (``report.md``, ``report.csv``, plots).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import shutil
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from rich.console import Console
+
+from . import train
+from .errors import FinetuneError
+
+# The recipe module's YAML dialect (1e-3 is a float, duplicate keys are an error) and its
+# nearest-key suggestion, so that experiment files read and complain exactly like recipes.
+from .recipe import (
+    Recipe,
+    RecipeError,
+    _parse_yaml,
+    _suggest,
+    dump_recipe_yaml,
+    find_recipe,
+    load_recipe,
+    recipe_from_dict,
+    recipe_to_dict,
+    valid_keys,
+)
+from .report import flatten, format_table, read_run, varied_keys, write_report
+
+console = Console(stderr=True)
+
+EXPERIMENT_FILE = "experiment.yaml"
+"""Name of the resolved experiment written into the experiment folder."""
+
+_FILE_KEYS = ("description", "name", "base", "overrides", "sweep_keys", "variants")
+# Keys the experiment sets itself; the value says what to do instead.
+_RESERVED = {
+    "name": "the variant's name is the run name; rename the variant, or give the experiment another name",
+    "output.dir": "runs go to output.dir/<experiment name>/<variant>; set output.dir for the whole "
+    "experiment (in the base, in `overrides`, or on the command line)",
+    "output.overwrite": "an experiment reuses finished runs and replaces unfinished ones by itself; "
+    "to retrain finished runs, give the experiment a new name or delete its folder",
+}
+_FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# Recipe keys that do not change what a run computes: a finished run is reused despite them.
+_NOT_COMPARED = ("description", "output.dir", "output.overwrite")
+# Short labels for the keys a sweep varies most, for run names like lr1e-3_bs32.
+_KEY_LABELS = {
+    "optim.lr": "lr",
+    "optim.weight_decay": "wd",
+    "data.batch_size": "bs",
+    "train.epochs": "ep",
+    "train.mode": "mode",
+    "data.train_subset": "n",
+}
+
+
+class ExperimentError(FinetuneError):
+    """An experiment file, grid or experiment folder that cannot be used as it is."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment and its results.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A validated experiment: named variants, each a complete recipe.
+
+    Attributes:
+        name: the experiment folder's name (under the recipes' ``output.dir``).
+        description: one line for the report's title.
+        variants: ``(variant name, recipe)`` in run order; each recipe's ``name`` is the variant's
+            and its ``output.dir`` is the experiment folder.
+        sweep_keys: dotted recipe keys to plot accuracy against; empty for a plain comparison.
+        source: the experiment file or swept recipe it was made from, for ``experiment.yaml``.
+    """
+
+    name: str
+    description: str
+    variants: list[tuple[str, Recipe]]
+    sweep_keys: list[str] = field(default_factory=list)
+    source: str | None = None
+
+    @property
+    def dir(self) -> Path:
+        """The experiment folder: ``output.dir/<name>``, shared by every variant's recipe."""
+        return Path(self.variants[0][1].output.dir).expanduser()
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """What :func:`run_experiment` will do with one variant.
+
+    Attributes:
+        name: the variant's name.
+        recipe: its complete recipe.
+        run_dir: ``experiment folder / name``.
+        action: ``run`` (no folder yet), ``reuse`` (finished with this recipe) or ``replace`` (a
+            folder left by a failed or interrupted run).
+        reason: why, in words, for ``replace``.
+    """
+
+    name: str
+    recipe: Recipe
+    run_dir: Path
+    action: Literal["run", "reuse", "replace"]
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    """How one variant ended: ``reused``, ``finished`` or ``failed`` (with ``error``)."""
+
+    name: str
+    status: Literal["reused", "finished", "failed"]
+    run_dir: Path
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ExperimentResult:
+    """The outcome of :func:`run_experiment`.
+
+    Attributes:
+        experiment: what was run.
+        variants: one result per variant, in run order.
+        report: the report files by kind (``markdown``, ``csv``, ``acc_vs_epoch``, ...).
+        table: the comparison table in Markdown, as in ``report.md``.
+    """
+
+    experiment: Experiment
+    variants: list[VariantResult]
+    report: dict[str, Path]
+    table: str
+
+    @property
+    def failed(self) -> list[VariantResult]:
+        """The variants that failed."""
+        return [v for v in self.variants if v.status == "failed"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Building variants.
+# ---------------------------------------------------------------------------------------------
+
+
+def _value_text(value: Any) -> str:
+    """A YAML value as override text that reads back to the same value."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf")
+    if isinstance(value, str):
+        try:
+            if _parse_yaml(value, "value") == value:
+                return value  # plain text reads back unchanged: no quotes (train.mode=head)
+        except RecipeError:
+            pass
+    return json.dumps(value, default=str)  # JSON is YAML: quoted text, [lists], null, true
+
+
+def _settings_to_overrides(settings: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """``{optim.lr: 0.001, data: {batch_size: 64}}`` -> ``[("optim.lr", "optim.lr=0.001"), ...]``."""
+    pairs = []
+    for key, value in settings.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            pairs += _settings_to_overrides(value, dotted + ".")  # a section written as a mapping
+        else:
+            pairs.append((dotted, f"{dotted}={_value_text(value)}"))
+    return pairs
+
+
+def _override_key(override: str) -> str:
+    return override.partition("=")[0].strip()
+
+
+def _key_problem(key: str, where: str) -> str | None:
+    """A message when ``key`` is not a recipe key or is one the experiment sets itself."""
+    if key in _RESERVED:
+        return f"{where}: {key!r} cannot be set here: {_RESERVED[key]}."
+    if key not in valid_keys():
+        hint = _suggest(key.split("."))
+        return f"{where}: unknown key {key!r}." + (f" Did you mean {hint!r}?" if hint else "")
+    return None
+
+
+def _check_keys(keys: Sequence[str], where: str) -> None:
+    problems = [p for k in keys if (p := _key_problem(k, where))]
+    if problems:
+        raise ExperimentError("\n".join(problems))
+
+
+def _read_yaml_mapping(path: Path, what: str) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ExperimentError(f"cannot read {what} {str(path)!r}: {err}.") from None
+    raw = _parse_yaml(text, path.name)
+    if not isinstance(raw, dict):
+        raise ExperimentError(f"{path.name}: the top level must be a mapping of keys, got {type(raw).__name__}.")
+    return raw
+
+
+def _build_variants(
+    exp_name: str,
+    description: str,
+    base: dict,
+    base_label: str,
+    shared: Sequence[str],
+    variants: Sequence[tuple[str, list[tuple[str, str]], str]],
+    cli_overrides: Sequence[str],
+) -> list[tuple[str, Recipe]]:
+    """Validate every variant; raise one error listing every variant that does not validate.
+
+    Args:
+        exp_name: the experiment's name (folder under ``output.dir``).
+        description: the experiment's description.
+        base: the raw base recipe.
+        base_label: how messages name the base (its file name).
+        shared: overrides applied to every variant before its own settings.
+        variants: ``(name, [(dotted key, override)], where)`` per variant; ``where`` names it in messages.
+        cli_overrides: overrides applied last, to every variant.
+    """
+    if not _FOLDER_NAME.fullmatch(exp_name):
+        raise ExperimentError(
+            f"experiment name {exp_name!r} cannot be a folder name.",
+            "Use letters, digits, '_', '-' and '.', starting with a letter or digit.",
+        )
+    problems, built = [], []
+    for name, settings, where in variants:
+        overrides = [*shared, *(o for _, o in settings), *cli_overrides]
+        try:
+            recipe = recipe_from_dict(base, base_label, overrides)
+        except RecipeError as err:
+            problems.append(f"{where} does not validate:\n  " + str(err).replace("\n", "\n  "))
+            continue
+        own_description = any(k == "description" for k, _ in settings) or any(
+            _override_key(o) == "description" for o in cli_overrides
+        )
+        if not own_description:
+            label = f"{exp_name}/{name}"
+            recipe = recipe.model_copy(update={"description": f"{label}: {description}" if description else label})
+        folder = str(Path(recipe.output.dir) / exp_name)
+        output = recipe.output.model_copy(update={"dir": folder, "overwrite": False})
+        built.append((name, recipe.model_copy(update={"name": name, "output": output})))
+    if problems:
+        raise ExperimentError("\n".join(problems))
+    return built
+
+
+def load_experiment(
+    path: str | Path, overrides: Sequence[str] = (), *, name: str | None = None
+) -> Experiment:
+    """Read and validate an experiment file (see the module docstring for its format).
+
+    Args:
+        path: the experiment YAML file, or the name of a shipped one (``compare_cifar``).
+        overrides: ``dotted.key=value`` items applied last to every variant.
+        name: the experiment's name instead of the file's ``name:`` (default: the file's stem).
+
+    Returns:
+        The experiment; every variant's recipe is complete and valid.
+
+    Raises:
+        ExperimentError: a malformed file, an unknown or reserved key (naming the variant and the
+            nearest valid key), or a variant that does not validate.
+        RecipeError: a missing file or bad YAML.
+    """
+    file = find_recipe(path)
+    raw = _read_yaml_mapping(file, "experiment file")
+    label = file.name
+    unknown = [k for k in raw if k not in _FILE_KEYS]
+    if unknown:
+        close = [f"{k!r} (did you mean {m[0]!r}?)" if (m := _close(k, _FILE_KEYS)) else repr(k) for k in unknown]
+        hint = " A recipe? Run it with `finetune run`." if {"model", "train", "optim", "data"} & set(unknown) else ""
+        raise ExperimentError(
+            f"{label}: unknown experiment key(s) {', '.join(close)}.",
+            f"An experiment file has {', '.join(_FILE_KEYS)}.{hint}",
+        )
+
+    base_spec = raw.get("base")
+    if base_spec is None:
+        base, base_label = {}, f"{label} (no base: schema defaults)"
+    elif isinstance(base_spec, dict):
+        base, base_label = base_spec, f"{label} (inline base)"
+    elif isinstance(base_spec, str):
+        relative = file.parent / base_spec
+        base_file = relative if relative.is_file() else find_recipe(base_spec)
+        base, base_label = _read_yaml_mapping(base_file, "base recipe"), base_file.name
+    else:
+        raise ExperimentError(
+            f"{label}: base must be a recipe file name or a mapping, got {base_spec!r}.",
+            "Write e.g. `base: deit_tiny_cifar.yaml` (relative to this file).",
+        )
+
+    shared_spec = raw.get("overrides") or []
+    if isinstance(shared_spec, dict):
+        shared = [o for _, o in _settings_to_overrides(shared_spec)]
+    elif isinstance(shared_spec, list) and all(isinstance(o, str) for o in shared_spec):
+        shared = list(shared_spec)
+    else:
+        raise ExperimentError(
+            f"{label}: overrides must be a list of dotted.key=value strings or a mapping, got {shared_spec!r}.",
+            "Write e.g. `overrides: [data.train_subset=10000]`.",
+        )
+    _check_keys([_override_key(o) for o in shared], f"{label}: overrides")
+    cli_keys = [_override_key(o) for o in overrides]
+    if "name" in cli_keys:
+        raise ExperimentError(
+            "the override 'name=...' cannot rename an experiment's runs.",
+            "Pass --name NAME to give the experiment (its folder) another name.",
+        )
+    _check_keys(cli_keys, "command-line override")
+
+    spec = raw.get("variants")
+    if not isinstance(spec, dict) or not spec:
+        raise ExperimentError(
+            f"{label}: `variants` must be a mapping of variant names to their settings, got {spec!r}.",
+            "Write e.g. `variants: {head: {train.mode: head}, full: {train.mode: full}}`.",
+        )
+    variants, problems = [], []
+    for variant, settings in spec.items():
+        where = f"{label}: variant {str(variant)!r}"
+        if not isinstance(variant, str) or not _FOLDER_NAME.fullmatch(variant):
+            problems.append(f"{where}: a variant name becomes a folder; use letters, digits, '_', '-' and '.'.")
+            continue
+        if settings is None:
+            settings = {}  # `baseline:` with nothing after it: the base as it is
+        if not isinstance(settings, dict):
+            problems.append(f"{where}: expected a mapping of dotted.key: value, got {settings!r}.")
+            continue
+        pairs = _settings_to_overrides(settings)
+        problems += [p for k, _ in pairs if (p := _key_problem(k, where))]
+        variants.append((variant, pairs, where))
+    if problems:
+        raise ExperimentError("\n".join(problems))
+
+    exp_name = str(name or raw.get("name") or file.stem)
+    description = str(raw.get("description") or "")
+    built = _build_variants(exp_name, description, base, base_label, shared, variants, overrides)
+    sweep_keys = raw.get("sweep_keys") or []
+    if not isinstance(sweep_keys, list):
+        raise ExperimentError(f"{label}: sweep_keys must be a list of dotted recipe keys, got {sweep_keys!r}.")
+    _check_keys([str(k) for k in sweep_keys], f"{label}: sweep_keys")
+    return Experiment(exp_name, description, built, [str(k) for k in sweep_keys], str(file))
+
+
+def _close(word: str, choices: Sequence[str]) -> list[str]:
+    import difflib
+
+    return difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps.
+# ---------------------------------------------------------------------------------------------
+
+_GRID_EXAMPLE = "Write --grid KEY=VALUE1,VALUE2,..., e.g. --grid optim.lr=1e-3,3e-4 --grid data.batch_size=32,128"
+
+
+def _split_values(text: str) -> list[str]:
+    """Split on commas outside brackets and quotes, so ``[0.5,0.5,0.5],[0.4,0.4,0.4]`` is two values."""
+    values, depth, quote, start = [], 0, None, 0
+    for i, char in enumerate(text):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            values.append(text[start:i].strip())
+            start = i + 1
+    values.append(text[start:].strip())
+    return values
+
+
+def parse_grid(items: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """Parse ``--grid`` items into ``(dotted key, [value texts])``; values are typed later.
+
+    Raises:
+        ExperimentError: no ``=``, an empty key or value, a key given twice, an unknown key (with
+            the nearest valid key) or a key the experiment sets itself.
+    """
+    if not items:
+        raise ExperimentError("a sweep needs at least one --grid.", _GRID_EXAMPLE + ".")
+    grid: list[tuple[str, list[str]]] = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ExperimentError(f"bad --grid {item!r}: expected KEY=VALUE1,VALUE2,....", _GRID_EXAMPLE + ".")
+        values = _split_values(text)
+        if not text.strip() or any(v == "" for v in values):
+            raise ExperimentError(
+                f"bad --grid {item!r}: empty value.", "Separate the values with single commas: " + _GRID_EXAMPLE + "."
+            )
+        if any(key == k for k, _ in grid):
+            raise ExperimentError(
+                f"--grid {key} is given twice.", f"Give all its values in one --grid: {key}=A,B,C."
+            )
+        problem = _key_problem(key, f"bad --grid {item!r}")
+        if problem:
+            raise ExperimentError(problem)
+        grid.append((key, values))
+    return grid
+
+
+def _key_label(key: str, keys: Sequence[str]) -> str:
+    label = _KEY_LABELS.get(key, key.rsplit(".", 1)[-1])
+    labels = [_KEY_LABELS.get(k, k.rsplit(".", 1)[-1]) for k in keys]
+    return key.replace(".", "-") if labels.count(label) > 1 else label
+
+
+def format_run_value(value: Any) -> str:
+    """A swept value as it appears in a run name: ``0.001 -> 1e-3``, ``0.5 -> 0.5``, ``[1, 2] -> 1-2``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        plain = f"{value:g}"
+        mantissa, _, exponent = f"{value:.6e}".partition("e")
+        mantissa = mantissa.rstrip("0").rstrip(".")
+        scientific = f"{mantissa}e{int(exponent)}"
+        return scientific if len(scientific) < len(plain) else plain  # 1e-3, 3e-4, 0.01, 0.5
+    if isinstance(value, (list, tuple)):
+        return "-".join(format_run_value(v) for v in value)
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", str(value)).strip("-") or "x"
+
+
+def sweep_experiment(
+    recipe_path: str | Path,
+    grid: Sequence[str],
+    overrides: Sequence[str] = (),
+    name: str | None = None,
+) -> Experiment:
+    """The Cartesian product of ``--grid`` values over a recipe, as an experiment.
+
+    Values are typed against the recipe schema (``optim.lr=1e-3`` is a float, ``data.train_subset=
+    0.5`` a fraction); run names join a short label and the value of each swept key
+    (``lr1e-3_bs32``), and the runs go in the order of the grids and their values, the last grid
+    varying fastest.
+
+    Args:
+        recipe_path: the recipe to sweep, a file or a shipped name.
+        grid: items like ``optim.lr=1e-3,3e-4``.
+        overrides: ``dotted.key=value`` items applied to every run before the grid values.
+        name: the experiment's name; default ``<recipe name>_sweep_<labels>`` (``vit_lab_cifar_sweep_lr_bs``).
+
+    Raises:
+        ExperimentError: bad grid syntax, an unknown key, a key both swept and overridden, a value
+            given twice, or a grid point whose recipe does not validate.
+        RecipeError: a missing recipe, bad YAML or a bad override.
+    """
+    parsed = parse_grid(grid)
+    file = find_recipe(recipe_path)
+    base = _read_yaml_mapping(file, "recipe")
+    base_recipe = load_recipe(file, overrides)  # the recipe alone must be valid: a clear first error
+    override_keys = {_override_key(o) for o in overrides}
+    _check_keys([k for k in override_keys if k != "name"], "override")  # load_recipe vetted the rest
+    keys = [k for k, _ in parsed]
+    both = [k for k in keys if k in override_keys]
+    if both:
+        raise ExperimentError(
+            f"{', '.join(both)} is both swept (--grid) and overridden.", "Drop the override, or the --grid."
+        )
+
+    # Type each value against the schema, one key at a time, so a bad value names its --grid.
+    typed: list[list[tuple[str, Any]]] = []  # per key: (override, typed value)
+    for key, texts in parsed:
+        column = []
+        for text in texts:
+            override = f"{key}={text}"
+            try:
+                recipe = recipe_from_dict(base, file.name, [*overrides, override])
+            except RecipeError as err:
+                raise ExperimentError(f"--grid {key}: value {text!r} does not validate:\n  {err}") from None
+            value = flatten(recipe_to_dict(recipe)).get(key)
+            if any(json.dumps(value) == json.dumps(v) for _, v in column):
+                raise ExperimentError(
+                    f"--grid {key}: the value {format_run_value(value)} is given twice.", "Give each value once."
+                )
+            column.append((override, value))
+        typed.append(column)
+
+    labels = [_key_label(k, keys) for k in keys]
+    variants, names = [], set()
+    for point in itertools.product(*typed):
+        run_name = "_".join(f"{label}{format_run_value(v)}" for label, (_, v) in zip(labels, point))
+        if run_name in names:
+            raise ExperimentError(
+                f"two grid points get the same run name {run_name!r}.",
+                "Use values that differ in their first 6 significant digits.",
+            )
+        names.add(run_name)
+        pairs = [(_override_key(o), o) for o, _ in point]
+        variants.append((run_name, pairs, f"grid point {run_name!r}"))
+
+    exp_name = name or f"{base_recipe.name}_sweep_{'_'.join(labels)}"
+    description = f"sweep of {', '.join(keys)} over {file.name}"
+    # The sweep's overrides go last, after the grid values, like a compare's command-line ones;
+    # a key cannot be in both, so the order does not change any value.
+    cli = [o for o in overrides if _override_key(o) != "name"]
+    built = _build_variants(exp_name, description, base, file.name, [], variants, cli)
+    return Experiment(exp_name, description, built, keys, str(file))
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: reuse, run or replace.
+# ---------------------------------------------------------------------------------------------
+
+
+def _comparable(recipe: Recipe) -> dict[str, Any]:
+    flat = flatten(recipe_to_dict(recipe))
+    return {k: v for k, v in flat.items() if k not in _NOT_COMPARED}
+
+
+def _read_status(run_dir: Path) -> str | None:
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return str(summary.get("status")) if isinstance(summary, dict) else None
+
+
+def _looks_like_run(run_dir: Path) -> bool:
+    return any((run_dir / f).exists() for f in ("recipe.yaml", "summary.json", "metrics.jsonl"))
+
+
+def plan_experiment(exp: Experiment) -> list[PlannedRun]:
+    """Decide for each variant whether to run it, reuse its finished run or replace its folder.
+
+    Raises:
+        ExperimentError: a finished run whose recipe differs from its variant's (listing the
+            differing keys), or a variant folder that is not a run folder; every such variant is
+            named in one message, before anything runs.
+    """
+    plans, conflicts = [], []
+    for name, recipe in exp.variants:
+        run_dir = train.run_dir_for(recipe)
+        if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+            plans.append(PlannedRun(name, recipe, run_dir, "run"))
+            continue
+        if not run_dir.is_dir() or not _looks_like_run(run_dir):
+            conflicts.append(f"{run_dir} exists but is not a finetune run folder.")
+            continue
+        status = _read_status(run_dir)
+        if status != "finished":
+            reason = f"status {status}" if status else "no readable summary.json"
+            plans.append(PlannedRun(name, recipe, run_dir, "replace", reason))
+            continue
+        try:
+            recorded = load_recipe(run_dir / "recipe.yaml")
+        except RecipeError as err:
+            conflicts.append(f"{run_dir} finished, but its recipe.yaml cannot be read back: {err}")
+            continue
+        old, new = _comparable(recorded), _comparable(recipe)
+        if old != new:
+            diffs = [k for k in dict.fromkeys([*new, *old]) if old.get(k, "<absent>") != new.get(k, "<absent>")]
+            shown = ", ".join(f"{k}: {_show(old.get(k))} -> {_show(new.get(k))}" for k in diffs[:4])
+            more = f" and {len(diffs) - 4} more" if len(diffs) > 4 else ""
+            conflicts.append(f"{run_dir} finished with another recipe ({shown}{more}).")
+            continue
+        plans.append(PlannedRun(name, recipe, run_dir, "reuse"))
+    if conflicts:
+        raise ExperimentError(
+            f"experiment {exp.name!r}: " + ("\n" if len(conflicts) > 1 else "") + "\n".join(conflicts),
+            "finetune never replaces a finished run. Give the experiment a new name (--name NAME), "
+            f"or delete {exp.dir} (or just the run folders named) to retrain.",
+        )
+    return plans
+
+
+def _show(value: Any) -> str:
+    return "absent" if value is None else json.dumps(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running.
+# ---------------------------------------------------------------------------------------------
+
+
+def experiment_to_yaml(exp: Experiment) -> str:
+    """``experiment.yaml``: every variant's complete recipe, readable by :func:`load_experiment`.
+
+    The variants leave out ``name``, ``output.dir`` and ``output.overwrite`` (the experiment sets
+    them) and there is no base, so reading the file back gives the same recipes.
+    """
+    parent = str(Path(exp.variants[0][1].output.dir).parent)
+    variants = {}
+    for name, recipe in exp.variants:
+        data = recipe_to_dict(recipe)
+        del data["name"]
+        data["output"] = {k: v for k, v in data["output"].items() if k not in ("dir", "overwrite")}
+        variants[name] = data
+    doc: dict[str, Any] = {
+        "description": exp.description,
+        "name": exp.name,
+        "overrides": [f"output.dir={_value_text(parent)}"],
+    }
+    if exp.sweep_keys:
+        doc["sweep_keys"] = exp.sweep_keys
+    doc["variants"] = variants
+    header = (
+        f"# Resolved experiment from {exp.source or 'the Python API'}: every variant's complete recipe.\n"
+        f"# Rerun (finished runs are reused) with: finetune compare THIS_FILE\n"
+    )
+    return header + yaml.safe_dump(doc, sort_keys=False, width=100)
+
+
+def _record_failure(run_dir: Path, recipe: Recipe, error: str, source: str | None) -> None:
+    """Leave a run folder that says the run failed, when the engine could not write one."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "recipe.yaml").exists():
+        (run_dir / "recipe.yaml").write_text(dump_recipe_yaml(recipe), encoding="utf-8")
+    if _read_status(run_dir) != "failed":  # the engine records failures inside training itself
+        summary = {
+            "name": recipe.name,
+            "status": "failed",
+            "error": error,
+            "recipe_path": source,
+            "mode": recipe.train.mode,
+            "arch": recipe.model.arch,
+            "source": recipe.model.source,
+            "epochs": recipe.train.epochs,
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+
+
+def run_experiment(exp: Experiment, *, quiet: bool = False) -> ExperimentResult:
+    """Run every variant that has no finished run yet, then write the report.
+
+    A variant that raises (a :class:`FinetuneError` or any other exception) is recorded as failed
+    in its run folder and the next variant runs; ``ExperimentResult.failed`` lists them. A
+    ``KeyboardInterrupt`` stops the experiment (the engine marks the run interrupted; re-running
+    replaces it).
+
+    Args:
+        exp: from :func:`load_experiment` or :func:`sweep_experiment`.
+        quiet: no progress bars or status lines.
+
+    Raises:
+        ExperimentError: see :func:`plan_experiment`; raised before anything runs.
+    """
+    plans = plan_experiment(exp)
+    exp.dir.mkdir(parents=True, exist_ok=True)
+    (exp.dir / EXPERIMENT_FILE).write_text(experiment_to_yaml(exp), encoding="utf-8")
+
+    results = []
+    for i, plan in enumerate(plans, start=1):
+        prefix = f"[{i}/{len(plans)}] {plan.name}"
+        if plan.action == "reuse":
+            if not quiet:
+                console.print(f"{prefix}: [dim]reusing the finished run in {plan.run_dir}[/]", highlight=False)
+            results.append(VariantResult(plan.name, "reused", plan.run_dir))
+            continue
+        if plan.action == "replace":
+            # Remove it here rather than through output.overwrite, so that a failure before the
+            # engine creates the new folder cannot leave the old run's files looking current.
+            shutil.rmtree(plan.run_dir)
+        if not quiet:
+            again = f" (replacing an unfinished run: {plan.reason})" if plan.action == "replace" else ""
+            console.rule(f"{prefix}{again}", style="dim")
+        try:
+            train.run(plan.recipe, recipe_path=exp.source, quiet=quiet)
+        except Exception as exc:  # noqa: BLE001 - one broken variant must not cost the others
+            error = f"{type(exc).__name__}: {exc}"
+            _record_failure(plan.run_dir, plan.recipe, error, exp.source)
+            if not quiet:
+                if not isinstance(exc, FinetuneError):  # a bug, not a user error: keep the traceback
+                    console.print(traceback.format_exc(), style="dim", highlight=False, markup=False)
+                console.print(f"[red]{prefix} failed:[/] {error}", highlight=False)
+            results.append(VariantResult(plan.name, "failed", plan.run_dir, error))
+            continue
+        results.append(VariantResult(plan.name, "finished", plan.run_dir))
+
+    title = f"{exp.name}: {exp.description}" if exp.description else exp.name
+    paths, table = write_experiment_report(
+        [r.run_dir for r in results], exp.dir, title=title, sweep_keys=exp.sweep_keys
+    )
+    return ExperimentResult(exp, results, paths, table)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting.
+# ---------------------------------------------------------------------------------------------
+
+
+def write_experiment_report(
+    run_dirs: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    title: str | None = None,
+    sweep_keys: Sequence[str] | None = None,
+) -> tuple[dict[str, Path], str]:
+    """:func:`finetune.report.write_report`, plus its comparison table as Markdown text to print.
+
+    Returns:
+        The files written by kind, and the table (the same columns as in ``report.md``).
+    """
+    paths = write_report(run_dirs, out_dir, title=title, sweep_keys=sweep_keys)
+    records = [read_run(d) for d in run_dirs]
+    swept = list(sweep_keys or [])
+    keys = swept + [k for k in varied_keys(records) if k not in swept]  # write_report's column order
+    return paths, format_table(records, keys)
+
+
+def read_experiment_folder(folder: str | Path) -> tuple[list[Path], list[str], str]:
+    """The run folders, sweep keys and title of an experiment folder, from its ``experiment.yaml``.
+
+    Raises:
+        ExperimentError: no readable ``experiment.yaml`` with variants.
+    """
+    folder = Path(folder)
+    raw = _read_yaml_mapping(folder / EXPERIMENT_FILE, "experiment")
+    variants = raw.get("variants")
+    if not isinstance(variants, dict) or not variants:
+        raise ExperimentError(f"{folder / EXPERIMENT_FILE} lists no variants.")
+    name, description = str(raw.get("name") or folder.name), str(raw.get("description") or "")
+    sweep_keys = [str(k) for k in raw.get("sweep_keys") or []]
+    return [folder / str(v) for v in variants], sweep_keys, f"{name}: {description}" if description else name
