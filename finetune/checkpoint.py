@@ -205,7 +205,7 @@ def resolve_folder(folder: Path, *, use_ema: bool = False) -> ResolvedSource:
     if not config_path.is_file():
         raise SourceNotFoundError(
             f"{folder} is a folder but has no config.json.",
-            f"Pass the weights file inside it instead, with arch=..., or add a timm-style config.json.",
+            "Pass the weights file inside it instead, with arch=..., or add a timm-style config.json.",
         )
     cfg = read_config(config_path)
     for name in (SAFETENSORS_NAME, *PICKLE_NAMES):

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Callable
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import FinetuneError
@@ -25,8 +26,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
+# soft_wrap: long lines (paths, YAML) are never broken, so output can be piped or copied as is.
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 OverridesArg = Annotated[
     list[str] | None,
@@ -42,7 +44,7 @@ def friendly_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except FinetuneError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
@@ -70,9 +72,9 @@ def run(
     parsed = load_recipe(path, overrides or [])
     summary = run_recipe(parsed, recipe_path=str(path), quiet=quiet)
     out.print(
-        f"[bold green]done[/] {summary['name']}: test top-1 {100 * summary['final_acc1']:.2f}% "
+        f"[bold green]done[/] {escape(str(summary['name']))}: test top-1 {100 * summary['final_acc1']:.2f}% "
         f"(best {100 * summary['best_acc1']:.2f}% at epoch {summary['best_epoch']}), "
-        f"{summary['train_time_s']:.1f} s training, {summary['images_per_s']:,.0f} img/s -> {run_dir_for(parsed)}",
+        f"{summary['train_time_s']:.1f} s training, {summary['images_per_s']:,.0f} img/s -> {escape(str(run_dir_for(parsed)))}",
         highlight=False,
     )
 
@@ -88,13 +90,24 @@ def validate(
 
     Example: finetune validate recipes/vit_lab_cifar.yaml optim.lr=5e-4
     """
-    from .recipe import dump_recipe_yaml, find_recipe, load_recipe
+    from .recipe import dump_recipe_yaml, find_recipe, is_experiment, load_recipe, parse_yaml
 
     path = find_recipe(recipe)
+    if is_experiment(parse_yaml(path.read_text(encoding="utf-8"), path.name)):
+        from .experiment import load_experiment
+
+        experiment = load_experiment(path, overrides or [])
+        for variant, variant_recipe in experiment.variants:
+            if show:
+                out.print(f"# --- variant {variant}", highlight=False, markup=False)
+                out.print(dump_recipe_yaml(variant_recipe), highlight=False, markup=False)
+        names = ", ".join(v for v, _ in experiment.variants)
+        out.print(f"[green]ok[/] {escape(str(path))}: experiment with variants {escape(names)}", highlight=False)
+        return
     parsed = load_recipe(path, overrides or [])
     if show:
         out.print(dump_recipe_yaml(parsed), highlight=False, markup=False)
-    out.print(f"[green]ok[/] {path}", highlight=False)
+    out.print(f"[green]ok[/] {escape(str(path))}", highlight=False)
 
 
 @app.command("ls")
@@ -112,7 +125,8 @@ def list_recipes_cmd() -> None:
     out.print(table)
 
 
-def _eval_data_config(target: Path, data: str | None, root: str | None, image_size: int | None):
+def _eval_data_config(target: Path, data: str | None, root: str | None):
+    """The data to evaluate on, and the seed it needs: the run's own unless --data says otherwise."""
     from .recipe import DataConfig, load_recipe
 
     if data is None:
@@ -122,16 +136,17 @@ def _eval_data_config(target: Path, data: str | None, root: str | None, image_si
                 f"{target} has no recipe.yaml to say which data it was trained on.",
                 "Pass --data cifar10 (or cifar100, or an image folder).",
             )
-        cfg = load_recipe(recipe_file).data
-        return cfg.model_copy(update={"root": root}) if root else cfg
+        trained = load_recipe(recipe_file)  # its seed also fixes synthetic data and the val split
+        cfg = trained.data.model_copy(update={"root": root}) if root else trained.data
+        return cfg, trained.seed
     if Path(data).expanduser().is_dir():
-        return DataConfig(name="imagefolder", root=str(Path(data).expanduser()), image_size=image_size)
+        return DataConfig(name="imagefolder", root=str(Path(data).expanduser())), 0
     if data not in ("cifar10", "cifar100", "synthetic"):
         raise FinetuneError(
             f"--data {data!r} is neither a folder nor a dataset name.",
             "Pass cifar10, cifar100, or a folder of <class>/<image> folders (or one holding test/).",
         )
-    return DataConfig(name=data, root=root or "data", image_size=image_size)
+    return DataConfig(name=data, root=root or "data"), 0
 
 
 @app.command("eval")
@@ -156,8 +171,8 @@ def eval_cmd(
 
     model_obj = load_model(model)
     classes = model_obj.pretrained_cfg.get("label_names")
-    cfg = _eval_data_config(model, data, root, None)
-    split, class_names = load_eval_split(cfg, classes=classes)
+    cfg, seed = _eval_data_config(model, data, root)
+    split, class_names = load_eval_split(cfg, seed=seed, classes=classes)
     dev = resolve_device(device)
     model_obj = model_obj.to(dev)
     loader = BatchLoader(
@@ -167,7 +182,7 @@ def eval_cmd(
     )
     result = evaluate(model_obj, loader, model_obj.num_classes, amp_dtype=autocast_dtype("bf16", dev))
     out.print(
-        f"{model}: top-1 {100 * result.acc1:.2f}%  top-5 {100 * result.acc5:.2f}%  "
+        f"{escape(str(model))}: top-1 {100 * result.acc1:.2f}%  top-5 {100 * result.acc5:.2f}%  "
         f"loss {result.loss:.4f}  ({result.images} images)",
         highlight=False,
     )
@@ -207,9 +222,133 @@ def predict(
     k = min(topk, probs.shape[1])
     top = probs.topk(k, dim=-1)
     for path, values, indices in zip(images, top.values.tolist(), top.indices.tolist()):
-        out.print(f"[bold]{path}[/]", highlight=False)
+        out.print(f"[bold]{escape(str(path))}[/]", highlight=False)
         for rank, (p, i) in enumerate(zip(values, indices), start=1):
-            out.print(f"  {rank}. {names[i]:<20} {100 * p:6.2f}%", highlight=False)
+            out.print(f"  {rank}. {names[i]:<20} {100 * p:6.2f}%", highlight=False, markup=False)
+
+
+def _print_plan(plans: list) -> None:
+    table = Table("variant", "action", "run folder", box=None, header_style="bold")
+    for plan in plans:
+        action = f"{plan.action} ({plan.reason})" if plan.reason else plan.action
+        table.add_row(plan.name, action, str(plan.run_dir))
+    out.print(table)
+
+
+def _run_and_report(experiment: Any, dry_run: bool, quiet: bool) -> None:
+    """Shared tail of compare and sweep: plan or run, print the table, fail if a variant failed."""
+    from .experiment import plan_experiment, run_experiment
+
+    if dry_run:
+        _print_plan(plan_experiment(experiment))
+        out.print(f"[green]ok[/] {len(experiment.variants)} variants validate -> {experiment.dir}", highlight=False)
+        return
+    result = run_experiment(experiment, quiet=quiet)
+    out.print(result.table, markup=False, highlight=False, soft_wrap=True)
+    out.print(f"report: {result.report['markdown']}", highlight=False)
+    if result.failed:
+        names = ", ".join(v.name for v in result.failed)
+        raise FinetuneError(
+            f"{len(result.failed)} of {len(result.variants)} variants failed: {names}.",
+            f"The errors are in {result.report['markdown']}. Fix them and rerun the same command: "
+            "finished runs are reused, failed ones are retried.",
+        )
+
+
+ExperimentNameOpt = Annotated[
+    str | None,
+    typer.Option("--name", help="Experiment name, the folder under output.dir (default: from the file or recipe)."),
+]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Validate every variant and show what would run, reuse or be replaced.")
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or status lines.")]
+
+
+@app.command()
+@friendly_errors
+def compare(
+    experiment: Annotated[
+        str, typer.Argument(help="Experiment file (a base recipe plus named variants), or an experiment folder.")
+    ],
+    overrides: OverridesArg = None,
+    name: ExperimentNameOpt = None,
+    dry_run: DryRunOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run the variants of an experiment on the same data and seed, and compare them in one report.
+
+    Overrides apply to every variant. Rerunning reuses finished runs.
+
+    Example: finetune compare recipes/compare_cifar.yaml train.epochs=1
+    """
+    from .experiment import load_experiment
+
+    _run_and_report(load_experiment(experiment, overrides or [], name=name), dry_run, quiet)
+
+
+@app.command()
+@friendly_errors
+def sweep(
+    recipe: Annotated[str, typer.Argument(help="Recipe file, or the name of a shipped recipe.")],
+    overrides: OverridesArg = None,
+    grid: Annotated[
+        list[str] | None,
+        typer.Option("--grid", "-g", help="KEY=VALUE1,VALUE2,...; repeat for more keys (Cartesian product).",
+                     show_default=False),
+    ] = None,
+    name: ExperimentNameOpt = None,
+    dry_run: DryRunOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train every combination of the --grid values, and compare them in one report.
+
+    Example: finetune sweep recipes/vit_lab_cifar.yaml --grid optim.lr=1e-3,3e-4 --grid data.batch_size=32,128
+    """
+    from .experiment import sweep_experiment
+
+    _run_and_report(sweep_experiment(recipe, grid or [], overrides or [], name=name), dry_run, quiet)
+
+
+@app.command()
+@friendly_errors
+def report(
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="Run folders, or experiment folders (all their variants).", show_default=False)
+    ],
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Folder for the report (default: the experiment folder, else ./report)."),
+    ] = None,
+    sweep_keys: Annotated[
+        str | None, typer.Option("--sweep-keys", help="Comma-separated swept keys for sweep.png, e.g. optim.lr,data.batch_size.")
+    ] = None,
+    title: Annotated[str | None, typer.Option(help="Heading of report.md.")] = None,
+) -> None:
+    """Compare finished runs: a Markdown and CSV table, accuracy curves and, for a sweep, its plot.
+
+    Example: finetune report runs/compare_cifar --out runs/compare_cifar
+    """
+    from .experiment import EXPERIMENT_FILE, read_experiment_folder, write_experiment_report
+
+    dirs: list[Path] = []
+    experiments = []
+    for path in run_dirs:
+        if not path.exists():
+            raise FinetuneError(f"{path} does not exist.", "Pass run folders (runs/NAME) or experiment folders.")
+        if not path.is_dir():
+            raise FinetuneError(f"{path} is a file, not a run folder.", "Pass run folders (runs/NAME) or experiment folders.")
+        if (path / EXPERIMENT_FILE).is_file():
+            experiments.append((path, *read_experiment_folder(path)))
+            dirs += experiments[-1][1]
+        else:
+            dirs.append(path)
+    single = experiments[0] if len(experiments) == 1 and len(run_dirs) == 1 else None
+    keys = [k.strip() for k in sweep_keys.split(",") if k.strip()] if sweep_keys else (single[2] if single else [])
+    target = out_dir or (single[0] if single else Path("report"))
+    paths, table = write_experiment_report(dirs, target, title=title or (single[3] if single else None), sweep_keys=keys)
+    out.print(table, markup=False, highlight=False, soft_wrap=True)
+    out.print(f"report: {paths['markdown']}", highlight=False)
 
 
 def main() -> None:

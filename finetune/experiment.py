@@ -31,6 +31,7 @@ recipe; ``finetune compare`` reads it back) and the report (``report.md``, ``rep
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import json
 import math
@@ -48,13 +49,15 @@ from rich.console import Console
 from . import train
 from .errors import FinetuneError
 
-# The recipe module's YAML dialect (1e-3 is a float, duplicate keys are an error) and its
-# nearest-key suggestion, so that experiment files read and complain exactly like recipes.
+# The recipe module's YAML dialect and nearest-key suggestion, so experiment files read, look
+# and complain like recipes.
 from .recipe import (
     Recipe,
     RecipeError,
-    _parse_yaml,
-    _suggest,
+    parse_yaml,
+    RecipeDumper,
+    suggest_key,
+    apply_overrides,
     dump_recipe_yaml,
     find_recipe,
     load_recipe,
@@ -78,6 +81,8 @@ _RESERVED = {
     "output.overwrite": "an experiment reuses finished runs and replaces unfinished ones by itself; "
     "to retrain finished runs, give the experiment a new name or delete its folder",
 }
+# Shared and command-line overrides may move the whole experiment (output.dir).
+_RESERVED_SHARED = ("name", "output.overwrite")
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # Recipe keys that do not change what a run computes: a finished run is reused despite them.
 _NOT_COMPARED = ("description", "output.dir", "output.overwrite")
@@ -189,7 +194,7 @@ def _value_text(value: Any) -> str:
         return ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf")
     if isinstance(value, str):
         try:
-            if _parse_yaml(value, "value") == value:
+            if parse_yaml(value, "value") == value:
                 return value  # plain text reads back unchanged: no quotes (train.mode=head)
         except RecipeError:
             pass
@@ -212,18 +217,30 @@ def _override_key(override: str) -> str:
     return override.partition("=")[0].strip()
 
 
-def _key_problem(key: str, where: str) -> str | None:
-    """A message when ``key`` is not a recipe key or is one the experiment sets itself."""
-    if key in _RESERVED:
+def _check_overrides(overrides: Sequence[str], where: str, reserved: Sequence[str]) -> None:
+    """Syntax first (the recipe module's own message), then unknown and reserved keys."""
+    apply_overrides({}, overrides)  # raises RecipeError for `foo` or `bad key=1`
+    _check_keys([_override_key(o) for o in overrides], where, reserved)
+
+
+def _key_problem(
+    key: str, where: str, reserved: Sequence[str] = tuple(_RESERVED), *, leaf: bool = False
+) -> str | None:
+    """A message when ``key`` is not a recipe key (a leaf, or a section unless ``leaf``) or is reserved."""
+    if key in reserved:
         return f"{where}: {key!r} cannot be set here: {_RESERVED[key]}."
-    if key not in valid_keys():
-        hint = _suggest(key.split("."))
+    leaves = valid_keys()
+    sections = {k.rsplit(".", i)[0] for k in leaves for i in range(1, k.count(".") + 1)}
+    if key not in leaves and (leaf or key not in sections):
+        hint = suggest_key(key.split("."))
         return f"{where}: unknown key {key!r}." + (f" Did you mean {hint!r}?" if hint else "")
     return None
 
 
-def _check_keys(keys: Sequence[str], where: str) -> None:
-    problems = [p for k in keys if (p := _key_problem(k, where))]
+def _check_keys(
+    keys: Sequence[str], where: str, reserved: Sequence[str] = tuple(_RESERVED), *, leaf: bool = False
+) -> None:
+    problems = [p for k in keys if (p := _key_problem(k, where, reserved, leaf=leaf))]
     if problems:
         raise ExperimentError("\n".join(problems))
 
@@ -233,7 +250,7 @@ def _read_yaml_mapping(path: Path, what: str) -> dict:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise ExperimentError(f"cannot read {what} {str(path)!r}: {err}.") from None
-    raw = _parse_yaml(text, path.name)
+    raw = parse_yaml(text, path.name)
     if not isinstance(raw, dict):
         raise ExperimentError(f"{path.name}: the top level must be a mapping of keys, got {type(raw).__name__}.")
     return raw
@@ -273,7 +290,7 @@ def _build_variants(
             problems.append(f"{where} does not validate:\n  " + str(err).replace("\n", "\n  "))
             continue
         own_description = any(k == "description" for k, _ in settings) or any(
-            _override_key(o) == "description" for o in cli_overrides
+            _override_key(o) == "description" for o in [*shared, *cli_overrides]
         )
         if not own_description:
             label = f"{exp_name}/{name}"
@@ -304,7 +321,9 @@ def load_experiment(
             nearest valid key), or a variant that does not validate.
         RecipeError: a missing file or bad YAML.
     """
-    file = find_recipe(path)
+    given = Path(path)
+    # An experiment folder stands for the experiment.yaml it holds: rerun or extend it in place.
+    file = given / EXPERIMENT_FILE if (given / EXPERIMENT_FILE).is_file() else find_recipe(path)
     raw = _read_yaml_mapping(file, "experiment file")
     label = file.name
     unknown = [k for k in raw if k not in _FILE_KEYS]
@@ -323,7 +342,13 @@ def load_experiment(
         base, base_label = base_spec, f"{label} (inline base)"
     elif isinstance(base_spec, str):
         relative = file.parent / base_spec
-        base_file = relative if relative.is_file() else find_recipe(base_spec)
+        try:
+            base_file = relative if relative.is_file() else find_recipe(base_spec)
+        except RecipeError:
+            raise ExperimentError(
+                f"{label}: base recipe {base_spec!r} not found, neither next to {label} nor among the shipped recipes.",
+                "Give a path relative to the experiment file, or a shipped recipe's name (see `finetune ls`).",
+            ) from None
         base, base_label = _read_yaml_mapping(base_file, "base recipe"), base_file.name
     else:
         raise ExperimentError(
@@ -341,14 +366,8 @@ def load_experiment(
             f"{label}: overrides must be a list of dotted.key=value strings or a mapping, got {shared_spec!r}.",
             "Write e.g. `overrides: [data.train_subset=10000]`.",
         )
-    _check_keys([_override_key(o) for o in shared], f"{label}: overrides")
-    cli_keys = [_override_key(o) for o in overrides]
-    if "name" in cli_keys:
-        raise ExperimentError(
-            "the override 'name=...' cannot rename an experiment's runs.",
-            "Pass --name NAME to give the experiment (its folder) another name.",
-        )
-    _check_keys(cli_keys, "command-line override")
+    _check_overrides(shared, f"{label}: overrides", _RESERVED_SHARED)
+    _check_cli_overrides(overrides)
 
     spec = raw.get("variants")
     if not isinstance(spec, dict) or not spec:
@@ -358,6 +377,8 @@ def load_experiment(
         )
     variants, problems = [], []
     for variant, settings in spec.items():
+        if isinstance(variant, int) and not isinstance(variant, bool):
+            variant = str(variant)  # `1:` reads as a number; as a folder name it is text
         where = f"{label}: variant {str(variant)!r}"
         if not isinstance(variant, str) or not _FOLDER_NAME.fullmatch(variant):
             problems.append(f"{where}: a variant name becomes a folder; use letters, digits, '_', '-' and '.'.")
@@ -379,13 +400,21 @@ def load_experiment(
     sweep_keys = raw.get("sweep_keys") or []
     if not isinstance(sweep_keys, list):
         raise ExperimentError(f"{label}: sweep_keys must be a list of dotted recipe keys, got {sweep_keys!r}.")
-    _check_keys([str(k) for k in sweep_keys], f"{label}: sweep_keys")
+    _check_keys([str(k) for k in sweep_keys], f"{label}: sweep_keys", (), leaf=True)
     return Experiment(exp_name, description, built, [str(k) for k in sweep_keys], str(file))
 
 
-def _close(word: str, choices: Sequence[str]) -> list[str]:
-    import difflib
+def _check_cli_overrides(overrides: Sequence[str]) -> None:
+    keys = [_override_key(o) for o in overrides]
+    if "name" in keys:
+        raise ExperimentError(
+            "the override 'name=...' cannot rename an experiment's runs: they are named after the variants.",
+            "Pass --name NAME to give the experiment (its folder) another name.",
+        )
+    _check_overrides(overrides, "command-line override", _RESERVED_SHARED)
 
+
+def _close(word: str, choices: Sequence[str]) -> list[str]:
     return difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
 
 
@@ -393,7 +422,7 @@ def _close(word: str, choices: Sequence[str]) -> list[str]:
 # Sweeps.
 # ---------------------------------------------------------------------------------------------
 
-_GRID_EXAMPLE = "Write --grid KEY=VALUE1,VALUE2,..., e.g. --grid optim.lr=1e-3,3e-4 --grid data.batch_size=32,128"
+_GRID_EXAMPLE = "--grid optim.lr=1e-3,3e-4 --grid data.batch_size=32,128"
 
 
 def _split_values(text: str) -> list[str]:
@@ -423,23 +452,25 @@ def parse_grid(items: Sequence[str]) -> list[tuple[str, list[str]]]:
             the nearest valid key) or a key the experiment sets itself.
     """
     if not items:
-        raise ExperimentError("a sweep needs at least one --grid.", _GRID_EXAMPLE + ".")
+        raise ExperimentError("a sweep needs at least one --grid KEY=VALUE1,VALUE2,...", f"For example {_GRID_EXAMPLE}.")
     grid: list[tuple[str, list[str]]] = []
     for item in items:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ExperimentError(f"bad --grid {item!r}: expected KEY=VALUE1,VALUE2,....", _GRID_EXAMPLE + ".")
+            raise ExperimentError(
+                f"bad --grid {item!r}: expected KEY=VALUE1,VALUE2,...", f"Write a key, '=' and its values: {_GRID_EXAMPLE}."
+            )
         values = _split_values(text)
         if not text.strip() or any(v == "" for v in values):
             raise ExperimentError(
-                f"bad --grid {item!r}: empty value.", "Separate the values with single commas: " + _GRID_EXAMPLE + "."
+                f"bad --grid {item!r}: empty value.", f"Separate the values with single commas: {_GRID_EXAMPLE}."
             )
         if any(key == k for k, _ in grid):
             raise ExperimentError(
                 f"--grid {key} is given twice.", f"Give all its values in one --grid: {key}=A,B,C."
             )
-        problem = _key_problem(key, f"bad --grid {item!r}")
+        problem = _key_problem(key, f"bad --grid {item!r}", leaf=True)
         if problem:
             raise ExperimentError(problem)
         grid.append((key, values))
@@ -485,7 +516,8 @@ def sweep_experiment(
     Args:
         recipe_path: the recipe to sweep, a file or a shipped name.
         grid: items like ``optim.lr=1e-3,3e-4``.
-        overrides: ``dotted.key=value`` items applied to every run before the grid values.
+        overrides: ``dotted.key=value`` items applied to every run; a key cannot be both swept and
+            overridden.
         name: the experiment's name; default ``<recipe name>_sweep_<labels>`` (``vit_lab_cifar_sweep_lr_bs``).
 
     Raises:
@@ -494,11 +526,11 @@ def sweep_experiment(
         RecipeError: a missing recipe, bad YAML or a bad override.
     """
     parsed = parse_grid(grid)
+    _check_cli_overrides(overrides)
     file = find_recipe(recipe_path)
     base = _read_yaml_mapping(file, "recipe")
     base_recipe = load_recipe(file, overrides)  # the recipe alone must be valid: a clear first error
     override_keys = {_override_key(o) for o in overrides}
-    _check_keys([k for k in override_keys if k != "name"], "override")  # load_recipe vetted the rest
     keys = [k for k, _ in parsed]
     both = [k for k in keys if k in override_keys]
     if both:
@@ -541,8 +573,7 @@ def sweep_experiment(
     description = f"sweep of {', '.join(keys)} over {file.name}"
     # The sweep's overrides go last, after the grid values, like a compare's command-line ones;
     # a key cannot be in both, so the order does not change any value.
-    cli = [o for o in overrides if _override_key(o) != "name"]
-    built = _build_variants(exp_name, description, base, file.name, [], variants, cli)
+    built = _build_variants(exp_name, description, base, file.name, [], variants, overrides)
     return Experiment(exp_name, description, built, keys, str(file))
 
 
@@ -646,7 +677,7 @@ def experiment_to_yaml(exp: Experiment) -> str:
         f"# Resolved experiment from {exp.source or 'the Python API'}: every variant's complete recipe.\n"
         f"# Rerun (finished runs are reused) with: finetune compare THIS_FILE\n"
     )
-    return header + yaml.safe_dump(doc, sort_keys=False, width=100)
+    return header + yaml.dump(doc, Dumper=RecipeDumper, sort_keys=False, width=100)
 
 
 def _record_failure(run_dir: Path, recipe: Recipe, error: str, source: str | None) -> None:

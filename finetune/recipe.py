@@ -363,6 +363,8 @@ class _RecipeLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` merges are resolved by the base class
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
@@ -377,16 +379,16 @@ _RecipeLoader.add_implicit_resolver(
 )
 
 
-class _RecipeDumper(yaml.SafeDumper):
+class RecipeDumper(yaml.SafeDumper):
     """SafeDumper that writes lists inline (``betas: [0.9, 0.999]``) and sections as blocks."""
 
 
-_RecipeDumper.add_representer(
+RecipeDumper.add_representer(
     list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
 )
 
 
-def _parse_yaml(
+def parse_yaml(
     text: str, where: str, fix: str = "Check the indentation and write each entry as `key: value`."
 ) -> Any:
     try:
@@ -412,7 +414,7 @@ def _split_override(override: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not _KEY.fullmatch(key):
         raise RecipeError(f"bad override {override!r}.", _OVERRIDE_EXAMPLE + ".")
-    return key, _parse_yaml(text, f"override {override!r}", "Quote text values; write lists as [0.9, 0.99].")
+    return key, parse_yaml(text, f"override {override!r}", "Quote text values; write lists as [0.9, 0.99].")
 
 
 def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
@@ -490,7 +492,7 @@ def _describe(annotation: Any) -> str:
     )
 
 
-def _suggest(path: list[str]) -> str | None:
+def suggest_key(path: list[str]) -> str | None:
     """Nearest valid key to an unknown dotted key: a close sibling, the same leaf elsewhere, or any."""
     keys = valid_keys()
     parent, leaf = path[:-1], path[-1]
@@ -553,7 +555,7 @@ def _error_lines(
         kind, loc = error["type"], error["loc"]
         if kind == "extra_forbidden":
             dotted = ".".join(str(p) for p in loc)
-            hint = _suggest([str(p) for p in loc])
+            hint = suggest_key([str(p) for p in loc])
             message = f"unknown key {dotted!r}." + (f" Did you mean {hint!r}?" if hint else "")
             by_field.setdefault(dotted, f"{origin(dotted)}: {message}")
             continue
@@ -632,7 +634,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise RecipeError(f"cannot read recipe {str(file)!r}: {err}.") from None
-    recipe = recipe_from_dict(_parse_yaml(text, file.name), file.name, overrides)
+    recipe = recipe_from_dict(parse_yaml(text, file.name), file.name, overrides)
     if recipe.name is None:
         recipe = recipe.model_copy(update={"name": file.stem})
     return recipe
@@ -646,7 +648,12 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 def dump_recipe_yaml(recipe: Recipe) -> str:
     """The resolved recipe as YAML that :func:`load_recipe` reads back to an equal recipe."""
     header = "# Resolved recipe: defaults filled in, overrides applied. Rerun with: finetune run THIS_FILE\n"
-    return header + yaml.dump(recipe_to_dict(recipe), Dumper=_RecipeDumper, sort_keys=False)
+    return header + yaml.dump(recipe_to_dict(recipe), Dumper=RecipeDumper, sort_keys=False)
+
+
+def is_experiment(raw: Any) -> bool:
+    """True for an experiment file (``finetune compare``): a mapping with ``variants``."""
+    return isinstance(raw, dict) and "variants" in raw
 
 
 def list_recipes(directory: str | Path = SHIPPED_RECIPES) -> list[tuple[str, str]]:
@@ -658,8 +665,10 @@ def list_recipes(directory: str | Path = SHIPPED_RECIPES) -> list[tuple[str, str
     entries = []
     for file in sorted(Path(directory).glob("*.y*ml")):
         try:
-            raw = _parse_yaml(file.read_text(encoding="utf-8"), file.name)
+            raw = parse_yaml(file.read_text(encoding="utf-8"), file.name)
             description = str(raw.get("description", "")) if isinstance(raw, dict) else ""
+            if is_experiment(raw):
+                description = f"[finetune compare] {description}"
         except (RecipeError, OSError, UnicodeDecodeError):
             description = "(unreadable: run `finetune validate` on it)"
         entries.append((file.name, description))

@@ -28,7 +28,7 @@ from torch import nn
 from .data import BatchLoader, DatasetSplits, load_splits
 from .errors import FinetuneError
 from .models import create_model, load_model, save_model
-from .params import count_parameters, param_groups, set_trainable
+from .params import param_groups, set_trainable
 from .recipe import Recipe, dump_recipe_yaml
 
 
@@ -139,7 +139,10 @@ def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, steps_per_
     warmup = int(round(s.warmup_epochs * steps_per_epoch))
     common = dict(warmup_t=warmup, warmup_lr_init=s.warmup_lr, t_in_epochs=False)
     if s.name == "cosine":
-        return CosineLRScheduler(optimizer, t_initial=total, lr_min=s.min_lr, **common)
+        # The cosine starts after the warmup (warmup_prefix), so the peak lr is reached.
+        return CosineLRScheduler(
+            optimizer, t_initial=max(1, total - warmup), lr_min=s.min_lr, warmup_prefix=True, **common
+        )
     if s.name == "step":
         return StepLRScheduler(optimizer, decay_t=s.step_epochs * steps_per_epoch, decay_rate=s.step_gamma, **common)
     return StepLRScheduler(optimizer, decay_t=total + 1, decay_rate=1.0, **common)  # constant
@@ -396,6 +399,7 @@ def run(
     images_seen = 0
     step = 0
     best = (-1.0, 0)
+    warmup_mark = (0.0, 0)  # (training seconds, images) at the end of the first optimizer step
     last_eval: EvalResult | None = None
     wall_start = time.perf_counter()
     if device.type == "cuda":
@@ -419,13 +423,18 @@ def run(
                     with _autocast(device, amp_dtype):
                         logits = forward(x)
                         loss = _loss(logits, target, r.train.label_smoothing)
-                    loss_for_backward = loss / r.train.grad_accum
+                    # Average over the micro-batches of this optimizer step; the last group of
+                    # an epoch may be shorter than grad_accum.
+                    group_start = i - i % r.train.grad_accum
+                    group_size = min(r.train.grad_accum, len(train_loader) - group_start)
+                    loss_for_backward = loss / group_size
                     if scaler is not None:
                         scaler.scale(loss_for_backward).backward()
                     else:
                         loss_for_backward.backward()
                     last_micro = (i + 1) % r.train.grad_accum == 0 or i + 1 == len(train_loader)
                     if last_micro:
+                        step_lr = _base_lr(optimizer)  # the lr this step uses, before the scheduler moves it
                         if r.train.clip_grad is not None:
                             if scaler is not None:
                                 scaler.unscale_(optimizer)
@@ -437,6 +446,12 @@ def run(
                             optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                         step += 1
+                        if step == 1:
+                            # The first step carries one-off costs (allocator warm-up, autotuning,
+                            # compilation); throughput is measured from the end of it.
+                            if device.type == "cuda":
+                                torch.cuda.synchronize(device)
+                            warmup_mark = (train_time + time.perf_counter() - epoch_start, images_seen + epoch_images + x.shape[0])
                         scheduler.step_update(num_updates=step)
                         if ema is not None:
                             ema.update(model, step=step)
@@ -456,7 +471,7 @@ def run(
                         row = {
                             "kind": "step", "epoch": epoch, "step": step,
                             "time_s": round(train_time + now - epoch_start, 4),
-                            "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"], "images_per_s": ips,
+                            "loss": mean_loss, "lr": step_lr, "images_per_s": ips,
                         }
                         writer.log(row)
                         progress.update(step, epoch, loss=mean_loss, images_per_s=ips)
@@ -479,7 +494,7 @@ def run(
                     "train_acc1": float(epoch_correct) / max(epoch_images, 1) if mixup is None else None,
                     **last_eval.as_dict("test"),
                     "val_acc1": None,
-                    "lr": optimizer.param_groups[0]["lr"],
+                    "lr": step_lr,
                     "per_class_acc": last_eval.per_class_acc,
                 }
                 if val_loader is not None:
@@ -502,6 +517,9 @@ def run(
     writer.close()
 
     final_model = ema.module if ema is not None else model
+    # Record the normalisation this run trained with (data.mean/std may override the model's), so
+    # eval and predict feed the saved model what it learned on.
+    final_model.pretrained_cfg = dict(final_model.pretrained_cfg, mean=list(p.mean), std=list(p.std))
     if r.output.save_model:
         save_model(final_model, writer.path, class_names=p.data.classes)
     summary.update(
@@ -516,7 +534,7 @@ def run(
         steps=step,
         train_time_s=train_time,
         wall_time_s=time.perf_counter() - wall_start,
-        images_per_s=images_seen / max(train_time, 1e-9),
+        images_per_s=_throughput(images_seen, train_time, warmup_mark),
         peak_memory_mb=_peak_memory_mb(device),
         peak_memory_kind="cuda" if device.type == "cuda" else "process_rss",
     )
@@ -527,6 +545,19 @@ def run(
         plot_curves(writer.path / "metrics.jsonl", writer.path / "curves.png", title=r.name)
         plot_confusion(last_eval.confusion, p.data.classes, writer.path / "confusion_matrix.png")
     return summary
+
+
+def _base_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The unscaled lr: with layer decay, groups carry lr * lr_scale and the head's scale is 1."""
+    return max(group["lr"] / group.get("lr_scale", 1.0) for group in optimizer.param_groups)
+
+
+def _throughput(images: int, seconds: float, warmup_mark: tuple[float, int]) -> float:
+    """Images per second after the first step; over the whole run when that leaves nothing."""
+    warm_s, warm_images = warmup_mark
+    if images > warm_images and seconds > warm_s:
+        return (images - warm_images) / (seconds - warm_s)
+    return images / max(seconds, 1e-9)
 
 
 def _loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float) -> torch.Tensor:

@@ -48,6 +48,16 @@ DEIT_TINY_CONFIG = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_cpu_thread():
+    """Run the suite on one CPU thread: its models are tiny and gain nothing from more, and they
+    lose several-fold when the cores are shared and threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def random_state_dict(arch: str, seed: int = 0, **kwargs) -> dict[str, torch.Tensor]:
     """A full-size state dict of ``arch`` with random (not default-init) values."""
     torch.manual_seed(seed)

@@ -6,7 +6,6 @@ and CIFAR as torchvision's own pickled batches; only torchvision's md5 check is 
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import socket

@@ -1,0 +1,414 @@
+"""Experiments (finetune.experiment and the compare / sweep / report commands).
+
+Every run starts from the shipped ``recipes/quick_cpu.yaml`` (synthetic images, the toy
+``vit_tiny_test`` preset) shrunk to 64 training images and without per-run plots, so a run takes
+a fraction of a second. The shipped compare files reference hub weights and CIFAR-10, so they are
+only validated, never run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import REPO_ROOT
+from finetune import train
+from finetune.cli import app
+from finetune.experiment import (
+    EXPERIMENT_FILE,
+    ExperimentError,
+    format_run_value,
+    load_experiment,
+    plan_experiment,
+    run_experiment,
+    sweep_experiment,
+)
+from finetune.recipe import SHIPPED_RECIPES
+
+QUICK = REPO_ROOT / "recipes" / "quick_cpu.yaml"
+# Shared by every test experiment: tiny data, no per-run plots or weights (the report's plots stay).
+FAST = [
+    "data.synthetic_train=64",
+    "data.synthetic_test=32",
+    "output.plots=false",
+    "output.save_model=false",
+]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+runner = CliRunner()
+
+
+def write_experiment(tmp_path: Path, variants: dict, name: str = "exp", **top) -> Path:
+    """An experiment file over quick_cpu.yaml whose runs go under ``tmp_path/runs``."""
+    doc = {
+        "description": "test experiment",
+        "name": name,
+        "base": str(QUICK),
+        "overrides": [*FAST, f"output.dir={tmp_path / 'runs'}"],
+        **top,
+        "variants": variants,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def spy_runs(monkeypatch) -> list[str]:
+    """Record the name of every recipe that finetune.train.run trains."""
+    calls: list[str] = []
+    real_run = train.run
+
+    def spy(recipe, **kwargs):
+        calls.append(recipe.name)
+        return real_run(recipe, **kwargs)
+
+    monkeypatch.setattr(train, "run", spy)
+    return calls
+
+
+def summary_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+# --- compare ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A three-variant compare, run once for the tests that only read its results."""
+    tmp_path = tmp_path_factory.mktemp("compare")
+    variants = {
+        "base": {},
+        "lr3e-3": {"optim.lr": 3.0e-3},
+        "two_epochs": {"train": {"epochs": 2}, "data.batch_size": 16},  # a nested section works too
+    }
+    exp = load_experiment(write_experiment(tmp_path, variants))
+    return exp, run_experiment(exp, quiet=True)
+
+
+def test_compare_trains_every_variant_into_one_folder(finished):
+    exp, result = finished
+    assert [(v.name, v.status) for v in result.variants] == [
+        ("base", "finished"), ("lr3e-3", "finished"), ("two_epochs", "finished"),
+    ]
+    assert exp.dir == result.variants[0].run_dir.parent
+    for variant in result.variants:
+        recorded = yaml.safe_load((variant.run_dir / "recipe.yaml").read_text())
+        assert recorded["name"] == variant.name
+        assert recorded["output"]["dir"] == str(exp.dir)
+    # Variants differ only where they say so; everything else, seed and data included, is shared.
+    recipes = dict(exp.variants)
+    assert recipes["lr3e-3"].optim.lr == 3e-3 and recipes["base"].optim.lr == 1e-3
+    assert (recipes["two_epochs"].train.epochs, recipes["two_epochs"].data.batch_size) == (2, 16)
+    assert recipes["base"].data.synthetic_train == recipes["two_epochs"].data.synthetic_train == 64
+    assert {r.seed for r in recipes.values()} == {0}
+
+
+def test_compare_writes_the_table_and_plots(finished):
+    exp, result = finished
+    rows = read_csv(exp.dir / "report.csv")
+    assert [r["name"] for r in rows] == ["base", "lr3e-3", "two_epochs"]
+    assert [r["status"] for r in rows] == ["finished"] * 3
+    # The varied settings are columns; settings all variants share are not.
+    assert {"optim.lr", "train.epochs", "data.batch_size"} <= set(rows[0])
+    assert "data.synthetic_train" not in rows[0]
+    assert [r["train.epochs"] for r in rows] == ["1", "1", "2"]
+    assert all(0 <= float(r["best_top1_pct"]) <= 100 for r in rows)
+    for kind in ("acc_vs_epoch", "acc_vs_time"):
+        assert result.report[kind].read_bytes().startswith(PNG_MAGIC)
+    assert "sweep" not in result.report  # a comparison, not a sweep
+    table_rows = result.table.splitlines()[2:]  # after the header and the alignment row
+    assert [line.split("|")[1].strip() for line in table_rows] == ["base", "lr3e-3", "two_epochs"]
+    assert result.table in result.report["markdown"].read_text()
+
+
+def test_experiment_yaml_reads_back_to_the_same_runs(finished):
+    exp, _ = finished
+    again = load_experiment(exp.dir)  # the folder stands for its experiment.yaml
+    assert again.name == exp.name
+    assert again.variants == exp.variants
+    assert [p.action for p in plan_experiment(again)] == ["reuse"] * 3
+
+
+def test_report_command_rebuilds_an_experiment_report(finished, tmp_path):
+    exp, _ = finished
+    out = tmp_path / "report"
+    result = runner.invoke(app, ["report", str(exp.dir), "--out", str(out), "--sweep-keys", "optim.lr"])
+    assert result.exit_code == 0, result.output
+    assert "| two_epochs | finished |" in result.output
+    assert {r["name"] for r in read_csv(out / "report.csv")} == {"base", "lr3e-3", "two_epochs"}
+    assert (out / "sweep.png").read_bytes().startswith(PNG_MAGIC)
+
+    # Run folders one by one work too; a file is refused without a traceback.
+    runs = [str(exp.dir / "base"), str(exp.dir / "lr3e-3")]
+    assert runner.invoke(app, ["report", *runs, "--out", str(out)]).exit_code == 0
+    assert [r["name"] for r in read_csv(out / "report.csv")] == ["base", "lr3e-3"]
+    bad = runner.invoke(app, ["report", str(exp.dir / "report.md")])
+    assert bad.exit_code == 1
+    assert "is a file, not a run folder" in bad.output and "Traceback" not in bad.output
+
+
+def test_overrides_apply_to_every_variant_after_its_own_settings(tmp_path):
+    path = write_experiment(
+        tmp_path, {"a": {"optim.lr": 3.0e-3}, "b": {"train.epochs": 2}}, overrides=[f"output.dir={tmp_path}", "seed=7"]
+    )
+    exp = load_experiment(path, ["train.epochs=3"])
+    recipes = dict(exp.variants)
+    assert recipes["a"].train.epochs == recipes["b"].train.epochs == 3  # the command line has the last word
+    assert recipes["a"].optim.lr == 3e-3 and recipes["b"].optim.lr == 1e-3
+    assert recipes["a"].seed == recipes["b"].seed == 7
+    # quick_cpu.yaml's output.overwrite: true is not the experiment's to use.
+    assert not recipes["a"].output.overwrite
+    assert load_experiment(path, name="other").dir == tmp_path / "other"
+
+
+# --- resume -----------------------------------------------------------------------------------
+
+
+def test_rerun_reuses_finished_runs_and_replaces_unfinished_ones(tmp_path, monkeypatch):
+    path = write_experiment(tmp_path, {"a": {}, "b": {"optim.lr": 3.0e-3}, "c": {"train.epochs": 2}})
+    calls = spy_runs(monkeypatch)
+    run_experiment(load_experiment(path), quiet=True)
+    assert calls == ["a", "b", "c"]
+    exp_dir = tmp_path / "runs" / "exp"
+    a_mtime = (exp_dir / "a" / "summary.json").stat().st_mtime_ns
+
+    # b was interrupted (Ctrl-C) and c was killed before writing a summary.
+    summary = summary_of(exp_dir / "b") | {"status": "interrupted"}
+    (exp_dir / "b" / "summary.json").write_text(json.dumps(summary))
+    (exp_dir / "c" / "summary.json").unlink()
+    (exp_dir / "c" / "stale.txt").write_text("left by the killed run")
+
+    calls.clear()
+    result = run_experiment(load_experiment(path), quiet=True)
+    assert calls == ["b", "c"]
+    assert [v.status for v in result.variants] == ["reused", "finished", "finished"]
+    assert (exp_dir / "a" / "summary.json").stat().st_mtime_ns == a_mtime
+    assert summary_of(exp_dir / "b")["status"] == "finished"
+    assert not (exp_dir / "c" / "stale.txt").exists()  # the folder was replaced, not patched
+
+    calls.clear()
+    assert [v.status for v in run_experiment(load_experiment(path), quiet=True).variants] == ["reused"] * 3
+    assert calls == []
+
+
+def test_a_finished_run_with_another_recipe_is_refused(tmp_path, monkeypatch):
+    path = write_experiment(tmp_path, {"a": {}, "b": {"optim.lr": 3.0e-3}})
+    run_experiment(load_experiment(path), quiet=True)
+    changed = write_experiment(tmp_path, {"a": {}, "b": {"optim.lr": 1.0e-2}})
+    calls = spy_runs(monkeypatch)
+    with pytest.raises(ExperimentError) as info:
+        run_experiment(load_experiment(changed), quiet=True)
+    message = str(info.value)
+    assert "exp/b finished with another recipe (optim.lr: 0.003 -> 0.01)" in message
+    assert "exp/a" not in message  # a's recipe did not change
+    assert "--name" in message and "delete" in message
+    assert calls == []  # refused before anything ran
+
+    cli = runner.invoke(app, ["compare", str(changed), "-q"])
+    assert cli.exit_code == 1
+    assert "finished with another recipe" in cli.output and "Traceback" not in cli.output
+
+    # A new experiment name starts afresh, leaving the earlier results alone.
+    assert [p.action for p in plan_experiment(load_experiment(changed, name="exp2"))] == ["run", "run"]
+
+
+# --- failures ---------------------------------------------------------------------------------
+
+
+def test_failed_variants_are_recorded_and_the_rest_still_run(tmp_path, monkeypatch):
+    real_evaluate = train.evaluate
+
+    def evaluate(model, loader, num_classes, **kwargs):
+        if num_classes == 12:  # only the `crash` variant: a bug inside the training loop
+            raise RuntimeError("boom in evaluation")
+        return real_evaluate(model, loader, num_classes, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    missing = tmp_path / "missing.safetensors"
+    path = write_experiment(tmp_path, {
+        "first": {},
+        "no_weights": {"train.mode": "full", "model.source": str(missing)},  # fails before a run folder exists
+        "crash": {"model.num_classes": 12},
+        "last": {"optim.lr": 3.0e-3},
+    })
+    result = runner.invoke(app, ["compare", str(path), "-q"])
+    assert result.exit_code == 1
+    assert "2 of 4 variants failed: no_weights, crash" in result.output
+    assert "| last | finished |" in result.output  # the table is printed before the error
+
+    exp_dir = tmp_path / "runs" / "exp"
+    rows = {r["name"]: r for r in read_csv(exp_dir / "report.csv")}
+    assert [rows[n]["status"] for n in ("first", "no_weights", "crash", "last")] == [
+        "finished", "failed", "failed", "finished",
+    ]
+    assert rows["no_weights"]["error"].startswith("SourceNotFoundError:")
+    assert rows["crash"]["error"] == "RuntimeError: boom in evaluation"
+    # The run that failed before training still has a self-describing folder.
+    assert yaml.safe_load((exp_dir / "no_weights" / "recipe.yaml").read_text())["model"]["source"] == str(missing)
+    assert summary_of(exp_dir / "no_weights")["status"] == "failed"
+    assert (exp_dir / "crash" / "metrics.jsonl").exists()  # the engine's own record of the crash
+    assert "## Errors" in (exp_dir / "report.md").read_text()
+
+    # Rerunning retries only the failed variants.
+    calls = spy_runs(monkeypatch)
+    runner.invoke(app, ["compare", str(path), "-q"])
+    assert calls == ["no_weights", "crash"]
+
+
+# --- sweep ------------------------------------------------------------------------------------
+
+
+def test_sweep_runs_the_grid_and_writes_the_sweep_report(tmp_path):
+    args = ["sweep", str(QUICK), "--grid", "optim.lr=1e-3,3e-4", "--grid", "data.batch_size=16,32",
+            *FAST, f"output.dir={tmp_path}", "-q"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    exp_dir = tmp_path / "quick_cpu_sweep_lr_bs"
+    rows = read_csv(exp_dir / "report.csv")
+    assert [r["name"] for r in rows] == ["lr1e-3_bs16", "lr1e-3_bs32", "lr3e-4_bs16", "lr3e-4_bs32"]
+    assert list(rows[0])[2:4] == ["optim.lr", "data.batch_size"]  # the swept keys lead the settings
+    assert [(r["optim.lr"], r["data.batch_size"]) for r in rows] == [
+        ("0.001", "16"), ("0.001", "32"), ("0.0003", "16"), ("0.0003", "32"),
+    ]
+    for png in ("sweep.png", "acc_vs_epoch.png", "acc_vs_time.png"):
+        assert (exp_dir / png).read_bytes().startswith(PNG_MAGIC)
+    assert yaml.safe_load((exp_dir / EXPERIMENT_FILE).read_text())["sweep_keys"] == ["optim.lr", "data.batch_size"]
+    assert "| lr3e-4_bs32 | finished |" in result.output
+
+
+def test_sweep_values_are_typed_against_the_schema(tmp_path):
+    exp = sweep_experiment(
+        QUICK, ["data.train_subset=0.5,48", "train.ema=true,false"], [f"output.dir={tmp_path}"]
+    )
+    assert exp.name == "quick_cpu_sweep_n_ema"
+    assert exp.sweep_keys == ["data.train_subset", "train.ema"]
+    subsets = {name: recipe.data.train_subset for name, recipe in exp.variants}
+    assert subsets == {"n0.5_ematrue": 0.5, "n0.5_emafalse": 0.5, "n48_ematrue": 48, "n48_emafalse": 48}
+    assert isinstance(subsets["n0.5_ematrue"], float) and isinstance(subsets["n48_ematrue"], int)
+    assert dict(exp.variants)["n48_emafalse"].train.ema is False
+    assert sweep_experiment(QUICK, ["seed=1,2"], name="seeds").dir == Path("runs") / "seeds"
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(1e-3, "1e-3"), (3e-4, "3e-4"), (0.01, "0.01"), (0.5, "0.5"), (2.0, "2"), (1.5e-5, "1.5e-5"),
+     (128, "128"), (True, "true"), (None, "null"), ([0.5, 0.5], "0.5-0.5"), ("a/b c", "a-b-c")],
+)
+def test_run_names_show_values_compactly(value, text):
+    assert format_run_value(value) == text
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        (["optim.lr"], "bad --grid 'optim.lr': expected KEY=VALUE1,VALUE2,..."),
+        (["optim.lr="], "bad --grid 'optim.lr=': empty value"),
+        (["optim.lr=1e-3,,3e-4"], "empty value"),
+        (["=1,2"], "expected KEY=VALUE1"),
+        (["optim.lrr=1e-3,3e-4"], "unknown key 'optim.lrr'. Did you mean 'optim.lr'?"),
+        (["batch_size=32,64"], "Did you mean 'data.batch_size'?"),
+        (["optim.lr=1e-3,0.001"], "the value 1e-3 is given twice"),
+        (["optim.lr=1e-3", "optim.lr=3e-4"], "--grid optim.lr is given twice"),
+        (["optim.lr=fast"], "optim.lr: expected a number, got 'fast'"),
+        (["name=a,b"], "'name' cannot be set here"),
+        ([], "a sweep needs at least one --grid"),
+    ],
+)
+def test_bad_grids_are_clear_errors(grid, message, tmp_path):
+    args = ["sweep", str(QUICK), *(a for g in grid for a in ("--grid", g)), f"output.dir={tmp_path}"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not list(tmp_path.iterdir())  # nothing ran
+
+
+# --- experiment file errors -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variants", "message"),
+    [
+        ({"ok": {}, "typo": {"optim.lrr": 1.0e-3}}, "variant 'typo': unknown key 'optim.lrr'. Did you mean 'optim.lr'?"),
+        ({"typo": {"train": {"epoch": 2}}}, "variant 'typo': unknown key 'train.epoch'. Did you mean 'train.epochs'?"),
+        ({"bad": {"train.mode": "hed"}}, "variant 'bad' does not validate:"),
+        ({"bad": {"optim.lr": -1}}, "optim.lr: must be > 0.0, got -1"),
+        ({"moved": {"output.dir": "elsewhere"}}, "variant 'moved': 'output.dir' cannot be set here"),
+        ({"my run": {}}, "variant 'my run': a variant name becomes a folder"),
+    ],
+)
+def test_bad_variants_are_clear_errors(variants, message, tmp_path, monkeypatch):
+    calls = spy_runs(monkeypatch)
+    result = runner.invoke(app, ["compare", str(write_experiment(tmp_path, variants)), "-q"])
+    assert result.exit_code == 1
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert calls == [] and not (tmp_path / "runs").exists()  # validated before anything ran
+
+
+def test_bad_experiment_files_are_clear_errors(tmp_path):
+    recipe_as_experiment = runner.invoke(app, ["compare", str(QUICK)])
+    assert recipe_as_experiment.exit_code == 1
+    assert "unknown experiment key(s)" in recipe_as_experiment.output
+    assert "Run it with `finetune run`" in recipe_as_experiment.output
+
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(f"base: {QUICK}\nvariant:\n  a: {{}}\n")
+    assert "'variant' (did you mean 'variants'?)" in runner.invoke(app, ["compare", str(typo)]).output
+
+    missing_base = tmp_path / "missing_base.yaml"
+    missing_base.write_text("base: nowhere.yaml\nvariants:\n  a: {}\n")
+    assert "base recipe 'nowhere.yaml' not found" in runner.invoke(app, ["compare", str(missing_base)]).output
+
+    renamed = runner.invoke(app, ["compare", str(write_experiment(tmp_path, {"a": {}})), "name=x"])
+    assert renamed.exit_code == 1 and "--name" in renamed.output
+
+
+# --- the shipped compare files ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["compare_cifar.yaml", "compare_cifar32.yaml"])
+def test_shipped_compare_file_validates(name, tmp_path):
+    path = SHIPPED_RECIPES / name
+    assert path.read_text().splitlines()[0] == f"# finetune compare recipes/{name}"
+    exp = load_experiment(path, [f"output.dir={tmp_path}"])
+    assert exp.name == path.stem and exp.description
+    recipes = [recipe for _, recipe in exp.variants]
+    # One data split and seed for all, so the table compares like with like.
+    assert len({(r.seed, r.data) for r in recipes}) == 1
+    assert [p.action for p in plan_experiment(exp)] == ["run"] * len(recipes)
+    result = runner.invoke(app, ["compare", str(path), "--dry-run", f"output.dir={tmp_path}"])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / exp.name).exists()  # a dry run writes nothing
+
+
+def test_compare_cifar_contrasts_head_full_and_scratch():
+    variants = dict(load_experiment(SHIPPED_RECIPES / "compare_cifar.yaml").variants)
+    assert [(n, r.train.mode) for n, r in variants.items()] == [
+        ("head", "head"), ("full", "full"), ("scratch", "scratch"), ("scratch_20ep", "scratch"),
+    ]
+    assert variants["head"].model == variants["full"].model  # same pretrained DeiT-tiny
+    assert variants["head"].optim == variants["full"].optim  # only the trained part differs
+    assert variants["scratch"].model.source is None and variants["scratch"].model.img_size == 32
+    assert (variants["scratch"].train.epochs, variants["scratch_20ep"].train.epochs) == (2, 20)
+
+
+def test_compare_cifar32_contrasts_position_embedding_fits():
+    variants = dict(load_experiment(SHIPPED_RECIPES / "compare_cifar32.yaml").variants)
+    settings = {n: (r.model.img_size, r.model.patch_size, r.model.pos_embed_mode) for n, r in variants.items()}
+    assert settings == {
+        "truncate": (32, None, "truncate"),
+        "bicubic": (32, None, "bicubic"),
+        "crop": (32, None, "crop"),
+        "patch4": (32, 4, "bicubic"),
+    }
