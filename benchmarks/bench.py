@@ -250,21 +250,27 @@ def step_time_stats(times: list[float], batch: int) -> dict[str, Any]:
 
 
 def time_steps(
-    batches: Iterator[Any], step: Callable[[Any], None], *, warmup: int, steps: int, device: torch.device
+    loader: Iterable[Any], step: Callable[[Any], None], *, warmup: int, steps: int, device: torch.device
 ) -> list[float]:
     """Wall time of each of ``steps`` training steps after ``warmup`` untimed ones.
 
     A step's time runs from asking the loader for a batch to the end of the GPU work of the update
     (one synchronize per step), so data stalls count: waiting for CPU workers is the course loop's
-    bottleneck.
+    bottleneck. The loader is cycled over as many epochs as it takes, and its workers are shut
+    down at the end.
     """
+    reset_peak_memory(device)
+    batches = endless(loader)
     times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        step(next(batches))
-        synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+    try:
+        for i in range(warmup + steps):
+            start = time.perf_counter()
+            step(next(batches))
+            synchronize(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    finally:
+        batches.close()
     return times
 
 
@@ -437,12 +443,7 @@ def bench_course(ctx: Context) -> list[dict[str, Any]]:
         loss.backward()
         optimizer.step()
 
-    reset_peak_memory(device)
-    batches = endless(loader)
-    try:
-        times = time_steps(batches, step, warmup=s.warmup, steps=s.steps, device=device)
-    finally:
-        batches.close()  # shuts the workers down
+    times = time_steps(loader, step, warmup=s.warmup, steps=s.steps, device=device)
     row = {
         "name": "course",
         "model": DEIT,
@@ -509,12 +510,7 @@ def bench_timm(ctx: Context) -> list[dict[str, Any]]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    reset_peak_memory(device)
-    batches = endless(loader)
-    try:
-        times = time_steps(batches, step, warmup=s.warmup, steps=s.steps, device=device)
-    finally:
-        batches.close()
+    times = time_steps(loader, step, warmup=s.warmup, steps=s.steps, device=device)
     row = {
         "name": "timm",
         "model": DEIT,

@@ -195,12 +195,14 @@ def eval_cmd(
 @app.command()
 @friendly_errors
 def predict(
-    model: Annotated[Path, typer.Argument(help="A run directory, or a saved model folder or .safetensors file.")],
+    model: Annotated[Path, typer.Argument(help="A run directory, a saved model, or any load_model source.")],
     images: Annotated[list[Path], typer.Argument(help="One or more image files.")],
     topk: Annotated[int, typer.Option(help="How many classes to show per image.")] = 3,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
 ) -> None:
     """Classify photos: the top classes and their probabilities, as the course does with one photo.
+
+    MODEL may also be any pretrained source, e.g. deit_tiny_patch16_224 (ImageNet class names).
 
     Example: finetune predict runs/deit_tiny_cifar cat.jpg --topk 3
     """
@@ -212,7 +214,7 @@ def predict(
 
     decoded = [read_image(path) for path in images]  # every file checked before the model loads
     model_obj = load_model(model)
-    names = model_obj.pretrained_cfg.get("label_names") or [str(i) for i in range(model_obj.num_classes)]
+    names = _class_names(model_obj)
     dev = resolve_device(device)
     model_obj = model_obj.to(dev).eval()
     cfg = model_obj.pretrained_cfg
@@ -349,6 +351,20 @@ def report(
     paths, table = write_experiment_report(dirs, target, title=title or (single[3] if single else None), sweep_keys=keys)
     out.print(table, markup=False, highlight=False, soft_wrap=True)
     out.print(f"report: {paths['markdown']}", highlight=False)
+
+
+def _class_names(model: Any) -> list[str]:
+    """The model's class names: saved with it, ImageNet's for an ImageNet head, else numbers."""
+    names = model.pretrained_cfg.get("label_names")
+    if names:
+        return list(names)
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    subset = infer_imagenet_subset(model)  # e.g. a timm hub model that kept its 1000-class head
+    if subset:
+        info = ImageNetInfo(subset)
+        return [info.index_to_description(i) for i in range(model.num_classes)]
+    return [str(i) for i in range(model.num_classes)]
 
 
 def main() -> None:

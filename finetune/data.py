@@ -807,6 +807,10 @@ class BatchLoader:
         # Normalising before resizing is exact (bilinear weights sum to 1, so they commute with a
         # per-channel affine map) and touches 49x fewer values for 32 -> 224.
         x = (images.float() / 255 - self._mean) / self._std
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        # Change layout at the stored size, before any resize: the resized batch then comes out in
+        # the right layout instead of being copied again at 224 px.
+        x = x.contiguous(memory_format=memory_format)
         if rrc:
             x = random_resized_crop(x, self.out_size, tuple(aug.rrc_scale), gen)
         elif tuple(x.shape[-2:]) != self.out_size:
@@ -814,5 +818,4 @@ class BatchLoader:
             # Antialiasing only matters (and only costs) when shrinking.
             shrink = x.shape[-2] > self.out_size[0] or x.shape[-1] > self.out_size[1]
             x = F.interpolate(x, size=self.out_size, mode="bilinear", align_corners=False, antialias=shrink)
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         return x.to(dtype=self.dtype, memory_format=memory_format)

@@ -368,3 +368,21 @@ def test_main_recipe_end_to_end_offline(tmp_path, hub_cache, no_network, monkeyp
     assert config["pretrained_cfg"]["mean"] == [0.485, 0.456, 0.406]  # the checkpoint's ImageNet mean
     assert config["pretrained_cfg"]["label_names"] == CIFAR10_CLASSES
     assert load_recipe(run_dir / "recipe.yaml").model.source == "deit_tiny_patch16_224.fb_in1k"
+
+
+def test_predict_with_a_pretrained_imagenet_model_names_imagenet_classes(tmp_path, hub_cache, no_network, monkeypatch):
+    # The course's first step: classify a photo with the pretrained model and print the top 3.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    photo = tmp_path / "photo.png"
+    write_image(photo, np.random.default_rng(1), size=64)
+    result = invoke("predict", "deit_tiny_patch16_224", photo, "--topk", 3)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    ranked = lines[lines.index(str(photo)) + 1 :]
+    assert len(ranked) == 3
+    from timm.data import ImageNetInfo
+
+    names = {ImageNetInfo("imagenet-1k").index_to_description(i) for i in range(1000)}
+    for line in ranked:
+        name = re.fullmatch(r"\s+\d\. (.+?)\s+[\d.]+%", line).group(1)
+        assert name in names, line
