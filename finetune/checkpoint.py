@@ -80,6 +80,11 @@ def read_checkpoint(path: str | Path, *, use_ema: bool = False) -> tuple[dict[st
             "Check the path, or pass a timm model name (e.g. deit_tiny_patch16_224) to download weights.",
         )
     if path.suffix == ".safetensors":
+        if use_ema:
+            raise CheckpointError(
+                f"{path} is a safetensors file, which holds one set of weights and no EMA copy.",
+                "Load it without use_ema, or pass the timm training checkpoint that has state_dict_ema.",
+            )
         return _read_safetensors(path)
     raw = _torch_load_safely(path)
     return _unwrap(raw, path, use_ema=use_ema)
@@ -101,7 +106,13 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if "arch" in metadata:
         meta["arch"] = metadata["arch"]
     if "finetune" in metadata:
-        meta["finetune"] = json.loads(metadata["finetune"])
+        try:
+            meta["finetune"] = json.loads(metadata["finetune"])
+        except json.JSONDecodeError:
+            raise CheckpointError(
+                f"{path} has unreadable finetune metadata (not JSON).",
+                "Save the model again with finetune.save_model, or strip the file's metadata.",
+            ) from None
     return _strip_prefixes(state_dict), meta
 
 
@@ -112,24 +123,31 @@ def _torch_load_safely(path: Path) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        # torch words every weights_only failure alike; only an unsupported GLOBAL is a payload
+        # (a class or function to call), anything else is a damaged file.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        payload = next((line for line in lines if "unsupported global" in line.lower()), None)
+        if payload is not None:
             raise CheckpointError(
                 f"Refused to load {path}: it contains pickled Python objects other than tensors "
-                f"(torch.load with weights_only=True said: {first_line}). Such objects can run code "
+                f"(torch.load with weights_only=True said: {payload}). Such objects can run code "
                 "when loaded, so the file was not loaded and none of its code ran.",
                 "If you trust its origin, load it yourself, save only its tensors with "
                 "safetensors.torch.save_file, and pass that file.",
             ) from None
-        raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint ({first_line}).",
-            "The file is probably truncated or corrupt: download or save it again.",
-        ) from None
+        raise _corrupt(path, exc) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint ({str(exc).strip().splitlines()[0]}).",
-            "The file is probably truncated or corrupt: download or save it again.",
-        ) from None
+        raise _corrupt(path, exc) from None
+
+
+def _corrupt(path: Path, exc: Exception) -> CheckpointError:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    # torch's weights_only errors wrap the one useful line ("Unsupported operand 149") in advice.
+    reason = next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else "")
+    return CheckpointError(
+        f"{path} is not a readable PyTorch checkpoint ({reason or type(exc).__name__}).",
+        "The file is probably truncated or corrupt: download or save it again.",
+    )
 
 
 def _unwrap(raw: Any, path: Path, *, use_ema: bool) -> tuple[dict[str, torch.Tensor], dict]:
@@ -250,8 +268,14 @@ def hub_offline_forced() -> bool:
 
 
 def endpoint_reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """Can a TCP connection be opened to ``url``'s host (or the HTTPS proxy) within ``timeout``?"""
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    """Can a TCP connection be opened to ``url``'s host (or its proxy) within ``timeout``?"""
+    from urllib.request import getproxies, proxy_bypass
+
+    parsed = urlparse(url)
+    proxies = getproxies()  # HTTPS_PROXY, HTTP_PROXY, ALL_PROXY..., as the HTTP clients read them
+    proxy = proxies.get(parsed.scheme) or proxies.get("all")
+    if proxy and parsed.hostname and proxy_bypass(parsed.hostname):  # NO_PROXY
+        proxy = None
     target = urlparse(proxy if proxy else url)
     host = target.hostname
     port = target.port or (443 if target.scheme == "https" else 80)
@@ -289,6 +313,16 @@ def resolve_hub(repo_id: str, *, revision: str | None = None, cache_dir: str | P
     is not is downloaded; with no network the error comes within a few seconds and says how to
     pre-seed the cache.
     """
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise SourceNotFoundError(
+            f"'{repo_id}' is not a valid hub repository id.",
+            "Write it as hf-hub:org/name, e.g. hf-hub:timm/deit_tiny_patch16_224.fb_in1k.",
+        ) from None
     cache = hub_cache_dir(cache_dir)
     config_path = _cached_hub_file(repo_id, "config.json", revision, cache)
     weights_path = None
@@ -313,14 +347,24 @@ def resolve_hub(repo_id: str, *, revision: str | None = None, cache_dir: str | P
 
 def _download_hub(repo_id: str, revision: str | None, cache: Path) -> tuple[Path, Path]:
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     try:
         config_path = hf_hub_download(repo_id, "config.json", revision=revision, cache_dir=str(cache))
         try:
             weights = hf_hub_download(repo_id, SAFETENSORS_NAME, revision=revision, cache_dir=str(cache))
-        except EntryNotFoundError:
+        except EntryNotFoundError as exc:
+            if isinstance(exc, LocalEntryNotFoundError):  # the connection failed, not the file
+                raise
             weights = hf_hub_download(repo_id, PICKLE_NAMES[0], revision=revision, cache_dir=str(cache))
+    except LocalEntryNotFoundError:
+        # A subclass of EntryNotFoundError: the hub became unreachable after the probe.
+        raise _offline_error(repo_id, cache, "the hub stopped answering during the download") from None
     except RepositoryNotFoundError:
         raise SourceNotFoundError(
             f"The hub has no repository '{repo_id}' (or it is private).",

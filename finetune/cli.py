@@ -125,7 +125,7 @@ def list_recipes_cmd() -> None:
     out.print(table)
 
 
-def _eval_data_config(target: Path, data: str | None, root: str | None):
+def _eval_data_config(target: Path, data: str | None, root: str | None, image_size: int | None):
     """The data to evaluate on, and the seed it needs: the run's own unless --data says otherwise."""
     from .recipe import DataConfig, load_recipe
 
@@ -137,16 +137,16 @@ def _eval_data_config(target: Path, data: str | None, root: str | None):
                 "Pass --data cifar10 (or cifar100, or an image folder).",
             )
         trained = load_recipe(recipe_file)  # its seed also fixes synthetic data and the val split
-        cfg = trained.data.model_copy(update={"root": root}) if root else trained.data
-        return cfg, trained.seed
+        update = {k: v for k, v in (("root", root), ("image_size", image_size)) if v is not None}
+        return trained.data.model_copy(update=update), trained.seed
     if Path(data).expanduser().is_dir():
-        return DataConfig(name="imagefolder", root=str(Path(data).expanduser())), 0
+        return DataConfig(name="imagefolder", root=str(Path(data).expanduser()), image_size=image_size), 0
     if data not in ("cifar10", "cifar100", "synthetic"):
         raise FinetuneError(
             f"--data {data!r} is neither a folder nor a dataset name.",
             "Pass cifar10, cifar100, or a folder of <class>/<image> folders (or one holding test/).",
         )
-    return DataConfig(name=data, root=root or "data"), 0
+    return DataConfig(name=data, root=root or "data", image_size=image_size), 0
 
 
 @app.command("eval")
@@ -159,6 +159,9 @@ def eval_cmd(
     ] = None,
     root: Annotated[str | None, typer.Option(help="Where CIFAR lives (or is downloaded to).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 256,
+    image_size: Annotated[
+        int | None, typer.Option(help="Resize (shorter side, centre crop) images of mixed sizes to this size on load.")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
 ) -> None:
     """Accuracy of a trained model on a test set: top-1, top-5, loss and per-class accuracy.
@@ -171,7 +174,7 @@ def eval_cmd(
 
     model_obj = load_model(model)
     classes = model_obj.pretrained_cfg.get("label_names")
-    cfg, seed = _eval_data_config(model, data, root)
+    cfg, seed = _eval_data_config(model, data, root, image_size)
     split, class_names = load_eval_split(cfg, seed=seed, classes=classes)
     dev = resolve_device(device)
     model_obj = model_obj.to(dev)
@@ -243,11 +246,11 @@ def _run_and_report(experiment: Any, dry_run: bool, quiet: bool) -> None:
 
     if dry_run:
         _print_plan(plan_experiment(experiment))
-        out.print(f"[green]ok[/] {len(experiment.variants)} variants validate -> {experiment.dir}", highlight=False)
+        out.print(f"[green]ok[/] {len(experiment.variants)} variants validate -> {escape(str(experiment.dir))}", highlight=False)
         return
     result = run_experiment(experiment, quiet=quiet)
     out.print(result.table, markup=False, highlight=False, soft_wrap=True)
-    out.print(f"report: {result.report['markdown']}", highlight=False)
+    out.print(f"report: {result.report['markdown']}", highlight=False, markup=False)
     if result.failed:
         names = ", ".join(v.name for v in result.failed)
         raise FinetuneError(
@@ -350,7 +353,7 @@ def report(
     target = out_dir or (single[0] if single else Path("report"))
     paths, table = write_experiment_report(dirs, target, title=title or (single[3] if single else None), sweep_keys=keys)
     out.print(table, markup=False, highlight=False, soft_wrap=True)
-    out.print(f"report: {paths['markdown']}", highlight=False)
+    out.print(f"report: {paths['markdown']}", highlight=False, markup=False)
 
 
 def _class_names(model: Any) -> list[str]:

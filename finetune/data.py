@@ -350,15 +350,23 @@ def load_eval_split(cfg, *, seed: int = 0, classes: Sequence[str] | None = None)
     """
     if cfg.name != "imagefolder":
         splits = load_splits(cfg, seed=seed)
-        return splits.test, splits.classes
+        if classes is None or list(classes) == splits.classes:
+            return splits.test, splits.classes
+        # A model trained on some of the classes (data.classes): score it on those, its labels.
+        test, _, kept = select_classes(splits.test, splits.test, splits.classes, list(classes))
+        return test, kept
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
         raise DataError(f"{root} is not a folder.", "Pass a folder of <class>/<image> folders, or one with test/ in it.")
     folder = next((root / sub for sub in ("test", "val") if (root / sub).is_dir()), root)
     files, labels, folder_classes = _list_imagefolder(folder, allow_empty=True)
+    if getattr(cfg, "classes", None):
+        # The run trained on some class folders only: leave the others out, as training did.
+        keep = [i for i, label in enumerate(labels) if folder_classes[label] in cfg.classes]
+        files, labels = [files[i] for i in keep], [labels[i] for i in keep]
     if classes is not None:
         index = {c: i for i, c in enumerate(classes)}
-        unknown = sorted(set(folder_classes) - set(index))
+        unknown = sorted({folder_classes[label] for label in labels} - set(index))
         if unknown:
             raise DataError(
                 f"{folder} has class folders the model does not know: {', '.join(unknown[:10])}.",
@@ -408,7 +416,7 @@ def _decode_files(files: list[str], image_size: int | None) -> torch.Tensor:
                         raise DataError(
                             f"Images differ in size: {files[0]} is {_size(out[0])} but "
                             f"{files[start + offset]} is {_size(image)}, and data.image_size is not set.",
-                            "Set data.image_size (e.g. data.image_size=224) to resize every image to one size "
+                            "Set data.image_size (e.g. data.image_size=224; for finetune eval: --image-size) to resize every image to one size "
                             "when it is loaded.",
                         )
                     out[start + offset] = image
@@ -466,7 +474,9 @@ def _decode_bytes(blob: bytes, path: str | Path) -> torch.Tensor:
     """Decode one encoded image to ``uint8 (3, H, W)`` RGB: torchvision first, then Pillow."""
     if blob:
         try:
-            return torchvision.io.decode_image(_as_tensor(blob), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+            image = torchvision.io.decode_image(_as_tensor(blob), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+            # 16-bit PNGs decode to uint16: rescale to 0-255 rather than truncate.
+            return image if image.dtype == torch.uint8 else TF.to_dtype(image, torch.uint8, scale=True)
         except RuntimeError:
             pass  # not JPEG/PNG/GIF/WEBP (e.g. BMP, TIFF) or corrupt: Pillow knows more formats
     try:

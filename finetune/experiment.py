@@ -397,6 +397,13 @@ def load_experiment(
     exp_name = str(name or raw.get("name") or file.stem)
     description = str(raw.get("description") or "")
     built = _build_variants(exp_name, description, base, base_label, shared, variants, overrides)
+    if file == given / EXPERIMENT_FILE:
+        # Read back from an experiment folder: its runs are where the folder is now, whatever the
+        # (possibly relative) output.dir recorded when it was written, and wherever this runs from.
+        built = [
+            (variant, recipe.model_copy(update={"output": recipe.output.model_copy(update={"dir": str(given)})}))
+            for variant, recipe in built
+        ]
     sweep_keys = raw.get("sweep_keys") or []
     if not isinstance(sweep_keys, list):
         raise ExperimentError(f"{label}: sweep_keys must be a list of dotted recipe keys, got {sweep_keys!r}.")
@@ -475,6 +482,11 @@ def parse_grid(items: Sequence[str]) -> list[tuple[str, list[str]]]:
             raise ExperimentError(problem)
         grid.append((key, values))
     return grid
+
+
+def _name_part(label: str, value: str) -> str:
+    """``lr`` + ``1e-3`` -> ``lr1e-3``; ``pos_embed_mode`` + ``crop`` -> ``pos_embed_mode-crop``."""
+    return f"{label}{value}" if value[:1].isdigit() or value[:1] in "-." else f"{label}-{value}"
 
 
 def _key_label(key: str, keys: Sequence[str]) -> str:
@@ -559,7 +571,7 @@ def sweep_experiment(
     labels = [_key_label(k, keys) for k in keys]
     variants, names = [], set()
     for point in itertools.product(*typed):
-        run_name = "_".join(f"{label}{format_run_value(v)}" for label, (_, v) in zip(labels, point))
+        run_name = "_".join(_name_part(label, format_run_value(v)) for label, (_, v) in zip(labels, point))
         if run_name in names:
             raise ExperimentError(
                 f"two grid points get the same run name {run_name!r}.",

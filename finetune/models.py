@@ -19,6 +19,7 @@ import difflib
 import json
 import math
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -138,10 +139,10 @@ def resolve_source(
     elif path.is_file():
         resolved = _resolve_file(path, arch=arch, use_ema=use_ema)
     elif _looks_like_path(text):
-        raise SourceNotFoundError(
-            f"No such file or folder: {path}.",
-            "Check the path; or pass a timm model name such as deit_tiny_patch16_224 to download weights.",
-        )
+        hint = "Check the path; or pass a timm model name such as deit_tiny_patch16_224 to download weights."
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+            hint = f"For a Hugging Face hub repository write hf-hub:{text}. " + hint
+        raise SourceNotFoundError(f"No such file or folder: {path}.", hint)
     else:
         resolved = _resolve_timm_name(text, cache_dir=cache_dir)
     if arch is not None:
@@ -308,6 +309,13 @@ def _filter_fn(arch: str):
     return getattr(module, "checkpoint_filter_fn", None)
 
 
+def _rename_layer_scale(state_dict: dict[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch.Tensor]:
+    """DeiT-III release files name layer scale ``blocks.N.gamma_1``; timm names it ``blocks.N.ls1.gamma``."""
+    if not any(".gamma_" in k for k in state_dict) or not any(".ls1.gamma" in k for k in model_keys):
+        return state_dict
+    return {re.sub(r"\.gamma_([12])$", r".ls\1.gamma", k): v for k, v in state_dict.items()}
+
+
 def load_state_dict_exact(
     model: nn.Module, state_dict: dict[str, torch.Tensor], *, strict: bool = True, source: str = "checkpoint"
 ) -> tuple[list[str], list[str], list[str]]:
@@ -448,6 +456,7 @@ def load_model(
     with torch.device("meta"):
         model = _timm_create(arch_name, **build_args)
     model_keys = set(model.state_dict())
+    state_dict = _rename_layer_scale(state_dict, model_keys)
     filter_fn = _filter_fn(arch_name)
     if filter_fn is not None and len(model_keys & set(state_dict)) < len(model_keys) / 2:
         # Mostly foreign names (OpenAI CLIP, DINOv2, big_vision...): let timm's converter rename
@@ -499,8 +508,12 @@ def load_model(
 def model_config(model: nn.Module) -> dict[str, Any]:
     """A timm-style ``config.json`` that rebuilds ``model`` with :func:`load_model`."""
     spec = getattr(model, "finetune_spec", None) or {
+        # A model built with timm.create_model: timm (>= 1.0.22) records its constructor arguments.
         "arch": model.pretrained_cfg.get("architecture"),
-        "model_args": {},
+        "model_args": {
+            k: v for k, v in _architecture_args(dict(getattr(model, "_model_args", {}))).items()
+            if k not in ("num_classes", "img_size", "patch_size")
+        },
     }
     args = dict(spec["model_args"])
     if hasattr(model, "patch_embed"):

@@ -149,7 +149,9 @@ def check_image_size(img_size: tuple[int, int], patch_size: tuple[int, int]) -> 
     if img_size[0] % patch_size[0] or img_size[1] % patch_size[1]:
         h, w = img_size
         ph, pw = patch_size
-        good = sorted({max(ph, h // ph * ph), (h // ph + 1) * ph})
+        # The nearest multiples of the patch size on the axis that does not fit.
+        size, patch = (h, ph) if h % ph else (w, pw)
+        good = sorted({max(patch, size // patch * patch), (size // patch + 1) * patch})
         raise GridError(
             f"Image size {h}x{w} is not divisible by the patch size {ph}x{pw}.",
             f"Use an image size that is a multiple of the patch size (e.g. {' or '.join(map(str, good))}),"

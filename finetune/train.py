@@ -54,6 +54,11 @@ def resolve_device(name: str) -> torch.device:
             f"The recipe asks for device '{name}', but this machine has no CUDA GPU.",
             "Use device=auto (falls back to the CPU) or device=cpu.",
         )
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise FinetuneError(
+            f"The recipe asks for device '{name}', but this machine has {torch.cuda.device_count()} GPU(s).",
+            "Use device=cuda (the first GPU) or a smaller index.",
+        )
     return device
 
 
@@ -80,6 +85,10 @@ def run_dir_for(recipe: Recipe) -> Path:
 
 def check_run_dir(path: Path, overwrite: bool) -> None:
     """Refuse to touch an existing, non-empty run folder unless told to overwrite it."""
+    if path.exists() and not path.is_dir():
+        raise RunDirError(
+            f"The run folder {path} is a file.", "Pick another name (name=...) or output.dir, or move the file."
+        )
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise RunDirError(
             f"The run folder {path} already exists; finetune never overwrites an earlier run.",
@@ -177,7 +186,7 @@ def evaluate(
     model.eval()
     device = next(model.parameters()).device
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
     top5_hits = torch.zeros((), dtype=torch.long, device=device)
     k = min(5, num_classes)
     for x, y in loader:
@@ -304,10 +313,10 @@ def prepare(recipe: Recipe) -> Prepared:
     seed_everything(recipe.seed)
     data = load_splits(recipe.data, seed=recipe.seed)
     num_classes = recipe.model.num_classes or len(data.classes)
-    if num_classes < len(data.classes):
+    if num_classes != len(data.classes):
         raise FinetuneError(
             f"model.num_classes is {num_classes} but the dataset has {len(data.classes)} classes.",
-            "Remove model.num_classes to use the dataset's count.",
+            "Remove model.num_classes to use the dataset's count (or pick classes with data.classes).",
         )
     model = build_model(recipe, num_classes)
     cfg = model.pretrained_cfg
@@ -365,7 +374,9 @@ def run(
     if r.train.ema:
         from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(model, decay=r.train.ema_decay)
+        # Warm the decay up from 0 (timm's use_warmup): with a fixed 0.9998 from step 1 the average
+        # would stay close to the random or pretrained starting weights for thousands of steps.
+        ema = ModelEmaV3(model, decay=r.train.ema_decay, use_warmup=True)
     forward = torch.compile(model) if r.train.compile else model
 
     writer = RunWriter(run_dir_for(r), r)
@@ -505,6 +516,18 @@ def run(
                 progress.epoch_done(epoch, row)
                 if last_eval.acc1 > best[0]:
                     best = (last_eval.acc1, epoch)
+        writer.close()
+        final_model = ema.module if ema is not None else model
+        # Record the normalisation this run trained with (data.mean/std may override the model's),
+        # so eval and predict feed the saved model what it learned on.
+        final_model.pretrained_cfg = dict(final_model.pretrained_cfg, mean=list(p.mean), std=list(p.std))
+        if r.output.save_model:
+            save_model(final_model, writer.path, class_names=p.data.classes)
+        if r.output.plots:
+            from .report import plot_confusion, plot_curves
+
+            plot_curves(writer.path / "metrics.jsonl", writer.path / "curves.png", title=r.name)
+            plot_confusion(last_eval.confusion, p.data.classes, writer.path / "confusion_matrix.png")
     except KeyboardInterrupt:
         summary.update(status="interrupted", error="interrupted by the user (Ctrl-C)", wall_time_s=time.perf_counter() - wall_start)
         writer.write_summary(summary)
@@ -515,14 +538,8 @@ def run(
         writer.write_summary(summary)
         writer.close()
         raise
-    writer.close()
 
-    final_model = ema.module if ema is not None else model
-    # Record the normalisation this run trained with (data.mean/std may override the model's), so
-    # eval and predict feed the saved model what it learned on.
-    final_model.pretrained_cfg = dict(final_model.pretrained_cfg, mean=list(p.mean), std=list(p.std))
-    if r.output.save_model:
-        save_model(final_model, writer.path, class_names=p.data.classes)
+    # "finished" is written last: a run folder that says so has its model and plots.
     summary.update(
         status="finished",
         best_acc1=best[0],
@@ -540,11 +557,6 @@ def run(
         peak_memory_kind="cuda" if device.type == "cuda" else "process_rss",
     )
     writer.write_summary(summary)
-    if r.output.plots:
-        from .report import plot_confusion, plot_curves
-
-        plot_curves(writer.path / "metrics.jsonl", writer.path / "curves.png", title=r.name)
-        plot_confusion(last_eval.confusion, p.data.classes, writer.path / "confusion_matrix.png")
     return summary
 
 

@@ -17,7 +17,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-import finetune  # noqa: F401  (registers presets)
+import finetune.presets  # noqa: F401  (registers the from-scratch presets with timm)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

@@ -303,6 +303,17 @@ def test_eval_on_an_image_folder_of_the_same_images_gives_the_same_accuracy(tmp_
     assert top1_of(result.stdout) == round(100 * summary["per_class_acc"][3], 2)
 
 
+def test_eval_on_photos_of_mixed_sizes_needs_and_takes_image_size(tmp_path, finished_run):
+    run_dir, _ = finished_run
+    rng = np.random.default_rng(2)
+    write_image(tmp_path / "photos" / "class_0" / "big.png", rng, size=64)
+    write_image(tmp_path / "photos" / "class_1" / "small.png", rng, size=40)
+    assert_user_error(invoke("eval", run_dir, "--data", tmp_path / "photos"), "--image-size")
+    result = invoke("eval", run_dir, "--data", tmp_path / "photos", "--image-size", 32)
+    assert result.exit_code == 0, result.output
+    assert "(2 images)" in result.stdout
+
+
 def test_eval_of_a_run_with_another_seed_matches_its_summary(tmp_path):
     result = invoke("run", *QUICK, "seed=3", f"output.dir={tmp_path}", "-q")
     assert result.exit_code == 0, result.output

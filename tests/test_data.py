@@ -501,3 +501,36 @@ def test_select_classes_relabels_in_the_given_order():
     assert train.images[:, 0, 0, 0].tolist() == [1, 2, 4, 5]
     with pytest.raises(DataError, match="the dataset's classes are: a, b, c, d"):
         select_classes(split, split, ["a", "b", "c", "d"], ["b", "zebra"])
+
+
+def test_sixteen_bit_png_is_rescaled_not_truncated(tmp_path):
+    from finetune.data import read_image
+
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.full((4, 4), 40000, dtype=np.uint16)).save(path)  # 16-bit grey
+    image = read_image(path)
+    assert image.dtype == torch.uint8
+    assert abs(int(image[0, 0, 0]) - round(40000 / 65535 * 255)) <= 1
+
+
+def test_eval_split_of_a_model_trained_on_some_classes():
+    from finetune.data import load_eval_split
+
+    # A torchvision-style dataset scored for a model that knows two of its classes, in its order.
+    test, classes = load_eval_split(make_cfg(), seed=0, classes=["class_3", "class_1"])
+    assert classes == ["class_3", "class_1"]
+    full = load_splits(make_cfg(), seed=0).test
+    assert len(test) == int(((full.labels == 3) | (full.labels == 1)).sum())
+    assert set(test.labels.tolist()) == {0, 1}
+    with pytest.raises(DataError, match="zebra"):
+        load_eval_split(make_cfg(), seed=0, classes=["zebra"])
+
+
+def test_eval_split_of_an_imagefolder_run_trained_with_data_classes(image_tree):
+    from finetune.data import load_eval_split
+
+    all_classes = load_splits(make_cfg(name="imagefolder", root=str(image_tree)), seed=0).classes
+    kept = all_classes[:1]
+    cfg = make_cfg(name="imagefolder", root=str(image_tree), classes=kept)
+    test, classes = load_eval_split(cfg, classes=kept)
+    assert classes == kept and set(test.labels.tolist()) == {0}

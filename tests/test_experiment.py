@@ -139,6 +139,20 @@ def test_experiment_yaml_reads_back_to_the_same_runs(finished):
     assert [p.action for p in plan_experiment(again)] == ["reuse"] * 3
 
 
+def test_experiment_folder_reads_back_from_another_working_directory(tmp_path, monkeypatch):
+    # experiment.yaml records a relative output.dir; the folder itself says where the runs are.
+    monkeypatch.chdir(tmp_path)
+    doc = {"name": "rel", "base": str(QUICK), "overrides": [*FAST, "output.dir=out"], "variants": {"a": {}}}
+    (tmp_path / "rel.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    run_experiment(load_experiment(tmp_path / "rel.yaml"), quiet=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    again = load_experiment(tmp_path / "out" / "rel")
+    assert again.dir == tmp_path / "out" / "rel"
+    assert [p.action for p in plan_experiment(again)] == ["reuse"]
+
+
 def test_report_command_rebuilds_an_experiment_report(finished, tmp_path):
     exp, _ = finished
     out = tmp_path / "report"
@@ -229,7 +243,7 @@ def test_failed_variants_are_recorded_and_the_rest_still_run(tmp_path, monkeypat
     real_evaluate = train.evaluate
 
     def evaluate(model, loader, num_classes, **kwargs):
-        if num_classes == 12:  # only the `crash` variant: a bug inside the training loop
+        if loader.batch_size == 48:  # only the `crash` variant: a bug inside the training loop
             raise RuntimeError("boom in evaluation")
         return real_evaluate(model, loader, num_classes, **kwargs)
 
@@ -238,7 +252,7 @@ def test_failed_variants_are_recorded_and_the_rest_still_run(tmp_path, monkeypat
     path = write_experiment(tmp_path, {
         "first": {},
         "no_weights": {"train.mode": "full", "model.source": str(missing)},  # fails before a run folder exists
-        "crash": {"model.num_classes": 12},
+        "crash": {"data.eval_batch_size": 48},
         "last": {"optim.lr": 3.0e-3},
     })
     result = runner.invoke(app, ["compare", str(path), "-q"])
@@ -293,9 +307,9 @@ def test_sweep_values_are_typed_against_the_schema(tmp_path):
     assert exp.name == "quick_cpu_sweep_n_ema"
     assert exp.sweep_keys == ["data.train_subset", "train.ema"]
     subsets = {name: recipe.data.train_subset for name, recipe in exp.variants}
-    assert subsets == {"n0.5_ematrue": 0.5, "n0.5_emafalse": 0.5, "n48_ematrue": 48, "n48_emafalse": 48}
-    assert isinstance(subsets["n0.5_ematrue"], float) and isinstance(subsets["n48_ematrue"], int)
-    assert dict(exp.variants)["n48_emafalse"].train.ema is False
+    assert subsets == {"n0.5_ema-true": 0.5, "n0.5_ema-false": 0.5, "n48_ema-true": 48, "n48_ema-false": 48}
+    assert isinstance(subsets["n0.5_ema-true"], float) and isinstance(subsets["n48_ema-true"], int)
+    assert dict(exp.variants)["n48_ema-false"].train.ema is False
     assert sweep_experiment(QUICK, ["seed=1,2"], name="seeds").dir == Path("runs") / "seeds"
 
 
@@ -377,15 +391,15 @@ def test_bad_experiment_files_are_clear_errors(tmp_path):
 # --- the shipped compare files ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["compare_cifar.yaml", "compare_cifar32.yaml"])
+@pytest.mark.parametrize("name", ["compare_cifar.yaml", "compare_cifar32.yaml", "transfer_compare.yaml"])
 def test_shipped_compare_file_validates(name, tmp_path):
     path = SHIPPED_RECIPES / name
-    assert path.read_text().splitlines()[0] == f"# finetune compare recipes/{name}"
+    assert path.read_text().splitlines()[0].startswith(f"# finetune compare recipes/{name}")
     exp = load_experiment(path, [f"output.dir={tmp_path}"])
     assert exp.name == path.stem and exp.description
     recipes = [recipe for _, recipe in exp.variants]
     # One data split and seed for all, so the table compares like with like.
-    assert len({(r.seed, r.data) for r in recipes}) == 1
+    assert len({(r.seed, r.data.model_dump_json()) for r in recipes}) == 1
     assert [p.action for p in plan_experiment(exp)] == ["run"] * len(recipes)
     result = runner.invoke(app, ["compare", str(path), "--dry-run", f"output.dir={tmp_path}"])
     assert result.exit_code == 0, result.output

@@ -334,6 +334,7 @@ def test_ema_weights_are_saved_and_evaluated(tmp_path, monkeypatch):
 
     (ema,) = averages
     assert ema.decay == 0.9
+    assert ema.use_warmup  # decay ramps up from 0, so the average tracks training from the start
     live, average, saved = snapshot(prepared.model), snapshot(ema.module), saved_weights(recipe)
     assert all(torch.equal(saved[k], average[k]) for k in average)
     # The average lags behind the live weights: it is a different model, closer to the start.
@@ -433,3 +434,27 @@ def test_layer_decay_scales_the_lr_by_depth_and_runs(tmp_path):
 
     summary = run(recipe, quiet=True, prepared=prepared)
     assert summary["status"] == "finished" and summary["steps"] == 8
+
+
+def test_ema_with_the_default_decay_still_tracks_training(tmp_path):
+    # With 0.9998 from step 1 the average would stay at the starting weights for thousands of
+    # steps; the warmed-up decay keeps it near the trained model after a few dozen.
+    recipe = quick(tmp_path, "train.ema=true", "train.epochs=3", "optim.lr=3e-3", NO_PLOTS)
+    prepared = prepare(recipe)
+    start = snapshot(prepared.model)
+    run(recipe, quiet=True, prepared=prepared)
+    live, saved = snapshot(prepared.model), saved_weights(recipe)
+    assert distance(saved, start) > 0.5 * distance(live, start)
+
+
+def test_num_classes_that_differs_from_the_dataset_is_an_error(tmp_path):
+    with pytest.raises(FinetuneError, match="model.num_classes is 12 but the dataset has 10 classes"):
+        prepare(quick(tmp_path, "model.num_classes=12"))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_file_where_the_run_folder_goes_is_an_error(tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "quick_cpu").write_text("not a folder")
+    with pytest.raises(FinetuneError, match="is a file"):
+        prepare(quick(tmp_path))
