@@ -14,7 +14,9 @@ import os
 import platform
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -417,7 +419,7 @@ def run(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        with progress:
+        with progress, _sigterm_as_interrupt():
             for epoch in range(1, r.train.epochs + 1):
                 model.train()
                 train_loader.set_epoch(epoch)
@@ -529,7 +531,7 @@ def run(
             plot_curves(writer.path / "metrics.jsonl", writer.path / "curves.png", title=r.name)
             plot_confusion(last_eval.confusion, p.data.classes, writer.path / "confusion_matrix.png")
     except KeyboardInterrupt:
-        summary.update(status="interrupted", error="interrupted by the user (Ctrl-C)", wall_time_s=time.perf_counter() - wall_start)
+        summary.update(status="interrupted", error="interrupted (Ctrl-C or SIGTERM)", wall_time_s=time.perf_counter() - wall_start)
         writer.write_summary(summary)
         writer.close()
         raise
@@ -558,6 +560,24 @@ def run(
     )
     writer.write_summary(summary)
     return summary
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Treat SIGTERM (``kill``, a job scheduler's stop) like Ctrl-C while training, so the run
+    folder says "interrupted" instead of "running" forever."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _base_lr(optimizer: torch.optim.Optimizer) -> float:

@@ -458,3 +458,22 @@ def test_a_file_where_the_run_folder_goes_is_an_error(tmp_path):
     (tmp_path / "runs" / "quick_cpu").write_text("not a folder")
     with pytest.raises(FinetuneError, match="is a file"):
         prepare(quick(tmp_path))
+
+
+def test_sigterm_marks_the_run_interrupted(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import finetune.train as engine
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` or a scheduler would
+        raise AssertionError("SIGTERM did not interrupt the run")
+
+    monkeypatch.setattr(engine, "evaluate", terminated)
+    recipe = quick(tmp_path, NO_PLOTS)
+    with pytest.raises(KeyboardInterrupt):
+        run(recipe, quiet=True)
+    summary = json.loads((run_dir_for(recipe) / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
