@@ -647,7 +647,7 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 
 def dump_recipe_yaml(recipe: Recipe) -> str:
     """The resolved recipe as YAML that :func:`load_recipe` reads back to an equal recipe."""
-    header = "# Resolved recipe: defaults filled in, overrides applied. Rerun with: finetune run THIS_FILE\n"
+    header = "# Resolved recipe: defaults filled in, overrides applied. Rerun with: finetune run THIS_FILE name=NEW_NAME\n"
     return header + yaml.dump(recipe_to_dict(recipe), Dumper=RecipeDumper, sort_keys=False)
 
 
