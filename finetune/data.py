@@ -416,8 +416,8 @@ def _decode_files(files: list[str], image_size: int | None) -> torch.Tensor:
                         raise DataError(
                             f"Images differ in size: {files[0]} is {_size(out[0])} but "
                             f"{files[start + offset]} is {_size(image)}, and data.image_size is not set.",
-                            "Set data.image_size (e.g. data.image_size=224; for finetune eval: --image-size) to resize every image to one size "
-                            "when it is loaded.",
+                            "Set data.image_size (e.g. data.image_size=224; for finetune eval: --image-size) "
+                            "to resize every image to one size when it is loaded.",
                         )
                     out[start + offset] = image
                 start += len(decoded)

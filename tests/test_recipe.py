@@ -16,15 +16,17 @@ from finetune.recipe import (
     apply_overrides,
     dump_recipe_yaml,
     find_recipe,
+    is_experiment,
     list_recipes,
     load_recipe,
+    parse_yaml,
     recipe_from_dict,
     recipe_to_dict,
     valid_keys,
 )
 
 # Experiment files (finetune compare) live beside the recipes; tests/test_experiment.py checks them.
-SHIPPED = sorted(p for p in SHIPPED_RECIPES.glob("*.yaml") if "\nvariants:" not in p.read_text())
+SHIPPED = sorted(p for p in SHIPPED_RECIPES.glob("*.yaml") if not is_experiment(parse_yaml(p.read_text(), p.name)))
 FINETUNE = {"model": {"source": "deit_tiny_patch16_224.fb_in1k"}}  # smallest valid recipe
 
 
