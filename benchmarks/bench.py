@@ -211,6 +211,13 @@ def flops_per_image(model: nn.Module, image_size: int, *, batch: int = 2) -> flo
     forward and backward (the input needs no gradient, so the first layer's input gradient is
     not). A multiply-add counts as 2 FLOPs.
 
+    Attention is counted on timm's explicit path (``q @ k.T``, softmax, ``attn @ v``): with
+    ``fused_attn`` on, torch dispatches to a kernel chosen by device and version, and
+    FlopCounterMode has no formula for some of them (torch 2.14's
+    ``_scaled_dot_product_flash_attention_for_cpu``), which silently drops attention from the
+    count. Both paths do the same matrix products, so the explicit one counts what the fused
+    one runs.
+
     Args:
         model: takes ``(B, 3, image_size, image_size)`` and returns ``(B, classes)`` logits. Its
             gradients are cleared afterwards; its weights are not changed.
@@ -224,10 +231,17 @@ def flops_per_image(model: nn.Module, image_size: int, *, batch: int = 2) -> flo
     # A private generator: counting must not move the global RNG that seeds training afterwards.
     x = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     y = torch.zeros(batch, dtype=torch.long)
-    with FlopCounterMode(display=False) as counter:
-        F.cross_entropy(model(x), y).backward()
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
+    fused = [m for m in model.modules() if getattr(m, "fused_attn", False)]
+    for module in fused:
+        module.fused_attn = False
+    try:
+        with FlopCounterMode(display=False) as counter:
+            F.cross_entropy(model(x), y).backward()
+    finally:
+        for module in fused:
+            module.fused_attn = True
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
     return counter.get_total_flops() / batch
 
 

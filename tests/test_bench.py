@@ -163,6 +163,29 @@ def test_deit_tiny_flops_agree_with_timms_published_count():
     assert 2.9 * 2.52e9 < per_image < 3.1 * 2.52e9
 
 
+def test_flop_count_does_not_depend_on_the_attention_kernel():
+    import timm
+
+    # 64 px in 4-px patches: 257 tokens, so attention is most of the work and cannot go unnoticed.
+    model = timm.create_model("vit_tiny_test", pretrained=False, num_classes=10, img_size=64, patch_size=4)
+    attention = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    assert len(attention) == len(model.blocks) == 2
+    counts = {}
+    for fused in (True, False):
+        for module in attention:
+            module.fused_attn = fused
+        counts[fused] = bench.flops_per_image(model, 64)
+        assert all(m.fused_attn is fused for m in attention)  # the model is left as it was given
+    assert counts[True] == counts[False]
+    tokens, dim = 1 + 16 * 16, model.embed_dim
+    # Forward: q @ k.T and attn @ v, 2 * tokens^2 * dim FLOPs each, per block; the blocks'
+    # linear layers 2 * weights * tokens. A training step is about 3x the forward.
+    attention_forward = len(model.blocks) * 2 * (2 * tokens**2 * dim)
+    linear_forward = sum(2 * p.numel() * tokens for n, p in model.named_parameters() if p.ndim == 2 and "blocks" in n)
+    assert attention_forward > linear_forward  # the case this test is for
+    assert counts[True] > 3 * linear_forward + 2 * attention_forward
+
+
 @pytest.mark.parametrize(
     "name, peak",
     [

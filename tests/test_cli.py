@@ -393,7 +393,8 @@ def test_predict_with_a_pretrained_imagenet_model_names_imagenet_classes(tmp_pat
     assert len(ranked) == 3
     from timm.data import ImageNetInfo
 
-    names = {ImageNetInfo("imagenet-1k").index_to_description(i) for i in range(1000)}
+    info = ImageNetInfo("imagenet-1k")  # built once: each construction reads timm's class files
+    names = {info.index_to_description(i) for i in range(1000)}
     for line in ranked:
         name = re.fullmatch(r"\s+\d\. (.+?)\s+[\d.]+%", line).group(1)
         assert name in names, line
