@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "CheckpointError": "errors",
+    "DataError": "errors",
     "FinetuneError": "errors",
     "GridError": "errors",
     "OfflineError": "errors",

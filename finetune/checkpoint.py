@@ -159,8 +159,9 @@ def _unwrap(raw: Any, path: Path, *, use_ema: bool) -> tuple[dict[str, torch.Ten
     meta: dict[str, Any] = {}
     if isinstance(raw.get("arch"), str):  # timm training checkpoint
         meta["arch"] = raw["arch"]
-    keys = ("state_dict_ema", "model_ema") if use_ema else ()
-    keys += ("state_dict", "model")
+    # With use_ema only the EMA copy will do: falling back to the live weights would hand the
+    # caller a model other than the one asked for.
+    keys = ("state_dict_ema", "model_ema") if use_ema else ("state_dict", "model")
     for key in keys:
         if isinstance(raw.get(key), dict):
             raw = raw[key]

@@ -103,7 +103,7 @@ def load_splits(cfg, *, seed: int) -> DatasetSplits:
             differ in size with no ``image_size``, or the subset and validation sizes do not fit.
     """
     if cfg.name in _CIFAR_CLASSES:
-        train, test, classes = _load_cifar(cfg.name, Path(cfg.root).expanduser(), download=cfg.download)
+        (train, test), classes = _load_cifar(cfg.name, Path(cfg.root).expanduser(), download=cfg.download)
     elif cfg.name == "imagefolder":
         train, test, classes = _load_imagefolder(Path(cfg.root).expanduser(), image_size=cfg.image_size)
     elif cfg.name == "synthetic":
@@ -146,16 +146,17 @@ def select_classes(
             f"the dataset's classes are: {', '.join(classes)}.",
             "List each class at most once, spelled as above.",
         )
+    return _keep_classes(train, classes, keep), _keep_classes(test, classes, keep), list(keep)
+
+
+def _keep_classes(split: ImageTensors, classes: Sequence[str], keep: Sequence[str]) -> ImageTensors:
+    """The images of the classes in ``keep`` (all known to ``classes``), relabelled by their place in it."""
     lookup = torch.full((len(classes),), -1, dtype=torch.int64)
     for new, name in enumerate(keep):
-        lookup[classes.index(name)] = new
-
-    def subset(split: ImageTensors) -> ImageTensors:
-        labels = lookup[split.labels]  # old label -> new label, -1 for dropped classes
-        kept = labels >= 0
-        return ImageTensors(split.images[kept], labels[kept])
-
-    return subset(train), subset(test), list(keep)
+        lookup[list(classes).index(name)] = new
+    labels = lookup[split.labels]  # old label -> new label, -1 for dropped classes
+    kept = labels >= 0
+    return ImageTensors(split.images[kept], labels[kept])
 
 
 def split_train(
@@ -235,19 +236,22 @@ def _resize_split(split: ImageTensors, size: int) -> ImageTensors:
 # ---- CIFAR-10 / CIFAR-100 ------------------------------------------------------------------------
 
 
-def _load_cifar(name: str, root: Path, *, download: bool) -> tuple[ImageTensors, ImageTensors, list[str]]:
-    """Read CIFAR's pickled batches through torchvision; download them first when asked."""
+def _load_cifar(
+    name: str, root: Path, *, download: bool, splits: Sequence[str] = ("train", "test")
+) -> tuple[list[ImageTensors], list[str]]:
+    """Read the named splits of CIFAR's pickled batches through torchvision; download them first when asked."""
     dataset_cls = _CIFAR_CLASSES[name]
+    train = splits[0] == "train"
     try:
-        train_set = dataset_cls(str(root), train=True, download=False)
+        first = dataset_cls(str(root), train=train, download=False)
     except RuntimeError:
         # torchvision raises RuntimeError for missing or corrupt files (it checks md5 sums).
         if not download:
             raise _cifar_missing_error(name, dataset_cls, root, reason="download is off (data.download=false)")
         _download_cifar(name, dataset_cls, root)
-        train_set = dataset_cls(str(root), train=True, download=False)
-    test_set = dataset_cls(str(root), train=False, download=False)
-    return _cifar_tensors(train_set), _cifar_tensors(test_set), list(train_set.classes)
+        first = dataset_cls(str(root), train=train, download=False)
+    sets = [first] + [dataset_cls(str(root), train=split == "train", download=False) for split in splits[1:]]
+    return [_cifar_tensors(d) for d in sets], list(first.classes)
 
 
 def _cifar_tensors(dataset: torchvision.datasets.CIFAR10) -> ImageTensors:
@@ -348,13 +352,22 @@ def load_eval_split(cfg, *, seed: int = 0, classes: Sequence[str] | None = None)
     Returns:
         ``(split, classes)``.
     """
+    # Without the model's class names, the run's own data.classes says which classes it learned
+    # and in which order (training relabelled them 0..k-1 in that order).
+    if classes is None and getattr(cfg, "classes", None):
+        classes = list(cfg.classes)
     if cfg.name != "imagefolder":
-        splits = load_splits(cfg, seed=seed)
-        if classes is None or list(classes) == splits.classes:
-            return splits.test, splits.classes
+        test, all_classes = _load_test_split(cfg, seed=seed)
+        if classes is None or list(classes) == all_classes:
+            return test, all_classes
         # A model trained on some of the classes (data.classes): score it on those, its labels.
-        test, _, kept = select_classes(splits.test, splits.test, splits.classes, list(classes))
-        return test, kept
+        unknown = [name for name in classes if name not in all_classes]
+        if unknown:
+            raise DataError(
+                f"The model's classes {', '.join(unknown[:10])} are not classes of {cfg.name}.",
+                f"Its classes are: {', '.join(all_classes[:20])}. Evaluate on the data the model was trained on.",
+            )
+        return _keep_classes(test, all_classes, classes), list(classes)
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
         raise DataError(f"{root} is not a folder.", "Pass a folder of <class>/<image> folders, or one with test/ in it.")
@@ -376,6 +389,26 @@ def load_eval_split(cfg, *, seed: int = 0, classes: Sequence[str] | None = None)
         folder_classes = list(classes)
     images = _decode_files(files, cfg.image_size)
     return ImageTensors(images, torch.tensor(labels, dtype=torch.int64)), folder_classes
+
+
+def _load_test_split(cfg, *, seed: int) -> tuple[ImageTensors, list[str]]:
+    """The test split of CIFAR or synthetic data, without decoding, generating or resizing the train split."""
+    if cfg.name in _CIFAR_CLASSES:
+        (test,), classes = _load_cifar(cfg.name, Path(cfg.root).expanduser(), download=cfg.download, splits=("test",))
+    elif cfg.name == "synthetic":
+        # The test images come from their own stream, so no train images need to be made.
+        _, test, classes = _make_synthetic(
+            num_train=0, num_test=cfg.synthetic_test, num_classes=cfg.synthetic_classes,
+            size=cfg.synthetic_size, seed=seed,
+        )
+    else:
+        raise DataError(
+            f"data.name is {cfg.name!r}, which is not a dataset finetune knows.",
+            "Use one of cifar10, cifar100, imagefolder or synthetic.",
+        )
+    if cfg.image_size is not None:
+        test = _resize_split(test, cfg.image_size)
+    return test, classes
 
 
 def _list_imagefolder(folder: Path, *, allow_empty: bool) -> tuple[list[str], list[int], list[str]]:

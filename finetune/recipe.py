@@ -205,7 +205,7 @@ class DataConfig(_Section):
     train_subset: int | float | None = Field(
         None, description="Train on this many images (int) or this fraction (float in (0, 1]); null: all."
     )
-    classes: list[str] | None = Field(
+    classes: tuple[str, ...] | None = Field(
         None, description="Keep only these classes (by name), relabelled 0..k-1 in this order; null: all."
     )
     val_split: int | float = Field(
@@ -484,7 +484,7 @@ def _describe(annotation: Any) -> str:
         return " or ".join(words + (["null"] if type(None) in args else []))
     if origin is tuple:
         element = {float: "numbers", int: "integers", str: "strings"}.get(args[0], "values")
-        return f"a list of {len(args)} {element}"
+        return f"a list of {element}" if args[-1] is Ellipsis else f"a list of {len(args)} {element}"
     if _section_type(annotation):
         return "a section of keys (a mapping)"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(

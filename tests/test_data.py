@@ -534,3 +534,34 @@ def test_eval_split_of_an_imagefolder_run_trained_with_data_classes(image_tree):
     cfg = make_cfg(name="imagefolder", root=str(image_tree), classes=kept)
     test, classes = load_eval_split(cfg, classes=kept)
     assert classes == kept and set(test.labels.tolist()) == {0}
+
+
+def test_eval_split_reads_only_the_test_set(tmp_path, skip_md5, monkeypatch):
+    import finetune.data as data_mod
+    from finetune.data import load_eval_split
+
+    write_cifar(tmp_path, "cifar10", n_train=10, n_test=4)
+    decoded, made = [], []
+    real_tensors, real_synthetic = data_mod._cifar_tensors, data_mod._synthetic_images
+    monkeypatch.setattr(data_mod, "_cifar_tensors", lambda d: decoded.append(d.train) or real_tensors(d))
+    monkeypatch.setattr(data_mod, "_synthetic_images", lambda n, *a: made.append(n) or real_synthetic(n, *a))
+
+    test, classes = load_eval_split(make_cfg(name="cifar10", root=str(tmp_path), image_size=16))
+    assert decoded == [False]  # torchvision's train=False set only
+    assert test.images.shape == (4, 3, 16, 16) and len(classes) == 10
+    # Synthetic test images are the ones training evaluates on, made without the train images.
+    test, _ = load_eval_split(make_cfg(synthetic_train=5000), seed=3)
+    assert made == [0, make_cfg().synthetic_test]
+    assert torch.equal(test.images, load_splits(make_cfg(), seed=3).test.images)
+
+
+def test_eval_split_relabels_data_classes_as_training_did(image_tree):
+    from finetune.data import load_eval_split
+
+    # The run learned emu as class 0 and cat as class 1; eval without the model's names must agree.
+    cfg = make_cfg(name="imagefolder", root=str(image_tree), classes=("emu", "cat"))
+    trained = load_splits(cfg, seed=0)
+    test, classes = load_eval_split(cfg)
+    assert classes == trained.classes == ["emu", "cat"]
+    assert test.labels.tolist() == trained.test.labels.tolist() == [1, 0]
+    assert torch.equal(test.images, trained.test.images)

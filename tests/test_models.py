@@ -126,6 +126,15 @@ def test_timm_training_checkpoint_state_dict_and_ema(timm_train_checkpoint, deit
     assert torch.equal(ema.cls_token, deit_tiny_sd["cls_token"] + 1.0)
 
 
+def test_use_ema_without_ema_weights_is_an_error_not_the_live_weights(tmp_path, deit_tiny_sd):
+    # A timm training checkpoint saved without --model-ema has state_dict only.
+    path = tmp_path / "checkpoint-3.pth.tar"
+    torch.save({"epoch": 3, "arch": "deit_tiny_patch16_224", "state_dict": deit_tiny_sd}, path)
+    with pytest.raises(CheckpointError, match="has no EMA weights"):
+        load_model(path, num_classes=10, use_ema=True)
+    assert_loaded_exactly(load_model(path, num_classes=10), deit_tiny_sd)
+
+
 def test_prefixed_keys_from_ddp_and_compile(tmp_path, deit_tiny_sd):
     path = tmp_path / "deit_tiny_patch16_224_ddp.pth"
     torch.save({"state_dict": {f"module._orig_mod.{k}": v for k, v in deit_tiny_sd.items()}}, path)

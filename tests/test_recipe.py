@@ -443,6 +443,11 @@ def test_round_trip_through_dict_and_yaml(path: Path, tmp_path: Path):
 def test_recipe_is_frozen_and_hashable():
     recipe = recipe_from_dict(FINETUNE)
     assert hash(recipe) == hash(recipe_from_dict(FINETUNE))
+    # Every field, lists included: data.classes is a tuple, so a recipe with it hashes too.
+    subset = recipe_from_dict(FINETUNE, overrides=["data.classes=[cat, dog]"])
+    assert subset.data.classes == ("cat", "dog")
+    assert hash(subset) == hash(recipe_from_dict(FINETUNE, overrides=["data.classes=[cat, dog]"]))
+    assert len({recipe, subset}) == 2
     with pytest.raises(ValidationError, match="frozen"):
         recipe.optim.lr = 1.0  # type: ignore[misc]
     assert recipe.model_copy(update={"seed": 1}).seed == 1
