@@ -24,9 +24,13 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "CheckpointError": "errors",
     "DataError": "errors",
+    "DivergedError": "errors",
+    "ExperimentError": "errors",
     "FinetuneError": "errors",
     "GridError": "errors",
     "OfflineError": "errors",
+    "RecipeError": "errors",
+    "RunDirError": "errors",
     "SourceNotFoundError": "errors",
     "LoadReport": "models",
     "create_model": "models",

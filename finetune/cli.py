@@ -46,8 +46,9 @@ def friendly_errors(fn: Callable) -> Callable:
         except FinetuneError as exc:
             err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/]")
+        except KeyboardInterrupt as exc:
+            detail = f": {escape(str(exc))}" if str(exc) else ""  # RunInterrupted says how to resume
+            err.print(f"[yellow]interrupted[/]{detail}", highlight=False)
             raise typer.Exit(130) from None
 
     return wrapper
@@ -65,18 +66,32 @@ def run(
     Example: finetune run recipes/deit_tiny_cifar.yaml optim.lr=3e-4 train.epochs=3
     """
     from .recipe import find_recipe, load_recipe
+    from .train import describe, run_dir_for
     from .train import run as run_recipe
-    from .train import run_dir_for
 
     path = find_recipe(recipe)
     parsed = load_recipe(path, overrides or [])
     summary = run_recipe(parsed, recipe_path=str(path), quiet=quiet)
-    out.print(
-        f"[bold green]done[/] {escape(str(summary['name']))}: test top-1 {100 * summary['final_acc1']:.2f}% "
-        f"(best {100 * summary['best_acc1']:.2f}% at epoch {summary['best_epoch']}), "
-        f"{summary['train_time_s']:.1f} s training, {summary['images_per_s']:,.0f} img/s -> {escape(str(run_dir_for(parsed)))}",
-        highlight=False,
-    )
+    out.print(f"[bold green]done[/] {escape(describe(summary, run_dir_for(parsed)))}", highlight=False)
+
+
+@app.command()
+@friendly_errors
+def resume(
+    run_dir: Annotated[Path, typer.Argument(help="The folder of an interrupted, killed or failed run.")],
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or epoch lines.")] = False,
+) -> None:
+    """Continue a run from its last checkpoint, with the recipe stored in its folder.
+
+    The resumed run ends where an uninterrupted one would have.
+
+    Example: finetune resume runs/deit_tiny_cifar
+    """
+    from .train import describe
+    from .train import resume as resume_run
+
+    summary = resume_run(run_dir, quiet=quiet)
+    out.print(f"[bold green]done[/] {escape(describe(summary, run_dir))}", highlight=False)
 
 
 @app.command()
@@ -130,7 +145,9 @@ def _eval_data_config(target: Path, data: str | None, root: str | None, image_si
     from .recipe import DataConfig, load_recipe
 
     if data is None:
-        recipe_file = target / "recipe.yaml" if target.is_dir() else target.parent / "recipe.yaml"
+        # A run folder, its best/ model, or a weights file inside a run folder.
+        folders = [target, target.parent] if target.is_dir() else [target.parent]
+        recipe_file = next((f / "recipe.yaml" for f in folders if (f / "recipe.yaml").is_file()), folders[0] / "recipe.yaml")
         if not recipe_file.is_file():
             raise FinetuneError(
                 f"{target} has no recipe.yaml to say which data it was trained on.",
@@ -169,9 +186,11 @@ def eval_cmd(
     Example: finetune eval runs/deit_tiny_cifar --data data/cifar10-jpeg
     """
     from .data import BatchLoader, load_eval_split
+    from .device import autocast_dtype, resolve_device
+    from .evaluate import evaluate
     from .models import load_model
-    from .train import autocast_dtype, evaluate, resolve_device
 
+    _refuse_unfinished_run(model)
     model_obj = load_model(model)
     classes = model_obj.pretrained_cfg.get("label_names")
     cfg, seed = _eval_data_config(model, data, root, image_size)
@@ -212,10 +231,11 @@ def predict(
     import torch
 
     from .data import preprocess_images, read_image
+    from .device import resolve_device
     from .models import load_model
-    from .train import resolve_device
 
     decoded = [read_image(path) for path in images]  # every file checked before the model loads
+    _refuse_unfinished_run(model)
     model_obj = load_model(model)
     names = _class_names(model_obj)
     dev = resolve_device(device)
@@ -230,6 +250,24 @@ def predict(
         out.print(f"[bold]{escape(str(path))}[/]", highlight=False)
         for rank, (p, i) in enumerate(zip(values, indices), start=1):
             out.print(f"  {rank}. {names[i]:<20} {100 * p:6.2f}%", highlight=False, markup=False)
+
+
+def _refuse_unfinished_run(target: Path) -> None:
+    """A run folder that has no model yet gets a message about the run, not about a missing file."""
+    from .rundir import BEST_DIR, is_run_folder, run_status
+
+    if not is_run_folder(target) or (target / "config.json").is_file():
+        return
+    status = run_status(target) or "unknown"
+    best = target / BEST_DIR
+    also = f" Its best epoch so far is saved in {best}, which you can evaluate now." if (best / "config.json").is_file() else ""
+    if status == "running":
+        fix = "Wait for it to finish." + also
+    elif status in ("interrupted", "failed"):
+        fix = f"Continue it with `finetune resume {target}` first." + also
+    else:
+        fix = "Train it again (finetune run ...), or pass another model." + also
+    raise FinetuneError(f"The run {target} did not finish (status {status}), so it has no final model.", fix)
 
 
 def _print_plan(plans: list) -> None:
@@ -256,7 +294,7 @@ def _run_and_report(experiment: Any, dry_run: bool, quiet: bool) -> None:
         raise FinetuneError(
             f"{len(result.failed)} of {len(result.variants)} variants failed: {names}.",
             f"The errors are in {result.report['markdown']}. Fix them and rerun the same command: "
-            "finished runs are reused, failed ones are retried.",
+            "finished runs are reused, the others resume from their last checkpoint or start again.",
         )
 
 

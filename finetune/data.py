@@ -714,15 +714,34 @@ def random_resized_crop(
 # --------------------------------------------------------------------------------------------------
 
 
+SHUFFLE_STREAM, AUGMENT_STREAM = 0, 1
+"""Random streams of a training epoch: the order of the images, and their augmentation."""
+
+
+def stream_seed(seed: int, epoch: int, stream: int) -> int:
+    """A 63-bit seed for one random stream of one epoch of one run.
+
+    NumPy's ``SeedSequence`` hashes the three numbers together, so every ``(seed, epoch, stream)``
+    gets its own, unrelated seed: the shuffle and the augmentation of an epoch do not share one,
+    and seed ``s`` at epoch ``e + 1`` does not replay seed ``s + 1`` at epoch ``e`` (as ``seed +
+    epoch`` would).
+    """
+    entropy = [seed & (2**64 - 1), epoch & (2**64 - 1), stream]  # SeedSequence takes non-negative ints
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
+
+
 class BatchLoader:
     """Batches of one split, normalised on the device, with augmentation on whole batches.
 
     ``in_memory=True`` moves the uint8 images to the device once (CIFAR-10's 50,000 train images are
     150 MB); each batch is then an index into them, with no host work and no host syncs. With
     ``in_memory=False`` the images stay on the CPU and each batch is gathered into pinned memory and
-    copied with ``non_blocking``. Training batches are slices of a ``randperm`` drawn from a
-    generator seeded with ``seed + epoch``: call :meth:`set_epoch` before each epoch, as with
-    ``DistributedSampler``; the same epoch gives the same batches and augmentations.
+    copied with ``non_blocking``. Training batches are slices of a ``randperm`` drawn from the
+    epoch's shuffle stream, and batch ``i`` is augmented from the epoch's augmentation stream
+    re-seeded for ``i`` (see :func:`stream_seed`): call :meth:`set_epoch` before each epoch, as with
+    ``DistributedSampler``. The same epoch gives the same batches and augmentations, and
+    :meth:`iter_from` starts an epoch part-way through with exactly the batches the rest of it
+    would have had, which is what resuming a run mid-epoch needs.
 
     Per batch, on the device: pad-and-crop (``augment.crop_padding``) or random resized crop
     (``augment.random_resized_crop``, which replaces it), horizontal flip (``augment.hflip``), then
@@ -764,7 +783,7 @@ class BatchLoader:
             channels_last: return batches in channels-last memory format.
             drop_last: drop a final partial batch; ``None``: drop when training, keep otherwise.
             in_memory: keep the images on ``device`` (``False``: on the CPU, copied per batch).
-            seed: seeds shuffling and augmentation, together with the epoch.
+            seed: the run's seed; with the epoch it seeds shuffling and augmentation.
             dtype: floating dtype of the batches.
 
         Raises:
@@ -808,24 +827,33 @@ class BatchLoader:
         return math.ceil(self.num_images / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose shuffle and augmentation the next iteration uses (``seed + epoch``)."""
+        """Choose the epoch whose shuffle and augmentation the next iteration uses."""
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(x, y)``: ``x`` ``(B, 3, *out_size)`` of ``dtype``, ``y`` int64 ``(B,)``, on the device."""
+        return self.iter_from(0)
+
+    def iter_from(self, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Like iterating, but skip the epoch's first ``start_batch`` batches without making them."""
         order = None
         aug_gen = None
         if self.train:
-            index_gen = torch.Generator(device=self._index_device).manual_seed(self.seed + self.epoch)
+            shuffle_seed = stream_seed(self.seed, self.epoch, SHUFFLE_STREAM)
+            index_gen = torch.Generator(device=self._index_device).manual_seed(shuffle_seed)
             order = torch.randperm(self.num_images, device=self._index_device, generator=index_gen)
-            aug_gen = torch.Generator(device=self.device).manual_seed(self.seed + self.epoch)
-        for i in range(len(self)):
+            aug_gen = torch.Generator(device=self.device)
+            aug_seed = stream_seed(self.seed, self.epoch, AUGMENT_STREAM)
+        for i in range(start_batch, len(self)):
             start, stop = i * self.batch_size, min((i + 1) * self.batch_size, self.num_images)
             if order is None:
                 images, labels = self._images[start:stop], self._labels[start:stop]  # views, no copy
             else:
                 idx = order[start:stop]
                 images, labels = self._images.index_select(0, idx), self._labels.index_select(0, idx)
+                # Re-seeded per batch, so batch i's augmentation does not depend on where iteration
+                # started; setting a seed is host-side bookkeeping, with no device sync.
+                aug_gen.manual_seed((aug_seed + i) % 2**63)
             if not self.in_memory:
                 images, labels = self._to_device(images), self._to_device(labels)
             yield self._prepare(images, aug_gen), labels

@@ -1,8 +1,9 @@
 """User-facing errors.
 
 Every mistake a user can make (a bad recipe key, a missing file, a checkpoint of another
-architecture, no network) is raised as a :class:`FinetuneError`. The command line prints its
-message as one paragraph and exits non-zero without a traceback; library callers can catch it.
+architecture, no network, a run folder in use) is raised as a :class:`FinetuneError`. The command
+line prints its message as one paragraph and exits non-zero without a traceback; library callers
+can catch it. Every error class lives here, so ``finetune.errors`` is the one place to look.
 """
 
 from __future__ import annotations
@@ -35,3 +36,24 @@ class GridError(FinetuneError, ValueError):
 
 class DataError(FinetuneError):
     """A data set that is missing, unreadable, or does not fit the recipe's ``data`` section."""
+
+
+class RecipeError(FinetuneError):
+    """A recipe that cannot be read or does not validate."""
+
+
+class ExperimentError(FinetuneError):
+    """An experiment file, grid or experiment folder that cannot be used as it is."""
+
+
+class RunDirError(FinetuneError):
+    """A run folder that cannot be used: it exists, is in use, is not a run, or cannot be written."""
+
+
+class DivergedError(FinetuneError):
+    """Training produced a loss that is not a finite number; the run stopped as ``diverged``."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped on request (Ctrl-C, SIGTERM) after saving a checkpoint; ``str(err)`` says how
+    to continue it. A ``KeyboardInterrupt``, so that code that stops on Ctrl-C stops on it too."""

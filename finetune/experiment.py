@@ -21,9 +21,10 @@ base's seed, and so its data split, unless a variant sets ``seed`` itself.
 
 The experiment owns three recipe keys: ``name`` (the variant's name), ``output.dir`` (the experiment
 folder) and ``output.overwrite``. Re-running an experiment reuses every run that finished with the
-same recipe, replaces run folders left by failed or interrupted runs, and refuses to touch a finished
-run whose recipe differs: a base recipe's ``output.overwrite: true`` is ignored, so a result is never
-replaced by accident.
+same recipe, resumes interrupted or failed runs from their last checkpoint (when their recipe is
+unchanged), replaces the other unfinished ones, and refuses to touch a finished run whose recipe
+differs or a run that another process is training: a base recipe's ``output.overwrite: true`` is
+ignored, so a result is never replaced by accident.
 
 The experiment folder holds one run folder per variant, ``experiment.yaml`` (every variant's complete
 recipe; ``finetune compare`` reads it back) and the report (``report.md``, ``report.csv``, plots).
@@ -36,7 +37,6 @@ import itertools
 import json
 import math
 import re
-import shutil
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,7 +47,7 @@ import yaml
 from rich.console import Console
 
 from . import train
-from .errors import FinetuneError
+from .errors import DivergedError, ExperimentError, FinetuneError
 
 # The recipe module's YAML dialect and nearest-key suggestion, so experiment files read, look
 # and complain like recipes.
@@ -58,6 +58,7 @@ from .recipe import (
     RecipeDumper,
     suggest_key,
     apply_overrides,
+    computed_settings,
     dump_recipe_yaml,
     find_recipe,
     load_recipe,
@@ -66,6 +67,8 @@ from .recipe import (
     valid_keys,
 )
 from .report import flatten, format_table, read_run, varied_keys, write_report
+from .rundir import CHECKPOINT, is_run_folder, lock_held, run_dir_for, run_status, strict_json
+from .snapshot import write_text_atomically
 
 console = Console(stderr=True)
 
@@ -84,8 +87,6 @@ _RESERVED = {
 # Shared and command-line overrides may move the whole experiment (output.dir).
 _RESERVED_SHARED = ("name", "output.overwrite")
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-# Recipe keys that do not change what a run computes: a finished run is reused despite them.
-_NOT_COMPARED = ("description", "output.dir", "output.overwrite")
 # Short labels for the keys a sweep varies most, for run names like lr1e-3_bs32.
 _KEY_LABELS = {
     "optim.lr": "lr",
@@ -95,10 +96,6 @@ _KEY_LABELS = {
     "train.mode": "mode",
     "data.train_subset": "n",
 }
-
-
-class ExperimentError(FinetuneError):
-    """An experiment file, grid or experiment folder that cannot be used as it is."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,24 +136,26 @@ class PlannedRun:
         name: the variant's name.
         recipe: its complete recipe.
         run_dir: ``experiment folder / name``.
-        action: ``run`` (no folder yet), ``reuse`` (finished with this recipe) or ``replace`` (a
-            folder left by a failed or interrupted run).
-        reason: why, in words, for ``replace``.
+        action: ``run`` (no folder yet), ``reuse`` (finished with this recipe), ``resume`` (an
+            interrupted or failed run of this recipe, from its last checkpoint) or ``replace`` (an
+            unfinished run that cannot be resumed: it is moved aside, and deleted once the new run
+            finishes).
+        reason: why, in words, for ``resume`` and ``replace``.
     """
 
     name: str
     recipe: Recipe
     run_dir: Path
-    action: Literal["run", "reuse", "replace"]
+    action: Literal["run", "reuse", "resume", "replace"]
     reason: str = ""
 
 
 @dataclass(frozen=True)
 class VariantResult:
-    """How one variant ended: ``reused``, ``finished`` or ``failed`` (with ``error``)."""
+    """How one variant ended: ``reused``, ``finished``, ``diverged`` or ``failed`` (with ``error``)."""
 
     name: str
-    status: Literal["reused", "finished", "failed"]
+    status: Literal["reused", "finished", "diverged", "failed"]
     run_dir: Path
     error: str | None = None
 
@@ -179,8 +178,8 @@ class ExperimentResult:
 
     @property
     def failed(self) -> list[VariantResult]:
-        """The variants that failed."""
-        return [v for v in self.variants if v.status == "failed"]
+        """The variants that failed or diverged."""
+        return [v for v in self.variants if v.status in ("failed", "diverged")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,51 +594,50 @@ def sweep_experiment(
 
 
 def _comparable(recipe: Recipe) -> dict[str, Any]:
-    flat = flatten(recipe_to_dict(recipe))
-    return {k: v for k, v in flat.items() if k not in _NOT_COMPARED}
-
-
-def _read_status(run_dir: Path) -> str | None:
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return str(summary.get("status")) if isinstance(summary, dict) else None
-
-
-def _looks_like_run(run_dir: Path) -> bool:
-    return any((run_dir / f).exists() for f in ("recipe.yaml", "summary.json", "metrics.jsonl"))
+    return flatten(computed_settings(recipe))
 
 
 def plan_experiment(exp: Experiment) -> list[PlannedRun]:
-    """Decide for each variant whether to run it, reuse its finished run or replace its folder.
+    """Decide for each variant whether to run it, reuse its finished run, resume it or replace its folder.
 
     Raises:
         ExperimentError: a finished run whose recipe differs from its variant's (listing the
-            differing keys), or a variant folder that is not a run folder; every such variant is
-            named in one message, before anything runs.
+            differing keys), a variant folder that is not a run folder, or a run that another
+            process is training; every such variant is named in one message, before anything runs.
     """
     plans, conflicts = [], []
     for name, recipe in exp.variants:
-        run_dir = train.run_dir_for(recipe)
+        run_dir = run_dir_for(recipe)
         if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
             plans.append(PlannedRun(name, recipe, run_dir, "run"))
             continue
-        if not run_dir.is_dir() or not _looks_like_run(run_dir):
+        if not is_run_folder(run_dir):
             conflicts.append(f"{run_dir} exists but is not a finetune run folder.")
             continue
-        status = _read_status(run_dir)
-        if status != "finished":
-            reason = f"status {status}" if status else "no readable summary.json"
-            plans.append(PlannedRun(name, recipe, run_dir, "replace", reason))
+        if lock_held(run_dir):
+            conflicts.append(f"{run_dir} is being trained by another finetune process right now.")
             continue
+        status = run_status(run_dir)
         try:
             recorded = load_recipe(run_dir / "recipe.yaml")
         except RecipeError as err:
-            conflicts.append(f"{run_dir} finished, but its recipe.yaml cannot be read back: {err}")
+            if status != "finished":
+                plans.append(PlannedRun(name, recipe, run_dir, "replace", "its recipe.yaml cannot be read back"))
+            else:
+                conflicts.append(f"{run_dir} finished, but its recipe.yaml cannot be read back: {err}")
             continue
         old, new = _comparable(recorded), _comparable(recipe)
-        if old != new:
+        same = old == new
+        if status != "finished":
+            if status in ("interrupted", "failed") and same and (run_dir / CHECKPOINT).is_file():
+                plans.append(PlannedRun(name, recipe, run_dir, "resume", f"status {status}, from its last checkpoint"))
+            else:
+                why = f"status {status}" if status else "no readable summary.json"
+                if status in ("interrupted", "failed"):
+                    why += ", no checkpoint" if same else ", recipe changed"
+                plans.append(PlannedRun(name, recipe, run_dir, "replace", why))
+            continue
+        if not same:
             diffs = [k for k in dict.fromkeys([*new, *old]) if old.get(k, "<absent>") != new.get(k, "<absent>")]
             shown = ", ".join(f"{k}: {_show(old.get(k))} -> {_show(new.get(k))}" for k in diffs[:4])
             more = f" and {len(diffs) - 4} more" if len(diffs) > 4 else ""
@@ -693,31 +691,35 @@ def experiment_to_yaml(exp: Experiment) -> str:
 
 
 def _record_failure(run_dir: Path, recipe: Recipe, error: str, source: str | None) -> None:
-    """Leave a run folder that says the run failed, when the engine could not write one."""
+    """Leave a run folder that says the run failed, when the engine could not write one (it
+    failed before creating its folder); a folder the engine wrote already says how its run ended."""
+    if is_run_folder(run_dir) or lock_held(run_dir):
+        return
+    if run_dir.exists() and not run_dir.is_dir():
+        return  # a file where the run folder would go: the error says so; leave it alone
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "recipe.yaml").exists():
-        (run_dir / "recipe.yaml").write_text(dump_recipe_yaml(recipe), encoding="utf-8")
-    if _read_status(run_dir) != "failed":  # the engine records failures inside training itself
-        summary = {
-            "name": recipe.name,
-            "status": "failed",
-            "error": error,
-            "recipe_path": source,
-            "mode": recipe.train.mode,
-            "arch": recipe.model.arch,
-            "source": recipe.model.source,
-            "epochs": recipe.train.epochs,
-        }
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        write_text_atomically(run_dir / "recipe.yaml", dump_recipe_yaml(recipe))
+    summary = {
+        "name": recipe.name,
+        "status": "failed",
+        "error": error,
+        "recipe_path": source,
+        "mode": recipe.train.mode,
+        "arch": recipe.model.arch,
+        "source": recipe.model.source,
+        "epochs": recipe.train.epochs,
+    }
+    write_text_atomically(run_dir / "summary.json", strict_json(summary, indent=2) + "\n")
 
 
 def run_experiment(exp: Experiment, *, quiet: bool = False) -> ExperimentResult:
     """Run every variant that has no finished run yet, then write the report.
 
     A variant that raises (a :class:`FinetuneError` or any other exception) is recorded as failed
-    in its run folder and the next variant runs; ``ExperimentResult.failed`` lists them. A
-    ``KeyboardInterrupt`` stops the experiment (the engine marks the run interrupted; re-running
-    replaces it).
+    (or diverged) in its run folder and the next variant runs; ``ExperimentResult.failed`` lists
+    them. A ``KeyboardInterrupt`` stops the experiment: the engine saves a checkpoint and marks the
+    run interrupted, and re-running the experiment resumes it.
 
     Args:
         exp: from :func:`load_experiment` or :func:`sweep_experiment`.
@@ -738,23 +740,28 @@ def run_experiment(exp: Experiment, *, quiet: bool = False) -> ExperimentResult:
                 console.print(f"{prefix}: [dim]reusing the finished run in {plan.run_dir}[/]", highlight=False)
             results.append(VariantResult(plan.name, "reused", plan.run_dir))
             continue
-        if plan.action == "replace":
-            # Remove it here rather than through output.overwrite, so that a failure before the
-            # engine creates the new folder cannot leave the old run's files looking current.
-            shutil.rmtree(plan.run_dir)
         if not quiet:
-            again = f" (replacing an unfinished run: {plan.reason})" if plan.action == "replace" else ""
+            again = {"replace": f" (replacing an unfinished run: {plan.reason})",
+                     "resume": f" (resuming: {plan.reason})"}.get(plan.action, "")
             console.rule(f"{prefix}{again}", style="dim")
         try:
-            train.run(plan.recipe, recipe_path=exp.source, quiet=quiet)
+            if plan.action == "resume":
+                train.resume(plan.run_dir, quiet=quiet)
+            else:
+                # An unfinished run being replaced is moved aside when the new one starts and
+                # deleted only once it finishes (output.overwrite), so a failure loses nothing.
+                overwrite = plan.action == "replace"
+                recipe = plan.recipe.model_copy(update={"output": plan.recipe.output.model_copy(update={"overwrite": overwrite})})
+                train.run(recipe, recipe_path=exp.source, quiet=quiet)
         except Exception as exc:  # noqa: BLE001 - one broken variant must not cost the others
             error = f"{type(exc).__name__}: {exc}"
             _record_failure(plan.run_dir, plan.recipe, error, exp.source)
+            status = "diverged" if isinstance(exc, DivergedError) else "failed"
             if not quiet:
                 if not isinstance(exc, FinetuneError):  # a bug, not a user error: keep the traceback
                     console.print(traceback.format_exc(), style="dim", highlight=False, markup=False)
-                console.print(f"[red]{prefix} failed:[/] {error}", highlight=False)
-            results.append(VariantResult(plan.name, "failed", plan.run_dir, error))
+                console.print(f"[red]{prefix} {status}:[/] {error}", highlight=False)
+            results.append(VariantResult(plan.name, status, plan.run_dir, error))
             continue
         results.append(VariantResult(plan.name, "finished", plan.run_dir))
 

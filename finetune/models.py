@@ -41,6 +41,7 @@ from .checkpoint import (
 )
 from .errors import CheckpointError, FinetuneError, SourceNotFoundError
 from .pos_embed import PosEmbedMode, pos_embed_prefix_tokens, resize_model_input, to_2tuple
+from .snapshot import write_atomically, write_text_atomically
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -247,7 +248,8 @@ def _timm_create(arch: str, **kwargs: Any) -> nn.Module:
         ) from None
 
 
-def _classifier_names(model: nn.Module) -> list[str]:
+def head_names(model: nn.Module) -> list[str]:
+    """Module names of the classifier head(s): ``head``, and ``head_dist`` on distilled DeiT."""
     heads = model.get_classifier()
     heads = heads if isinstance(heads, tuple) else (heads,)
     names = {id(module): name for name, module in model.named_modules()}
@@ -373,7 +375,7 @@ def reset_head(model: nn.Module, num_classes: int) -> list[str]:
     (std 0.02) weights, zero bias.
     """
     model.reset_classifier(num_classes)
-    names = _classifier_names(model)
+    names = head_names(model)
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, nn.Linear):
@@ -536,8 +538,8 @@ def save_model(model: nn.Module, directory: str | Path, *, class_names: list[str
     """Write ``config.json`` + ``model.safetensors`` so that ``load_model(directory)`` rebuilds it.
 
     The weights file also carries the config in its metadata, so the ``.safetensors`` file alone
-    loads too. Files are written under temporary names and renamed, so an interrupted save never
-    leaves a half-written model.
+    loads too. Each file is written under a temporary name, flushed to disk and renamed, so an
+    interrupted save never leaves a half-written file.
     """
     from safetensors.torch import save_file
 
@@ -554,10 +556,27 @@ def save_model(model: nn.Module, directory: str | Path, *, class_names: list[str
             {"arch": config["architecture"], "model_args": config["model_args"], "pretrained_cfg": config["pretrained_cfg"]}
         ),
     }
-    tmp_weights = directory / f".{WEIGHTS_NAME}.tmp"
-    tmp_config = directory / f".{CONFIG_NAME}.tmp"
-    save_file(tensors, str(tmp_weights), metadata=meta)
-    tmp_config.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp_weights, directory / WEIGHTS_NAME)
-    os.replace(tmp_config, directory / CONFIG_NAME)
+    write_atomically(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    write_text_atomically(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return directory
+
+
+def model_from_config(config: dict[str, Any], **model_kwargs: Any) -> nn.Module:
+    """The architecture a :func:`model_config` dict describes, with uninitialised weights.
+
+    For loading a state dict saved from the same model (a training checkpoint): nothing is read
+    from the model's original source, so a run resumes even where that source is not available.
+
+    Args:
+        config: :func:`model_config`'s output.
+        **model_kwargs: constructor arguments it leaves out (``drop_path_rate``).
+    """
+    arch = config["architecture"]
+    args = dict(config.get("model_args") or {})
+    with torch.device("meta"):  # no random init: every tensor is about to be loaded
+        model = _timm_create(arch, num_classes=config["num_classes"], **args, **model_kwargs)
+    model = model.to_empty(device="cpu")
+    model.pretrained_cfg = dict(model.pretrained_cfg, **config.get("pretrained_cfg", {}))
+    model.finetune_spec = {"arch": arch, "model_args": args}
+    _sync_cfg(model)
+    return model

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from torch import nn
 
 from .errors import FinetuneError
-
-TrainMode = Literal["head", "full", "last_k", "scratch"]
-TRAIN_MODES: tuple[str, ...] = ("head", "full", "last_k", "scratch")
+from .models import head_names
+from .recipe import TRAIN_MODES, TrainMode
 
 
 @dataclass(frozen=True)
@@ -36,8 +34,7 @@ def count_parameters(model: nn.Module) -> ParamCounts:
 
 def head_modules(model: nn.Module) -> list[nn.Module]:
     """The classifier head(s): ``head`` and, on distilled DeiT, ``head_dist``."""
-    heads = model.get_classifier()
-    return list(heads) if isinstance(heads, tuple) else [heads]
+    return [model.get_submodule(name) for name in head_names(model)]
 
 
 def set_trainable(model: nn.Module, mode: TrainMode, *, last_k: int = 0) -> ParamCounts:

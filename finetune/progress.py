@@ -1,4 +1,7 @@
-"""Terminal progress for a training run: a rich progress bar plus one line per evaluated epoch."""
+"""Terminal progress for a training run: a rich progress bar plus one line per evaluated epoch.
+
+:class:`TrainProgress` is a callback of the training loop (``finetune.engine.Callback``).
+"""
 
 from __future__ import annotations
 
@@ -7,17 +10,24 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from .engine import Callback, TrainState
+
 console = Console(stderr=True, soft_wrap=True)  # epoch lines stay one line in logs
 
 
-class TrainProgress:
+class TrainProgress(Callback):
     """Progress bar over optimizer steps showing loss and images/s.
 
     Values are shown as of the last log interval: reading them more often would force a host
     sync on every step.
+
+    Args:
+        total_steps: optimizer steps of the whole run.
+        completed: steps already taken (a resumed run).
+        quiet: show nothing.
     """
 
-    def __init__(self, total_steps: int, *, quiet: bool = False):
+    def __init__(self, total_steps: int, *, completed: int = 0, quiet: bool = False):
         self.quiet = quiet
         self._progress = Progress(
             TextColumn("epoch {task.fields[epoch]}"),
@@ -31,7 +41,7 @@ class TrainProgress:
             disable=quiet,
             transient=False,
         )
-        self._task = self._progress.add_task("train", total=total_steps, epoch=1, loss="-", ips="-")
+        self._task = self._progress.add_task("train", total=total_steps, completed=completed, epoch=1, loss="-", ips="-")
 
     def __enter__(self) -> TrainProgress:
         self._progress.__enter__()
@@ -40,16 +50,22 @@ class TrainProgress:
     def __exit__(self, *exc: Any) -> None:
         self._progress.__exit__(*exc)
 
-    def advance(self, step: int, epoch: int) -> None:
-        self._progress.update(self._task, completed=step, epoch=epoch)
+    def note(self, text: str) -> None:
+        """Print a line above the bar (unless quiet)."""
+        if not self.quiet:
+            self._progress.console.print(text, highlight=False, markup=False)
 
-    def update(self, step: int, epoch: int, *, loss: float, images_per_s: float) -> None:
-        self._progress.update(self._task, completed=step, epoch=epoch, loss=f"{loss:.4f}", ips=f"{images_per_s:,.0f}")
+    def on_step_end(self, state: TrainState) -> None:
+        p = state.progress
+        self._progress.update(self._task, completed=p.step, epoch=p.epoch)
 
-    def epoch_done(self, epoch: int, row: dict[str, Any]) -> None:
-        if self.quiet:
+    def on_log(self, state: TrainState, row: dict[str, Any]) -> None:
+        self._progress.update(self._task, loss=f"{row['loss']:.4f}", ips=f"{row['images_per_s']:,.0f}")
+
+    def on_epoch_end(self, state: TrainState, row: dict[str, Any] | None) -> None:
+        if self.quiet or row is None:
             return
-        parts = [f"epoch {epoch}", f"train loss {row['train_loss']:.4f}"]
+        parts = [f"epoch {row['epoch']}", f"train loss {row['train_loss']:.4f}"]
         if row.get("train_acc1") is not None:
             parts.append(f"train acc {100 * row['train_acc1']:.2f}%")
         parts.append(f"test acc {100 * row['test_acc1']:.2f}% (top-5 {100 * row['test_acc5']:.2f}%)")

@@ -29,14 +29,14 @@ from pydantic import (
     model_validator,
 )
 
-from finetune.errors import FinetuneError
+from finetune.errors import RecipeError
 
 SHIPPED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 """The recipes folder of the repository, next to the package."""
 
-
-class RecipeError(FinetuneError):
-    """A recipe that cannot be read or does not validate."""
+TrainMode = Literal["head", "full", "last_k", "scratch"]
+"""What a run trains (``train.mode``); ``finetune.params.set_trainable`` implements each."""
+TRAIN_MODES: tuple[str, ...] = get_args(TrainMode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,7 +103,7 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     """What is trained, for how long and with which numerics."""
 
-    mode: Literal["head", "full", "last_k", "scratch"] = Field(
+    mode: TrainMode = Field(
         "full",
         description="head: train only the classifier; full: all layers; last_k: the last k blocks and "
         "the head; scratch: a new model from random weights.",
@@ -261,9 +261,20 @@ class OutputConfig(_Section):
     """Where and what a run writes."""
 
     dir: str = Field("runs", description="Folder that holds one sub-folder per run.")
-    overwrite: bool = Field(False, description="Replace an existing run folder of the same name.")
-    save_model: bool = Field(True, description="Save the fine-tuned weights.")
+    overwrite: bool = Field(
+        False,
+        description="Replace an existing run folder of the same name: it is moved aside when the new run "
+        "starts and deleted once the new run finishes (a folder that is not a run is never touched).",
+    )
+    save_model: bool = Field(True, description="Save the fine-tuned weights (and the best epoch's, with a val split).")
     plots: bool = Field(True, description="Draw loss and accuracy plots.")
+    checkpoint_every: int = Field(
+        1, ge=0, description="Epochs between checkpoints of the full training state (0: only at the end "
+        "and when stopped); finetune resume continues from the last one."
+    )
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, description="Also checkpoint every this many optimizer steps, for long epochs; null: off."
+    )
 
 
 class Recipe(_Section):
@@ -643,6 +654,20 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
 def recipe_to_dict(recipe: Recipe) -> dict:
     """Every field of the recipe, defaults included, as plain JSON/YAML types (tuples become lists)."""
     return recipe.model_dump(mode="json")
+
+
+def computed_settings(recipe: Recipe | dict) -> dict:
+    """The recipe as a dict without the keys that do not change what a run computes
+    (``description``, ``output.dir``, ``output.overwrite``): runs with equal settings train alike.
+
+    Args:
+        recipe: a recipe, or :func:`recipe_to_dict`'s output.
+    """
+    data = copy.deepcopy(recipe_to_dict(recipe) if isinstance(recipe, Recipe) else recipe)
+    data.pop("description", None)
+    for key in ("dir", "overwrite"):
+        data.get("output", {}).pop(key, None)
+    return data
 
 
 def dump_recipe_yaml(recipe: Recipe) -> str:

@@ -6,8 +6,13 @@ the resolved ``recipe.yaml``. This module reads them back and draws:
 - per run: loss and accuracy curves (:func:`plot_curves`) and a confusion matrix
   (:func:`plot_confusion`);
 - over runs: ``report.md`` and ``report.csv`` with one row per run, accuracy against epoch and
-  against training time, and, for a hyperparameter sweep, best accuracy against the swept
-  settings (:func:`write_report`).
+  against training time, and, for a hyperparameter sweep, accuracy against the swept settings
+  (:func:`write_report`).
+
+Runs are ranked honestly: by their best validation accuracy when every run has a validation split
+(each run's best epoch was chosen on validation, and its test accuracy is reported at that
+epoch), otherwise by the test accuracy after the last epoch. The best test accuracy over epochs is
+selected on the test set itself; it appears only in the CSV, labelled so, and never ranks a run.
 
 Figures are built with ``matplotlib.figure.Figure`` and saved through the Agg canvas instead of
 ``pyplot``: no backend is switched (a notebook keeps its own), no global figure list can leak
@@ -33,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from .errors import FinetuneError
+from .rundir import run_status
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -43,6 +49,7 @@ _IGNORED_KEYS = ("name", "description")
 _IGNORED_PREFIXES = ("output.",)
 # Statuses whose curves are worth drawing; a failed run's partial curve would look like a result.
 _PLOTTED = ("finished", "running")
+_BASIS_LABEL = {"val": "best val top-1", "final": "final test top-1"}
 _ERROR_WIDTH = 60  # characters of an error message that fit in a table cell
 
 
@@ -58,12 +65,18 @@ class RunRecord:
     Attributes:
         run_dir: the run directory.
         name: the run name (summary, else recipe, else the folder name).
-        status: ``finished``, ``running``, ``failed``, or ``missing`` (no ``summary.json``).
-        error: what went wrong, for failed and missing runs.
-        best_acc1: best test top-1 accuracy, 0..1.
-        best_epoch: the epoch of ``best_acc1``.
+        status: ``finished``, ``running``, ``interrupted`` (stopped, or its process died),
+            ``failed``, ``diverged``, or ``missing`` (no ``summary.json``).
+        error: what went wrong, for runs that did not finish.
+        selection: ``val`` (the run has a validation split and its best epoch was chosen on it) or
+            ``final`` (no validation split: the last epoch counts).
+        best_val_acc1: the best validation top-1 over epochs, 0..1 (``val`` runs).
+        best_epoch: the epoch of ``best_val_acc1``.
+        best_test_acc1: test top-1 at ``best_epoch``.
         final_acc1: test top-1 accuracy after the last epoch, 0..1.
         final_acc5: test top-5 accuracy after the last epoch, 0..1.
+        peak_test_acc1: the best test top-1 over epochs: selected on the test set, so optimistic;
+            reported only as such.
         epochs: planned number of epochs.
         epochs_done: epochs with an evaluation line in ``metrics.jsonl``.
         wall_time_s: wall-clock time of the whole run.
@@ -81,10 +94,13 @@ class RunRecord:
     name: str
     status: str
     error: str | None = None
-    best_acc1: float | None = None
+    selection: str = "final"
+    best_val_acc1: float | None = None
     best_epoch: int | None = None
+    best_test_acc1: float | None = None
     final_acc1: float | None = None
     final_acc5: float | None = None
+    peak_test_acc1: float | None = None
     epochs: int | None = None
     epochs_done: int = 0
     wall_time_s: float | None = None
@@ -101,6 +117,20 @@ class RunRecord:
     def ok(self) -> bool:
         """True when the run's curves can be plotted (finished or still running, with epochs)."""
         return self.status in _PLOTTED and bool(self.epoch_rows)
+
+    def score(self, basis: str) -> float | None:
+        """What ranks the run: ``best_val_acc1`` for basis ``val``, ``final_acc1`` for ``final``."""
+        return self.best_val_acc1 if basis == "val" else self.final_acc1
+
+
+def selection_basis(records: Sequence[RunRecord]) -> str:
+    """``val`` when every finished run chose its best epoch on a validation split, else ``final``.
+
+    Runs are only ranked by validation accuracy when all of them have it; otherwise by the test
+    accuracy after the last epoch, which no run selected on.
+    """
+    finished = [r for r in records if r.status == "finished"] or list(records)
+    return "val" if finished and all(r.selection == "val" and r.best_val_acc1 is not None for r in finished) else "final"
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -166,9 +196,13 @@ def read_run(run_dir: str | Path) -> RunRecord:
     elif isinstance(summary, dict):
         record.summary = summary
         record.status = str(summary.get("status") or "finished")
-        record.error = summary.get("error") or None
-        for name in ("best_acc1", "final_acc1", "final_acc5", "wall_time_s", "train_time_s",
-                     "images_per_s", "peak_memory_mb"):
+        if record.status == "running" and run_status(run_dir) == "interrupted":
+            record.status = "interrupted"
+            record.error = (f"its process stopped without a word (killed?); continue it with "
+                            f"`finetune resume {run_dir}`")
+        record.error = summary.get("error") or record.error
+        for name in ("best_val_acc1", "best_test_acc1", "final_acc1", "final_acc5", "peak_test_acc1",
+                     "wall_time_s", "train_time_s", "images_per_s", "peak_memory_mb"):
             setattr(record, name, _number(summary.get(name)))
         for name in ("best_epoch", "epochs", "params_trainable", "params_total"):
             value = _number(summary.get(name))
@@ -176,12 +210,19 @@ def read_run(run_dir: str | Path) -> RunRecord:
 
     record.name = str(record.summary.get("name") or record.recipe.get("name") or run_dir.name)
     tested = [r for r in record.epoch_rows if _number(r.get("test_acc1")) is not None]
+    validated = [r for r in tested if _number(r.get("val_acc1")) is not None]
     record.epochs_done = max((int(r.get("epoch", 0)) for r in record.epoch_rows), default=0)
-    if record.best_acc1 is None and tested:
-        best = max(tested, key=lambda r: r["test_acc1"])
-        record.best_acc1, record.best_epoch = float(best["test_acc1"]), best.get("epoch")
+    # Runs written before selection was recorded, and runs still going, are read from their
+    # epoch lines: a validation split means selection on it.
+    record.selection = str(record.summary.get("selection") or ("val" if validated else "final"))
+    if record.selection == "val" and record.best_val_acc1 is None and validated:
+        best = max(validated, key=lambda r: r["val_acc1"])  # max keeps the first of equal epochs
+        record.best_val_acc1, record.best_test_acc1 = float(best["val_acc1"]), float(best["test_acc1"])
+        record.best_epoch = int(best.get("epoch", 0)) or None
     if record.final_acc1 is None and tested:
         record.final_acc1 = float(tested[-1]["test_acc1"])
+    if record.peak_test_acc1 is None and tested:
+        record.peak_test_acc1 = max(float(r["test_acc1"]) for r in tested)
     if record.epochs is None and _number(record.recipe.get("train.epochs")) is not None:
         record.epochs = int(record.recipe["train.epochs"])
     return record
@@ -285,22 +326,26 @@ def format_table(records: Sequence[RunRecord], keys: Sequence[str]) -> str:
         keys: flattened recipe keys to show as columns, usually :func:`varied_keys`.
 
     Returns:
-        The table; the best "best top-1" is in bold.
+        The table. The figure runs are ranked by (:func:`selection_basis`) is in bold for the top
+        finished run: the best validation top-1, or the final test top-1.
     """
-    header = ["Run", "Status", *keys, "Best top-1 (%)", "Final top-1 (%)", "Epochs", "Time",
-              "Images/s", "Trainable params", "Total params", "Peak mem (MB)"]
-    texts = len(header) - 8  # the 8 columns after the settings are numbers: right-aligned
-    scores = [r.best_acc1 for r in records if r.best_acc1 is not None]
+    header = ["Run", "Status", *keys, "Val top-1 (%)", "Test top-1 at best val (%)", "Final test top-1 (%)",
+              "Epochs", "Time", "Images/s", "Trainable params", "Total params", "Peak mem (MB)"]
+    numbers = 9  # the columns after the settings are numbers: right-aligned
+    texts = len(header) - numbers
+    basis = selection_basis(records)
+    scores = [r.score(basis) for r in records if r.status == "finished" and r.score(basis) is not None]
     top = max(scores) if scores else None
     lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join([" --- "] * texts + [" ---: "] * 8) + "|"]
+             "|" + "|".join([" --- "] * texts + [" ---: "] * numbers) + "|"]
     for r in records:
-        best = _pct(r.best_acc1)
-        if top is not None and r.best_acc1 == top and len(records) > 1:
-            best = f"**{best}**"
+        accs = [_pct(r.best_val_acc1), _pct(r.best_test_acc1), _pct(r.final_acc1)]
+        if top is not None and r.status == "finished" and r.score(basis) == top and len(records) > 1:
+            column = 0 if basis == "val" else 2
+            accs[column] = f"**{accs[column]}**"
         row = [
             r.name, _status(r), *(format_value(r.recipe[k]) if k in r.recipe else "-" for k in keys),
-            best, _pct(r.final_acc1), _epochs(r), _duration(r.wall_time_s),
+            *accs, _epochs(r), _duration(r.wall_time_s),
             "-" if r.images_per_s is None else f"{r.images_per_s:,.0f}",
             _count(r.params_trainable), _count(r.params_total),
             "-" if r.peak_memory_mb is None else f"{r.peak_memory_mb:,.0f}",
@@ -532,14 +577,14 @@ def _ordered(values: Iterable[Any]) -> list[Any]:
     return distinct
 
 
-def _best_by_value(records: Sequence[RunRecord], key: str) -> list[tuple[Any, list[float]]]:
-    """Each value of ``key`` with the best accuracies (%) of the runs that used it."""
-    return [(v, [100 * r.best_acc1 for r in records if r.recipe.get(key) == v])
+def _scores_by_value(records: Sequence[RunRecord], key: str, basis: str) -> list[tuple[Any, list[float]]]:
+    """Each value of ``key`` with the scores (%, see :func:`selection_basis`) of the runs that used it."""
+    return [(v, [100 * r.score(basis) for r in records if r.recipe.get(key) == v])
             for v in _ordered(r.recipe.get(key) for r in records)]
 
 
-def _sweep_line(ax: Axes, records: Sequence[RunRecord], key: str) -> None:
-    groups = _best_by_value(records, key)
+def _sweep_line(ax: Axes, records: Sequence[RunRecord], key: str, basis: str) -> None:
+    groups = _scores_by_value(records, key, basis)
     values = [v for v, _ in groups]
     numeric = all(_number(v) is not None for v in values)
     xs = values if numeric else list(range(len(values)))
@@ -556,13 +601,13 @@ def _sweep_line(ax: Axes, records: Sequence[RunRecord], key: str) -> None:
     if not numeric or len(values) <= 8:
         ax.set_xticks(xs, [format_value(v) for v in values])
         ax.minorticks_off()
-    ax.set(xlabel=key, ylabel="best test top-1 (%)")
+    ax.set(xlabel=key, ylabel=f"{_BASIS_LABEL[basis]} (%)")
     ax.margins(y=0.12)  # room for the labels above the top points
     ax.grid(alpha=0.3)
 
 
 def _sweep_heatmap(
-    fig: Figure, ax: Axes, records: Sequence[RunRecord], row_key: str, col_key: str
+    fig: Figure, ax: Axes, records: Sequence[RunRecord], row_key: str, col_key: str, basis: str
 ) -> None:
     import numpy as np
     from matplotlib.patches import Rectangle
@@ -573,12 +618,12 @@ def _sweep_heatmap(
     runs = np.zeros_like(grid, dtype=int)
     for i, rv in enumerate(rows):
         for j, cv in enumerate(cols):
-            accs = [100 * r.best_acc1 for r in records
+            accs = [100 * r.score(basis) for r in records
                     if r.recipe.get(row_key) == rv and r.recipe.get(col_key) == cv]
             if accs:
                 grid[i, j], runs[i, j] = sum(accs) / len(accs), len(accs)
     image = ax.imshow(grid, cmap="viridis", aspect="auto")
-    fig.colorbar(image, ax=ax, label="best test top-1 (%)")
+    fig.colorbar(image, ax=ax, label=f"{_BASIS_LABEL[basis]} (%)")
     lo, hi = np.nanmin(grid), np.nanmax(grid)
     for i, j in np.ndindex(grid.shape):
         if not np.isnan(grid[i, j]):
@@ -594,33 +639,36 @@ def _sweep_heatmap(
 
 
 def plot_sweep(records: Sequence[RunRecord], keys: Sequence[str], out_png: str | Path) -> Path:
-    """Best test accuracy against the swept settings.
+    """Accuracy against the swept settings: the best validation top-1 when every run has a
+    validation split, else the final test top-1 (:func:`selection_basis`).
 
     One key: a line over its values. Two keys: a heatmap, rows the first key, columns the
     second. More keys: one line per key, each point the mean over the other keys' values.
 
     Args:
-        records: finished runs (with ``best_acc1``).
+        records: finished runs.
         keys: flattened recipe keys.
         out_png: where to write the PNG.
 
     Returns:
         ``out_png``.
     """
+    basis = selection_basis(records)
+    records = [r for r in records if r.score(basis) is not None]
     if len(keys) == 2:
         fig = _figure(7, 5.5)
         ax = fig.subplots()
-        _sweep_heatmap(fig, ax, records, keys[0], keys[1])
+        _sweep_heatmap(fig, ax, records, keys[0], keys[1], basis)
     else:
         ncols = min(3, len(keys))
         nrows = math.ceil(len(keys) / ncols)
         fig = _figure(5 * ncols, 4 * nrows)
         axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
         for ax, key in zip(axes, keys):
-            _sweep_line(ax, records, key)
+            _sweep_line(ax, records, key, basis)
         for ax in axes[len(keys):]:
             ax.set_visible(False)
-    fig.suptitle(f"Best test top-1 over {len(records)} runs")
+    fig.suptitle(f"{_BASIS_LABEL[basis].capitalize()} over {len(records)} runs (one seed each unless repeated)")
     return _save(fig, out_png)
 
 
@@ -679,7 +727,7 @@ def write_report(
         labels = _legend_labels(plotted, sweep_keys or keys)
         paths["acc_vs_epoch"] = _plot_accuracy(plotted, labels, out_dir / "acc_vs_epoch.png", "epoch")
         paths["acc_vs_time"] = _plot_accuracy(plotted, labels, out_dir / "acc_vs_time.png", "time_s")
-    finished = [r for r in records if r.status == "finished" and r.best_acc1 is not None]
+    finished = [r for r in records if r.status == "finished" and r.final_acc1 is not None]
     if sweep_keys and finished:
         paths["sweep"] = plot_sweep(finished, sweep_keys, out_dir / "sweep.png")
 
@@ -691,7 +739,8 @@ def write_report(
 
 def _write_csv(records: Sequence[RunRecord], keys: Sequence[str], path: Path) -> Path:
     """Full-precision numbers for further analysis; accuracies in percent like the Markdown."""
-    columns = ["name", "status", *keys, "best_top1_pct", "best_epoch", "final_top1_pct", "final_top5_pct",
+    columns = ["name", "status", *keys, "selection", "best_val_top1_pct", "best_epoch", "test_top1_at_best_val_pct",
+               "final_top1_pct", "final_top5_pct", "peak_test_top1_pct_selected_on_test",
                "epochs", "epochs_done", "wall_time_s", "train_time_s", "images_per_s",
                "params_trainable", "params_total", "peak_memory_mb", "error", "run_dir"]
 
@@ -704,7 +753,8 @@ def _write_csv(records: Sequence[RunRecord], keys: Sequence[str], path: Path) ->
         for r in records:
             writer.writerow([
                 r.name, r.status, *(format_value(r.recipe[k]) if k in r.recipe else "" for k in keys),
-                pct(r.best_acc1), r.best_epoch, pct(r.final_acc1), pct(r.final_acc5), r.epochs,
+                r.selection, pct(r.best_val_acc1), r.best_epoch, pct(r.best_test_acc1),
+                pct(r.final_acc1), pct(r.final_acc5), pct(r.peak_test_acc1), r.epochs,
                 r.epochs_done, r.wall_time_s, r.train_time_s, r.images_per_s, r.params_trainable,
                 r.params_total, r.peak_memory_mb, r.error, str(r.run_dir),
             ])  # csv writes None as an empty field
@@ -722,18 +772,27 @@ def _markdown(
     lines = [f"# {title or 'Run comparison'}", "",
              f"{len(records)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + ". "
              + (f"Settings that differ: {differ}." if keys else "All settings are equal.")]
-    scored = [r for r in records if r.best_acc1 is not None and r.status == "finished"]
+    basis = selection_basis(records)
+    scored = [r for r in records if r.status == "finished" and r.score(basis) is not None]
     if scored:
-        best = max(scored, key=lambda r: r.best_acc1)
-        at = f" at epoch {best.best_epoch}" if best.best_epoch is not None else ""
-        lines.append(f"Best: **{best.name}**, {_pct(best.best_acc1)}% test top-1{at}.")
+        best = max(scored, key=lambda r: r.score(basis))
+        if basis == "val":
+            lines.append(f"Best on validation: **{best.name}**, {_pct(best.best_val_acc1)}% val top-1 at epoch "
+                         f"{best.best_epoch} (test top-1 at that epoch {_pct(best.best_test_acc1)}%).")
+        else:
+            lines.append(f"Best: **{best.name}**, {_pct(best.final_acc1)}% test top-1 after the last epoch.")
+    how = ("Runs are ranked by their best validation top-1; each run's best epoch was chosen on validation "
+           "and its test top-1 is given at that epoch." if basis == "val" else
+           "Not every run has a validation split, so runs are ranked by test top-1 after the last epoch; "
+           "no epoch was selected on the test set.")
     lines += ["", format_table(records, keys), "",
-              "Accuracies are test top-1 in percent; Time is the run's wall-clock time."]
+              f"Accuracies are top-1 in percent, from one run (one seed) each unless a seed column says "
+              f"otherwise. {how} Time is the run's wall-clock time."]
     if "acc_vs_epoch" in paths:
         lines += ["", "## Test accuracy", "", "![Test top-1 against epoch](acc_vs_epoch.png)", "",
                   "![Test top-1 against training time](acc_vs_time.png)"]
     if "sweep" in paths:
-        lines += ["", "## Sweep", "", "![Best test top-1 against the swept settings](sweep.png)"]
+        lines += ["", "## Sweep", "", f"![{_BASIS_LABEL[basis].capitalize()} against the swept settings](sweep.png)"]
     failed = [r for r in records if r.error]
     if failed:
         lines += ["", "## Errors", ""]

@@ -74,7 +74,7 @@ def finished_run(tmp_path_factory):
     result = invoke("run", *QUICK, f"output.dir={out}", "-q")
     assert result.exit_code == 0, result.output
     run_dir = out / "quick_cpu"
-    assert "done quick_cpu: test top-1" in result.stdout and str(run_dir) in result.stdout.replace("\n", "")
+    assert "done quick_cpu: final test top-1" in result.stdout and str(run_dir) in result.stdout.replace("\n", "")
     return run_dir, json.loads((run_dir / "summary.json").read_text())
 
 
@@ -357,7 +357,7 @@ def test_main_recipe_end_to_end_offline(tmp_path, hub_cache, no_network, monkeyp
         "data.batch_size=8", "train.epochs=1", f"output.dir={tmp_path / 'runs'}", "-q",
     )
     assert result.exit_code == 0, result.output
-    assert "done deit_tiny_cifar: test top-1" in result.stdout
+    assert "done deit_tiny_cifar: final test top-1" in result.stdout
     run_dir = tmp_path / "runs" / "deit_tiny_cifar"
     summary = json.loads((run_dir / "summary.json").read_text())
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -63,7 +66,7 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def spy_runs(monkeypatch) -> list[str]:
-    """Record the name of every recipe that finetune.train.run trains."""
+    """Record the name of every recipe that finetune.train.run trains (from scratch, not resumed)."""
     calls: list[str] = []
     real_run = train.run
 
@@ -72,6 +75,19 @@ def spy_runs(monkeypatch) -> list[str]:
         return real_run(recipe, **kwargs)
 
     monkeypatch.setattr(train, "run", spy)
+    return calls
+
+
+def spy_resumes(monkeypatch) -> list[str]:
+    """Record the folder name of every run that finetune.train.resume continues."""
+    calls: list[str] = []
+    real_resume = train.resume
+
+    def spy(run_dir, **kwargs):
+        calls.append(Path(run_dir).name)
+        return real_resume(run_dir, **kwargs)
+
+    monkeypatch.setattr(train, "resume", spy)
     return calls
 
 
@@ -122,7 +138,7 @@ def test_compare_writes_the_table_and_plots(finished):
     assert {"optim.lr", "train.epochs", "data.batch_size"} <= set(rows[0])
     assert "data.synthetic_train" not in rows[0]
     assert [r["train.epochs"] for r in rows] == ["1", "1", "2"]
-    assert all(0 <= float(r["best_top1_pct"]) <= 100 for r in rows)
+    assert all(0 <= float(r["final_top1_pct"]) <= 100 for r in rows)
     for kind in ("acc_vs_epoch", "acc_vs_time"):
         assert result.report[kind].read_bytes().startswith(PNG_MAGIC)
     assert "sweep" not in result.report  # a comparison, not a sweep
@@ -188,31 +204,86 @@ def test_overrides_apply_to_every_variant_after_its_own_settings(tmp_path):
 # --- resume -----------------------------------------------------------------------------------
 
 
-def test_rerun_reuses_finished_runs_and_replaces_unfinished_ones(tmp_path, monkeypatch):
+def test_rerun_reuses_finished_runs_resumes_interrupted_ones_and_replaces_the_rest(tmp_path, monkeypatch):
     path = write_experiment(tmp_path, {"a": {}, "b": {"optim.lr": 3.0e-3}, "c": {"train.epochs": 2}})
-    calls = spy_runs(monkeypatch)
+    calls, resumed = spy_runs(monkeypatch), spy_resumes(monkeypatch)
     run_experiment(load_experiment(path), quiet=True)
     assert calls == ["a", "b", "c"]
     exp_dir = tmp_path / "runs" / "exp"
     a_mtime = (exp_dir / "a" / "summary.json").stat().st_mtime_ns
 
-    # b was interrupted (Ctrl-C) and c was killed before writing a summary.
+    # b was interrupted (Ctrl-C) and c was killed before writing a summary or a checkpoint.
     summary = summary_of(exp_dir / "b") | {"status": "interrupted"}
     (exp_dir / "b" / "summary.json").write_text(json.dumps(summary))
     (exp_dir / "c" / "summary.json").unlink()
+    (exp_dir / "c" / "checkpoints" / "last.safetensors").unlink()
     (exp_dir / "c" / "stale.txt").write_text("left by the killed run")
 
+    assert [(p.action, p.reason) for p in plan_experiment(load_experiment(path))] == [
+        ("reuse", ""), ("resume", "status interrupted, from its last checkpoint"),
+        ("replace", "no readable summary.json"),
+    ]
     calls.clear()
     result = run_experiment(load_experiment(path), quiet=True)
-    assert calls == ["b", "c"]
+    assert calls == ["c"] and resumed == ["b"]
     assert [v.status for v in result.variants] == ["reused", "finished", "finished"]
     assert (exp_dir / "a" / "summary.json").stat().st_mtime_ns == a_mtime
     assert summary_of(exp_dir / "b")["status"] == "finished"
     assert not (exp_dir / "c" / "stale.txt").exists()  # the folder was replaced, not patched
+    assert sorted(p.name for p in exp_dir.iterdir() if p.name.startswith(".")) == []  # nothing left aside
 
     calls.clear()
     assert [v.status for v in run_experiment(load_experiment(path), quiet=True).variants] == ["reused"] * 3
     assert calls == []
+
+
+def test_an_experiment_stopped_mid_variant_resumes_it_exactly(tmp_path, monkeypatch):
+    import finetune.engine as engine
+    from safetensors.torch import load_file
+
+    from finetune.errors import RunInterrupted
+    from finetune.rundir import CHECKPOINT
+
+    path = write_experiment(tmp_path, {"a": {}, "b": {"train.epochs": 3}, "c": {}})
+    real_step = engine._optimizer_step
+
+    def stop_b_at_step_5(state):
+        real_step(state)
+        if state.recipe.name == "b" and state.progress.step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(engine, "_optimizer_step", stop_b_at_step_5)
+    with pytest.raises(RunInterrupted):
+        run_experiment(load_experiment(path), quiet=True)
+    exp_dir = tmp_path / "runs" / "exp"
+    assert summary_of(exp_dir / "b")["status"] == "interrupted" and not (exp_dir / "c").exists()
+
+    monkeypatch.undo()
+    calls, resumed = spy_runs(monkeypatch), spy_resumes(monkeypatch)
+    result = runner.invoke(app, ["compare", str(path), "-q"])
+    assert result.exit_code == 0, result.output
+    assert calls == ["c"] and resumed == ["b"]
+    # The same variant trained without the interruption ends with the same weights.
+    again = write_experiment(tmp_path, {"b": {"train.epochs": 3}}, name="again")
+    run_experiment(load_experiment(again), quiet=True)
+    resumed_w = load_file(exp_dir / "b" / CHECKPOINT)
+    straight_w = load_file(tmp_path / "runs" / "again" / "b" / CHECKPOINT)
+    model_keys = [k for k in straight_w if k.startswith("model/")]
+    assert model_keys and all(torch.equal(resumed_w[k], straight_w[k]) for k in model_keys)
+
+
+def test_a_variant_being_trained_elsewhere_is_not_touched(tmp_path):
+    from finetune.recipe import load_recipe
+    from finetune.rundir import RunDir
+
+    path = write_experiment(tmp_path, {"a": {}})
+    folder = tmp_path / "runs" / "exp" / "a"
+    holder = RunDir.create(folder, load_recipe(QUICK), {"status": "running"}, overwrite=False)
+    try:
+        with pytest.raises(ExperimentError, match="being trained by another finetune process"):
+            run_experiment(load_experiment(path), quiet=True)
+    finally:
+        holder.close()
 
 
 def test_a_finished_run_with_another_recipe_is_refused(tmp_path, monkeypatch):
@@ -240,14 +311,16 @@ def test_a_finished_run_with_another_recipe_is_refused(tmp_path, monkeypatch):
 
 
 def test_failed_variants_are_recorded_and_the_rest_still_run(tmp_path, monkeypatch):
-    real_evaluate = train.evaluate
+    import finetune.engine as engine
+
+    real_evaluate = engine.evaluate
 
     def evaluate(model, loader, num_classes, **kwargs):
         if loader.batch_size == 48:  # only the `crash` variant: a bug inside the training loop
             raise RuntimeError("boom in evaluation")
         return real_evaluate(model, loader, num_classes, **kwargs)
 
-    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(engine, "evaluate", evaluate)
     missing = tmp_path / "missing.safetensors"
     path = write_experiment(tmp_path, {
         "first": {},

@@ -57,11 +57,14 @@ def make_run(
     error: str | None = None,
     summary: bool = True,
     val: bool = False,
+    val_accs: list[float] | None = None,
     **recipe_overrides,
 ) -> Path:
     """Write a run directory: recipe.yaml, metrics.jsonl and (unless ``summary=False``) summary.json.
 
-    Test accuracy rises towards ``peak``; each epoch takes 10 s of training.
+    Test accuracy rises towards ``peak``; each epoch takes 10 s of training. With ``val``, the
+    validation accuracy is ``val_accs`` (default: 0.01 below the test accuracy), and the summary
+    selects the best epoch on it, as the engine does.
     """
     run = root / name
     run.mkdir(parents=True)
@@ -78,16 +81,23 @@ def make_run(
                           "images_per_s": 640.0})
         acc = peak * (1 - 0.5 ** epoch)
         accs.append(acc)
+        val_acc = (val_accs[epoch - 1] if val_accs else acc - 0.01) if val else None
         lines.append({"kind": "epoch", "epoch": epoch, "step": epoch * steps_per_epoch,
                       "time_s": 10.0 * epoch, "train_loss": 2.0 / epoch, "train_acc1": acc + 0.05,
                       "test_acc1": acc, "test_acc5": min(1.0, acc + 0.3), "test_loss": 2.1 / epoch,
-                      "val_acc1": acc - 0.01 if val else None, "lr": 1e-3})
+                      "val_acc1": val_acc, "lr": 1e-3})
     (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     if summary:
-        best = max(range(epochs), key=accs.__getitem__)
+        selected = {"selection": "final"}
+        if val:
+            vals = [line["val_acc1"] for line in lines if line["kind"] == "epoch"]
+            best = max(range(epochs), key=vals.__getitem__)
+            selected = {"selection": "val", "best_epoch": best + 1, "best_val_acc1": vals[best],
+                        "best_test_acc1": accs[best], "final_val_acc1": vals[-1]}
+        peak_epoch = max(range(epochs), key=accs.__getitem__)
         (run / "summary.json").write_text(json.dumps({
             "name": name, "status": status, "error": error, "recipe_path": f"recipes/{name}.yaml",
-            "epochs": epochs, "best_acc1": accs[best], "best_epoch": best + 1,
+            "epochs": epochs, **selected, "peak_test_acc1": accs[peak_epoch], "peak_test_epoch": peak_epoch + 1,
             "final_acc1": accs[-1], "final_acc5": min(1.0, accs[-1] + 0.3), "final_loss": 0.7,
             "train_images": 50000, "params_trainable": 1930, "params_total": 5526346,
             "wall_time_s": 12.0 * epochs + 3.0, "train_time_s": 10.0 * epochs, "images_per_s": 4321.5,
@@ -169,8 +179,9 @@ def test_plot_confusion_rejects_mismatched_classes(tmp_path):
 def test_read_run_finished(tmp_path):
     r = read_run(make_run(tmp_path, "good", epochs=4, peak=0.8))
     assert (r.name, r.status, r.error) == ("good", "finished", None)
-    assert r.best_acc1 == pytest.approx(0.8 * (1 - 0.5**4))
-    assert r.best_epoch == 4 and r.epochs == 4 and r.epochs_done == 4
+    assert r.selection == "final" and r.final_acc1 == pytest.approx(0.8 * (1 - 0.5**4))
+    assert r.best_val_acc1 is None and r.best_epoch is None  # no validation split: nothing selected
+    assert r.score("final") == r.final_acc1 and r.epochs == 4 and r.epochs_done == 4
     assert len(r.epoch_rows) == 4 and all(row["kind"] == "epoch" for row in r.epoch_rows)
     assert r.recipe["optim.lr"] == 1e-3 and r.recipe["data.mean"] == [0.5, 0.5, 0.5]
     assert r.params_total == 5526346 and r.peak_memory_mb == 1234.5
@@ -181,8 +192,19 @@ def test_read_run_without_summary_is_missing_with_accuracy_from_metrics(tmp_path
     r = read_run(make_run(tmp_path, "crashed", epochs=2, summary=False))
     assert r.status == "missing" and "summary.json" in r.error
     assert r.name == "crashed"  # from the recipe
-    assert r.best_acc1 == pytest.approx(0.6 * 0.75) and r.epochs_done == 2
+    assert r.final_acc1 == pytest.approx(0.6 * 0.75) and r.epochs_done == 2
     assert not r.ok
+
+
+def test_read_run_selects_on_validation_from_the_summary_or_the_metrics(tmp_path):
+    # Validation peaks at epoch 2, the test set at epoch 4: the run's figure is epoch 2's.
+    run = make_run(tmp_path, "v", epochs=4, val=True, val_accs=[0.3, 0.6, 0.5, 0.55])
+    for r in (read_run(run), read_run(make_run(tmp_path, "v2", epochs=4, val=True,
+                                                val_accs=[0.3, 0.6, 0.5, 0.55], summary=False))):
+        assert r.selection == "val" and r.best_epoch == 2 and r.best_val_acc1 == 0.6
+        assert r.best_test_acc1 == pytest.approx(0.6 * 0.75)  # test at epoch 2, not the test peak
+        assert r.peak_test_acc1 == pytest.approx(0.6 * (1 - 0.5**4)) == r.final_acc1
+        assert r.score("val") == 0.6
 
 
 def test_read_run_unreadable_summary_and_absent_folder(tmp_path):
@@ -226,8 +248,8 @@ def test_format_table_values(tmp_path):
     assert header[:3] == ["Run", "Status", "optim.lr"]
     cell = dict(zip(header, good))
     assert cell["optim.lr"] == "0.001" and dict(zip(header, bad))["optim.lr"] == "1e-05"
-    assert cell["Best top-1 (%)"] == "**78.75**"  # 0.9 * (1 - 1/8), 2 decimals, best in bold
-    assert cell["Final top-1 (%)"] == "78.75"
+    assert cell["Final test top-1 (%)"] == "**78.75**"  # 0.9 * (1 - 1/8), 2 decimals, best in bold
+    assert cell["Val top-1 (%)"] == cell["Test top-1 at best val (%)"] == "-"  # no validation split
     assert cell["Epochs"] == "3" and cell["Time"] == "39.0s" and cell["Images/s"] == "4,322"
     assert cell["Trainable params"] == "1.93k" and cell["Total params"] == "5.53M"
     assert cell["Peak mem (MB)"] == "1,234"
@@ -256,8 +278,9 @@ def test_write_report_tables_and_plots(tmp_path):
     assert list(rows[0])[:4] == ["name", "status", "train.epochs", "optim.lr"]
     assert [r["optim.lr"] for r in rows] == ["0.001", "0.0001", "0.01", "0.003"]
     assert [r["status"] for r in rows] == ["finished", "finished", "failed", "missing"]
-    assert float(rows[1]["best_top1_pct"]) == pytest.approx(100 * 0.8 * (1 - 0.5**5), abs=1e-4)
-    assert rows[1]["best_epoch"] == "5" and rows[0]["params_total"] == "5526346"
+    assert float(rows[1]["final_top1_pct"]) == pytest.approx(100 * 0.8 * (1 - 0.5**5), abs=1e-4)
+    assert rows[1]["selection"] == "final" and rows[1]["best_epoch"] == "" and rows[0]["params_total"] == "5526346"
+    assert float(rows[1]["peak_test_top1_pct_selected_on_test"]) == pytest.approx(100 * 0.8 * (1 - 0.5**5), abs=1e-4)
     assert "loss is nan" in rows[2]["error"] and rows[3]["peak_memory_mb"] == ""
 
     md = paths["markdown"].read_text()
@@ -268,9 +291,39 @@ def test_write_report_tables_and_plots(tmp_path):
     # a traceback is shortened to its last line
     assert by_name["lr1e-2"]["Status"] == "failed: FloatingPointError: loss is nan"
     assert by_name["killed"]["Status"].startswith("missing: no summary.json")
-    assert by_name["lr1e-4"]["Best top-1 (%)"] == "**77.50**"
+    assert by_name["lr1e-4"]["Final test top-1 (%)"] == "**77.50**"
+    assert "ranked by test top-1 after the last epoch" in md and "one seed" in md
     assert "acc_vs_epoch.png" in md and "acc_vs_time.png" in md and "sweep.png" not in md
     assert "## Errors" in md and "Settings shared by all runs" in md
+
+
+def test_runs_with_validation_are_ranked_by_it_not_by_test(tmp_path):
+    # "a" has the better test accuracy, "b" the better validation accuracy: b ranks first, and the
+    # test accuracy reported for it is the one at its best validation epoch.
+    runs = [
+        make_run(tmp_path, "a", peak=0.9, val=True, val_accs=[0.5, 0.55, 0.6], optim__lr=1e-3),
+        make_run(tmp_path, "b", peak=0.6, val=True, val_accs=[0.7, 0.65, 0.62], optim__lr=1e-4),
+    ]
+    paths = write_report(runs, tmp_path / "out", sweep_keys=["optim.lr"])
+    md = paths["markdown"].read_text()
+    table = table_rows(md)
+    by_name = {row[0]: dict(zip(table[0], row)) for row in table[1:]}
+    assert by_name["b"]["Val top-1 (%)"] == "**70.00**" and by_name["a"]["Val top-1 (%)"] == "60.00"
+    assert by_name["b"]["Test top-1 at best val (%)"] == "30.00"  # epoch 1: 0.6 * 0.5
+    assert "Best on validation: **b**, 70.00% val top-1 at epoch 1" in md
+    assert "ranked by their best validation top-1" in md
+    assert_png(paths["sweep"])
+    # One run without a validation split: nothing is ranked on validation any more.
+    runs.append(make_run(tmp_path, "c", peak=0.5, optim__lr=1e-2))
+    md = write_report(runs, tmp_path / "mixed")["markdown"].read_text()
+    assert "Best: **a**" in md and "ranked by test top-1 after the last epoch" in md
+
+
+def test_a_killed_run_reads_as_interrupted(tmp_path):
+    run = make_run(tmp_path, "killed", status="running")
+    (run / ".lock").write_text("4242\n")  # its process is gone: nobody holds the lock
+    r = read_run(run)
+    assert r.status == "interrupted" and "finetune resume" in r.error
 
 
 def test_write_report_all_failed_writes_tables_only(tmp_path):

@@ -18,18 +18,12 @@ from safetensors.torch import load_file
 from conftest import REPO_ROOT
 from finetune import count_parameters, create_model, load_model, save_model
 from finetune.data import BatchLoader
+from finetune.engine import build_optimizer, build_scheduler
 from finetune.errors import FinetuneError
+from finetune.evaluate import evaluate
 from finetune.recipe import load_recipe
 from finetune.report import read_metrics
-from finetune.train import (
-    RunWriter,
-    build_optimizer,
-    build_scheduler,
-    evaluate,
-    prepare,
-    run,
-    run_dir_for,
-)
+from finetune.train import prepare, run, run_dir_for
 
 QUICK = REPO_ROOT / "recipes" / "quick_cpu.yaml"
 CPU = torch.device("cpu")
@@ -85,9 +79,12 @@ def test_run_writes_a_complete_self_describing_run_directory(tmp_path):
 
     # Exactly these files: no temporary leftovers from the atomic writes.
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "config.json", "confusion_matrix.png", "curves.png", "metrics.jsonl", "model.safetensors",
-        "recipe.yaml", "summary.json",
+        ".lock", "best", "checkpoints", "config.json", "confusion_matrix.png", "curves.png", "metrics.jsonl",
+        "model.safetensors", "recipe.yaml", "summary.json",
     ]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.safetensors"]
+    assert sorted(p.name for p in (run_dir / "best").iterdir()) == ["config.json", "model.safetensors"]
+    assert not list(run_dir.parent.glob(".*"))  # no staging folder left beside it
     assert load_recipe(run_dir / "recipe.yaml") == recipe
 
     # 256 synthetic images - 32 held out = 224 = 7 steps of 32 per epoch, a line every 2 steps.
@@ -111,8 +108,14 @@ def test_run_writes_a_complete_self_describing_run_directory(tmp_path):
     assert on_disk == json.loads(json.dumps(summary))
     assert summary["status"] == "finished" and summary["error"] is None
     assert summary["final_acc1"] == epochs[-1]["test_acc1"]
-    assert summary["best_acc1"] == max(row["test_acc1"] for row in epochs)
-    assert epochs[summary["best_epoch"] - 1]["test_acc1"] == summary["best_acc1"]
+    assert summary["final_val_acc1"] == epochs[-1]["val_acc1"]
+    # The best epoch is chosen on validation; its test accuracy is reported, not chosen.
+    assert summary["selection"] == "val"
+    assert summary["best_val_acc1"] == max(row["val_acc1"] for row in epochs)
+    best_row = epochs[summary["best_epoch"] - 1]
+    assert best_row["val_acc1"] == summary["best_val_acc1"] and best_row["test_acc1"] == summary["best_test_acc1"]
+    assert summary["peak_test_acc1"] == max(row["test_acc1"] for row in epochs)
+    assert "best_acc1" not in summary  # the old, test-selected name is gone
     assert 0.0 <= summary["final_acc1"] <= summary["final_acc5"] <= 1.0
     assert summary["params_trainable"] == summary["params_total"] == count_parameters(prepared.model).total
     assert (summary["train_images"], summary["test_images"], summary["steps"]) == (224, 128, 14)
@@ -145,18 +148,6 @@ def test_saved_model_records_the_normalisation_it_was_trained_with(tmp_path):
     assert (list(cfg["mean"]), list(cfg["std"])) == ([0.2] * 3, [0.3] * 3)
 
 
-def test_run_writer_refuses_an_existing_run_folder(tmp_path):
-    recipe = quick(tmp_path)
-    folder = run_dir_for(recipe)
-    folder.mkdir(parents=True)
-    (folder / "earlier.txt").write_text("an earlier run")
-    with pytest.raises(FinetuneError, match="already exists"):
-        RunWriter(folder, recipe).start(overwrite=False)
-    assert (folder / "earlier.txt").read_text() == "an earlier run"
-    writer = RunWriter(folder, recipe)
-    writer.start(overwrite=True)
-    writer.close()
-    assert sorted(p.name for p in folder.iterdir()) == ["metrics.jsonl", "recipe.yaml"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +172,7 @@ def test_same_seed_gives_the_same_run_and_another_seed_does_not(tmp_path):
         losses = [row["loss"] for row in metric_lines(recipe, "step")]
         results[name] = (summary, losses, saved_weights(recipe))
     (a, a_losses, a_weights), (b, b_losses, b_weights), (c, c_losses, _) = results.values()
-    for key in ("final_acc1", "final_acc5", "final_loss", "best_acc1", "confusion_matrix"):
+    for key in ("final_acc1", "final_acc5", "final_loss", "peak_test_acc1", "confusion_matrix"):
         assert a[key] == b[key], key
     assert a_losses == b_losses
     assert all(torch.equal(a_weights[k], b_weights[k]) for k in a_weights)
@@ -458,22 +449,3 @@ def test_a_file_where_the_run_folder_goes_is_an_error(tmp_path):
     (tmp_path / "runs" / "quick_cpu").write_text("not a folder")
     with pytest.raises(FinetuneError, match="is a file"):
         prepare(quick(tmp_path))
-
-
-def test_sigterm_marks_the_run_interrupted(tmp_path, monkeypatch):
-    import os
-    import signal
-
-    import finetune.train as engine
-
-    def terminated(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` or a scheduler would
-        raise AssertionError("SIGTERM did not interrupt the run")
-
-    monkeypatch.setattr(engine, "evaluate", terminated)
-    recipe = quick(tmp_path, NO_PLOTS)
-    with pytest.raises(KeyboardInterrupt):
-        run(recipe, quiet=True)
-    summary = json.loads((run_dir_for(recipe) / "summary.json").read_text())
-    assert summary["status"] == "interrupted"
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back

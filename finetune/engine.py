@@ -1,0 +1,667 @@
+"""The training loop in parts: ``prepare`` and ``build`` a :class:`TrainState`, ``train_one_epoch``,
+``evaluate_epoch``, and ``fit``, which loops over them.
+
+Nothing here writes files or prints. The run folder (metrics, summary, checkpoints, plots) and the
+progress bar are callbacks (``finetune.rundir.RunRecorder``, ``finetune.progress.TrainProgress``)
+that the loop calls at fixed points: after each log interval, after each optimizer step and after
+each epoch. Everything a callback may need to save or restore is in the state, and
+:meth:`TrainState.state_dict` / :meth:`TrainState.load_state_dict` turn it into nested tensors and
+numbers and back, so a run resumed from a checkpoint continues exactly where it stopped.
+
+The hot path keeps to the device: batches come from ``data.BatchLoader`` (uint8 images resident on
+the device, augmented and resized there), losses and accuracy counts accumulate in device tensors,
+and the host reads them once per ``train.log_every`` steps. Optional features are chosen once in
+:func:`build` as objects that do nothing when off (a disabled GradScaler, an identity mixup, an EMA
+that is the model itself), so the loop has no branches for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import BatchLoader, DatasetSplits, load_splits
+from .device import autocast, autocast_dtype, resolve_device, synchronize
+from .errors import DivergedError, FinetuneError
+from .evaluate import EvalResult, evaluate
+from .models import create_model, load_model, model_config
+from .params import ParamCounts, param_groups, set_trainable
+from .recipe import Recipe, recipe_to_dict
+
+# --------------------------------------------------------------------------------------------
+# What the loop calls
+
+
+class Callback:
+    """Hooks the loop calls; each does nothing unless a subclass overrides it."""
+
+    def on_train_start(self, state: TrainState) -> None:
+        """Before the first step of this process (after a resume too)."""
+
+    def on_log(self, state: TrainState, row: dict[str, Any]) -> None:
+        """Every ``train.log_every`` optimizer steps, with that interval's metrics line."""
+
+    def on_step_end(self, state: TrainState) -> None:
+        """After every optimizer step (host-side bookkeeping only: no device syncs here)."""
+
+    def on_epoch_end(self, state: TrainState, row: dict[str, Any] | None) -> None:
+        """After each epoch, with its evaluation line (``None`` for an epoch not evaluated).
+
+        ``state.progress`` already points at the next epoch, so a checkpoint taken here resumes there.
+        """
+
+
+class Callbacks(Callback):
+    """Several callbacks called in order."""
+
+    def __init__(self, callbacks: Sequence[Callback]):
+        self.callbacks = list(callbacks)
+
+    def on_train_start(self, state: TrainState) -> None:
+        for c in self.callbacks:
+            c.on_train_start(state)
+
+    def on_log(self, state: TrainState, row: dict[str, Any]) -> None:
+        for c in self.callbacks:
+            c.on_log(state, row)
+
+    def on_step_end(self, state: TrainState) -> None:
+        for c in self.callbacks:
+            c.on_step_end(state)
+
+    def on_epoch_end(self, state: TrainState, row: dict[str, Any] | None) -> None:
+        for c in self.callbacks:
+            c.on_epoch_end(state, row)
+
+
+class StopRequested(Exception):
+    """Raised by the loop at a step or epoch boundary after ``state.stop_requested`` was set
+    (SIGTERM, Ctrl-C); the callbacks have already been called for that boundary."""
+
+
+# --------------------------------------------------------------------------------------------
+# Building
+
+
+@dataclass
+class Prepared:
+    """The data and the model a run trains, built and checked before any run folder is touched."""
+
+    recipe: Recipe
+    device: torch.device
+    data: DatasetSplits
+    model: nn.Module
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    out_size: tuple[int, int]
+
+
+def prepare(recipe: Recipe, *, model: nn.Module | None = None) -> Prepared:
+    """Load the data and build the model a recipe asks for (or take ``model``, e.g. to resume).
+
+    Raises:
+        FinetuneError: the data, the model or their combination is wrong; nothing is written.
+    """
+    device = resolve_device(recipe.device)
+    if (recipe.train.mixup_alpha or recipe.train.cutmix_alpha) and recipe.data.batch_size % 2:
+        raise FinetuneError(
+            f"Mixup/CutMix pair images within a batch, so data.batch_size must be even (got {recipe.data.batch_size}).",
+            "Use an even batch size, or set train.mixup_alpha and train.cutmix_alpha to 0.",
+        )
+    seed_everything(recipe.seed)
+    data = load_splits(recipe.data, seed=recipe.seed)
+    num_classes = recipe.model.num_classes or len(data.classes)
+    if num_classes != len(data.classes):
+        raise FinetuneError(
+            f"model.num_classes is {num_classes} but the dataset has {len(data.classes)} classes.",
+            "Remove model.num_classes to use the dataset's count (or pick classes with data.classes).",
+        )
+    if model is None:
+        model = build_model(recipe, num_classes)
+    cfg = model.pretrained_cfg
+    mean = tuple(recipe.data.mean or cfg.get("mean") or (0.5, 0.5, 0.5))
+    std = tuple(recipe.data.std or cfg.get("std") or (0.5, 0.5, 0.5))
+    out_size = tuple(model.patch_embed.img_size) if hasattr(model, "patch_embed") else tuple(cfg["input_size"][1:])
+    return Prepared(recipe, device, data, model, mean, std, out_size)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def model_kwargs(recipe: Recipe) -> dict[str, Any]:
+    """Constructor arguments that shape training but not the weights' layout (not in config.json)."""
+    return {"drop_path_rate": recipe.model.drop_path_rate} if recipe.model.drop_path_rate else {}
+
+
+def build_model(recipe: Recipe, num_classes: int) -> nn.Module:
+    """The model a recipe asks for: a pretrained source adapted on load, or a from-scratch preset."""
+    m = recipe.model
+    extra = model_kwargs(recipe)
+    if recipe.train.mode == "scratch":
+        return create_model(
+            m.arch, num_classes=m.num_classes or num_classes, img_size=m.img_size, patch_size=m.patch_size, **extra
+        )
+    return load_model(
+        m.source,
+        num_classes=m.num_classes or num_classes,
+        img_size=m.img_size,
+        patch_size=m.patch_size,
+        pos_embed_mode=m.pos_embed_mode,
+        arch=m.arch,
+        strict=m.strict,
+        **extra,
+    )
+
+
+def build_optimizer(recipe: Recipe, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """SGD (plain momentum, as in the course) or Adam/AdamW over ``param_groups``.
+
+    Norms, biases and pos/cls/dist tokens get no weight decay; ``layer_decay`` scales the lr per
+    block (applied by the timm scheduler through each group's ``lr_scale``). The fused kernels are
+    used on CUDA unless the recipe says otherwise.
+    """
+    o = recipe.optim
+    groups = param_groups(model, weight_decay=o.weight_decay, layer_decay=o.layer_decay)
+    if not groups:
+        raise FinetuneError("Nothing to train: every parameter is frozen.", "Check train.mode.")
+    fused = o.fused if o.fused is not None else device.type == "cuda"
+    kwargs: dict[str, Any] = {"lr": o.lr}
+    if fused:
+        kwargs["fused"] = True
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, momentum=o.momentum, **kwargs)
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(groups, betas=tuple(o.betas), **kwargs)
+
+
+def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """A timm scheduler stepped per optimizer update (``t_in_epochs=False``)."""
+    from timm.scheduler import CosineLRScheduler, StepLRScheduler
+
+    s = recipe.schedule
+    total = max(1, recipe.train.epochs * steps_per_epoch)
+    warmup = int(round(s.warmup_epochs * steps_per_epoch))
+    common = dict(warmup_t=warmup, warmup_lr_init=s.warmup_lr, t_in_epochs=False)
+    if s.name == "cosine":
+        # The cosine starts after the warmup (warmup_prefix), so the peak lr is reached.
+        return CosineLRScheduler(
+            optimizer, t_initial=max(1, total - warmup), lr_min=s.min_lr, warmup_prefix=True, **common
+        )
+    if s.name == "step":
+        return StepLRScheduler(optimizer, decay_t=s.step_epochs * steps_per_epoch, decay_rate=s.step_gamma, **common)
+    return StepLRScheduler(optimizer, decay_t=total + 1, decay_rate=1.0, **common)  # constant
+
+
+class NoEma:
+    """Stands in for the weight EMA when it is off: the "average" is the model itself."""
+
+    def __init__(self, model: nn.Module):
+        self.module = model
+
+    def update(self, model: nn.Module, step: int | None = None) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        pass
+
+
+def _no_mixup(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x, y
+
+
+def build_loss(recipe: Recipe) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Cross-entropy in fp32, chosen once: soft targets with Mixup/CutMix (which already applied the
+    label smoothing), label-smoothed hard targets otherwise."""
+    if recipe.train.mixup_alpha or recipe.train.cutmix_alpha:
+        from timm.loss import SoftTargetCrossEntropy
+
+        soft = SoftTargetCrossEntropy()
+        return lambda logits, target: soft(logits.float(), target)
+    smoothing = recipe.train.label_smoothing
+    return lambda logits, target: F.cross_entropy(logits.float(), target, label_smoothing=smoothing)
+
+
+@dataclass
+class Meters:
+    """Running sums of the epoch in progress and of the current log interval.
+
+    The losses and the correct count stay on the device; the host reads them once per log
+    interval (and once per epoch).
+    """
+
+    epoch_loss: torch.Tensor
+    epoch_correct: torch.Tensor
+    interval_loss: torch.Tensor
+    epoch_images: int = 0
+    interval_images: int = 0
+
+    @classmethod
+    def on(cls, device: torch.device) -> Meters:
+        return cls(
+            epoch_loss=torch.zeros((), device=device),
+            epoch_correct=torch.zeros((), dtype=torch.long, device=device),
+            interval_loss=torch.zeros((), device=device),
+        )
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        batch = labels.shape[0]
+        summed = loss.detach().float() * batch
+        self.epoch_loss += summed
+        self.interval_loss += summed
+        self.epoch_correct += (logits.detach().argmax(1) == labels).sum()
+        self.epoch_images += batch
+        self.interval_images += batch
+
+    def reset_epoch(self) -> None:
+        self.epoch_loss.zero_()
+        self.epoch_correct.zero_()
+        self.epoch_images = 0
+
+    def reset_interval(self) -> None:
+        self.interval_loss.zero_()
+        self.interval_images = 0
+
+
+@dataclass
+class Progress:
+    """Where the run is, and what it has found so far; saved in every checkpoint.
+
+    Attributes:
+        epoch: the epoch in progress, from 1; ``train.epochs + 1`` once training is done.
+        batch: micro-batches of ``epoch`` already trained (a checkpoint is always at a step boundary).
+        step: optimizer steps taken.
+        images_seen: training images seen.
+        train_time_s: seconds spent training (not evaluating) up to the last epoch boundary or checkpoint.
+        warmup_mark: ``(train_time_s, images_seen)`` at the end of the first step, from which
+            throughput is measured (the first step carries compilation and allocator warm-up).
+        lr: the base learning rate of the last step.
+        best: ``{"epoch", "val_acc1", "test_acc1"}`` of the epoch with the best validation top-1;
+            ``None`` without a validation split.
+        peak_test: ``{"epoch", "test_acc1"}`` of the best test top-1 over epochs. Selected on the
+            test set, so an optimistic figure: reported as such, never used to rank or select.
+        last_eval: the last evaluated epoch's test result (``EvalResult.to_dict()``).
+        last_val_acc1: the last evaluated epoch's validation top-1, when there is a validation split.
+        train_loss: mean training loss of the last finished epoch.
+    """
+
+    epoch: int = 1
+    batch: int = 0
+    step: int = 0
+    images_seen: int = 0
+    train_time_s: float = 0.0
+    warmup_mark: tuple[float, int] = (0.0, 0)
+    lr: float = 0.0
+    best: dict[str, Any] | None = None
+    peak_test: dict[str, Any] | None = None
+    last_eval: dict[str, Any] | None = None
+    last_val_acc1: float | None = None
+    train_loss: float | None = None
+
+
+@dataclass
+class TrainState:
+    """Everything a run trains with, and where it is. Built by :func:`build`."""
+
+    recipe: Recipe
+    device: torch.device
+    model: nn.Module
+    forward: Callable[[torch.Tensor], torch.Tensor]  # the model, or its torch.compile wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # a timm scheduler, stepped per optimizer update
+    scaler: torch.amp.GradScaler  # disabled (a pass-through) unless fp16
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    mixup: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    ema: Any  # timm's ModelEmaV3, or NoEma
+    clip_gradients: Callable[[], None]
+    train_loader: BatchLoader
+    val_loader: BatchLoader | None
+    test_loader: BatchLoader
+    classes: list[str]
+    amp_dtype: torch.dtype | None
+    steps_per_epoch: int
+    counts: ParamCounts
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    out_size: tuple[int, int]
+    progress: Progress = field(default_factory=Progress)
+    meters: Meters | None = None
+    stop_requested: str | None = None  # set (to the signal's name) by a signal handler
+    segment_start: float | None = None  # perf_counter() when the current stretch of training began
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The model that is evaluated and saved: the EMA when there is one."""
+        return self.ema.module
+
+    @property
+    def mixing(self) -> bool:
+        """True when targets are mixed (Mixup/CutMix), so there is no training top-1."""
+        return self.mixup is not _no_mixup
+
+    def train_time(self) -> float:
+        """Seconds of training so far, including the stretch in progress."""
+        running = time.perf_counter() - self.segment_start if self.segment_start is not None else 0.0
+        return self.progress.train_time_s + running
+
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly from here, as nested tensors and numbers.
+
+        Taken at a step or epoch boundary. Includes the model's ``config.json`` (so a resumed run
+        rebuilds the model without its pretrained source) and every random state.
+        """
+        progress = dataclasses.replace(self.progress, train_time_s=self.train_time())
+        m = self.meters
+        return {
+            "recipe": recipe_to_dict(self.recipe),
+            "model_config": model_config(self.model),
+            "normalisation": {"mean": list(self.mean), "std": list(self.std)},
+            "progress": dataclasses.asdict(progress),
+            "meters": {
+                "epoch_loss": m.epoch_loss, "epoch_correct": m.epoch_correct, "interval_loss": m.interval_loss,
+                "epoch_images": m.epoch_images, "interval_images": m.interval_images,
+            },
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": capture_rng(self.device),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`'s output (of a state built from the same recipe)."""
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        fields = dict(state["progress"])
+        fields["warmup_mark"] = tuple(fields["warmup_mark"])
+        self.progress = Progress(**fields)
+        m = state["meters"]
+        dev = self.device
+        self.meters = Meters(
+            epoch_loss=m["epoch_loss"].to(dev), epoch_correct=m["epoch_correct"].to(dev),
+            interval_loss=m["interval_loss"].to(dev), epoch_images=m["epoch_images"],
+            interval_images=m["interval_images"],
+        )
+        restore_rng(state["rng"], self.device)
+
+
+def build(prepared: Prepared) -> TrainState:
+    """Everything the loop needs, chosen once: model on the device, loaders, optimizer, schedule,
+    GradScaler, loss, mixup, EMA and gradient clipping."""
+    p = prepared
+    r, device = p.recipe, p.device
+    model = p.model.to(device)
+    if r.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    counts = set_trainable(model, r.train.mode, last_k=r.train.last_k)
+    amp_dtype = autocast_dtype(r.train.precision, device)
+    num_classes = model.num_classes
+
+    loader_args = dict(
+        device=device, out_size=p.out_size, mean=p.mean, std=p.std, channels_last=r.train.channels_last,
+        in_memory=r.data.in_memory, seed=r.seed,
+        dtype=amp_dtype or torch.float32,  # autocast casts the input anyway; half the bytes at 224 px
+    )
+    train_loader = BatchLoader(p.data.train, batch_size=r.data.batch_size, train=True, augment=r.data.augment, **loader_args)
+    eval_bs = r.data.eval_batch_size or 2 * r.data.batch_size
+    test_loader = BatchLoader(p.data.test, batch_size=eval_bs, train=False, **loader_args)
+    val_loader = BatchLoader(p.data.val, batch_size=eval_bs, train=False, **loader_args) if p.data.val is not None else None
+
+    steps_per_epoch = math.ceil(len(train_loader) / r.train.grad_accum)
+    optimizer = build_optimizer(r, model, device)
+    scheduler = build_scheduler(r, optimizer, steps_per_epoch)
+    # One code path for every precision: a disabled scaler passes losses and steps through.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    mixup = _no_mixup
+    if r.train.mixup_alpha or r.train.cutmix_alpha:
+        from timm.data import Mixup
+
+        mixup = Mixup(
+            mixup_alpha=r.train.mixup_alpha, cutmix_alpha=r.train.cutmix_alpha,
+            label_smoothing=r.train.label_smoothing, num_classes=num_classes,
+        )
+    ema: Any = NoEma(model)
+    if r.train.ema:
+        from timm.utils import ModelEmaV3
+
+        # Warm the decay up from 0 (timm's use_warmup): with a fixed 0.9998 from step 1 the average
+        # would stay close to the random or pretrained starting weights for thousands of steps.
+        ema = ModelEmaV3(model, decay=r.train.ema_decay, use_warmup=True)
+
+    def clip_gradients() -> None:
+        pass
+
+    if r.train.clip_grad is not None:
+        trainable = [q for q in model.parameters() if q.requires_grad]
+
+        def clip_gradients() -> None:  # noqa: F811 - chosen once, here
+            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+            nn.utils.clip_grad_norm_(trainable, r.train.clip_grad)
+
+    return TrainState(
+        recipe=r, device=device, model=model, forward=torch.compile(model) if r.train.compile else model,
+        optimizer=optimizer, scheduler=scheduler, scaler=scaler, loss_fn=build_loss(r), mixup=mixup, ema=ema,
+        clip_gradients=clip_gradients, train_loader=train_loader, val_loader=val_loader, test_loader=test_loader,
+        classes=list(p.data.classes), amp_dtype=amp_dtype, steps_per_epoch=steps_per_epoch, counts=counts,
+        mean=p.mean, std=p.std, out_size=p.out_size, meters=Meters.on(device),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Random states
+
+
+def capture_rng(device: torch.device) -> dict[str, Any]:
+    """The global random states training draws from: torch's (dropout, drop path), CUDA's,
+    NumPy's (timm's Mixup) and Python's. The loader's own streams need none: they are derived
+    from the seed, the epoch and the batch."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    rng: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": random.getstate(),
+    }
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def restore_rng(rng: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(rng["torch"])
+    n = rng["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    random.setstate(rng["python"])
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+def fit(state: TrainState, callbacks: Callback) -> None:
+    """Train from ``state.progress`` to the last epoch, evaluating as the recipe says.
+
+    Raises:
+        DivergedError: the training loss stopped being a finite number.
+        StopRequested: ``state.stop_requested`` was set; the run stopped at a step or epoch
+            boundary after the callbacks had their say (a checkpoint, in a run folder).
+    """
+    r, p = state.recipe, state.progress
+    callbacks.on_train_start(state)
+    while p.epoch <= r.train.epochs:
+        if p.batch == 0:
+            state.meters.reset_epoch()
+        train_one_epoch(state, callbacks)
+        evaluated = p.epoch % r.train.eval_every == 0 or p.epoch == r.train.epochs
+        row = evaluate_epoch(state) if evaluated else None
+        p.epoch, p.batch = p.epoch + 1, 0
+        callbacks.on_epoch_end(state, row)
+        if state.stop_requested and p.epoch <= r.train.epochs:
+            raise StopRequested(state.stop_requested)
+
+
+def train_one_epoch(state: TrainState, callbacks: Callback) -> None:
+    """Train the rest of epoch ``state.progress.epoch``, from micro-batch ``progress.batch`` on.
+
+    Raises:
+        DivergedError: a log interval's or the epoch's mean loss is not finite.
+        StopRequested: ``state.stop_requested`` is set at a step boundary.
+    """
+    r, p, m = state.recipe, state.progress, state.meters
+    loader, accum = state.train_loader, r.train.grad_accum
+    n = len(loader)
+    loader.set_epoch(p.epoch)
+    state.model.train()
+    state.segment_start = interval_start = time.perf_counter()
+    for i, (x, y) in enumerate(loader.iter_from(p.batch), start=p.batch):
+        x, target = state.mixup(x, y)
+        with autocast(state.device, state.amp_dtype):
+            logits = state.forward(x)
+            loss = state.loss_fn(logits, target)
+        # Average over the micro-batches of this optimizer step; the last group of an epoch may
+        # be shorter than grad_accum.
+        group_size = min(accum, n - (i - i % accum))
+        state.scaler.scale(loss / group_size).backward()
+        m.add(loss, logits, y)
+        p.images_seen += x.shape[0]
+        if (i + 1) % accum and i + 1 != n:
+            continue
+        _optimizer_step(state)
+        p.batch = i + 1
+        if p.step == 1:
+            # Throughput is measured from the end of the first step, which carries one-off costs
+            # (allocator warm-up, autotuning, compilation).
+            synchronize(state.device)
+            p.warmup_mark = (state.train_time(), p.images_seen)
+        if p.step % r.train.log_every == 0:
+            now = time.perf_counter()
+            callbacks.on_log(state, _interval_row(state, now - interval_start))  # the one host sync
+            interval_start = now
+        callbacks.on_step_end(state)
+        if state.stop_requested:
+            raise StopRequested(state.stop_requested)
+    p.train_loss = _finite_mean(state, m.epoch_loss, m.epoch_images, f"epoch {p.epoch}")
+    synchronize(state.device)
+    p.train_time_s = state.train_time()
+    state.segment_start = None
+
+
+def _optimizer_step(state: TrainState) -> None:
+    """Clip (if asked), step, zero the gradients, then move the schedule and the EMA on."""
+    p = state.progress
+    p.lr = base_lr(state.optimizer)  # the lr this step uses, before the scheduler moves it
+    state.clip_gradients()
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    p.step += 1
+    state.scheduler.step_update(num_updates=p.step)
+    state.ema.update(state.model, step=p.step)
+
+
+def _interval_row(state: TrainState, seconds: float) -> dict[str, Any]:
+    """The metrics line of the log interval that just ended; reads the loss (one host sync)."""
+    p, m = state.progress, state.meters
+    first = p.step - state.recipe.train.log_every + 1
+    mean_loss = _finite_mean(state, m.interval_loss, m.interval_images, f"steps {first}-{p.step}")
+    row = {
+        "kind": "step", "epoch": p.epoch, "step": p.step, "time_s": round(state.train_time(), 4),
+        "loss": mean_loss, "lr": p.lr, "images_per_s": m.interval_images / max(seconds, 1e-9),
+    }
+    m.reset_interval()
+    return row
+
+
+def _finite_mean(state: TrainState, total: torch.Tensor, count: int, where: str) -> float:
+    """``total / count`` as a float; a NaN or infinite value stops the run as diverged."""
+    mean = float(total) / max(count, 1)
+    if not math.isfinite(mean):
+        raise diverged_error(state, mean, where)
+    return mean
+
+
+def diverged_error(state: TrainState, loss: float, where: str) -> DivergedError:
+    """The one-paragraph error for a loss that is no longer a finite number."""
+    p, r = state.progress, state.recipe
+    lr = p.lr
+    hints = [f"lower optim.lr (e.g. optim.lr={lr / 10:g})"]
+    if r.train.clip_grad is None:
+        hints.append("clip the gradient norm (train.clip_grad=1.0)")
+    if state.amp_dtype == torch.float16:
+        hints.append("train in bf16 or fp32 (train.precision=bf16), as fp16 overflows easily")
+    return DivergedError(
+        f"Training diverged: the mean training loss over {where} (epoch {p.epoch}, step {p.step}) is "
+        f"{loss}, at learning rate {lr:g}. The run stopped and is marked diverged; no model was saved "
+        "from it.",
+        "Try again with a smaller step: " + ", or ".join(hints) + ".",
+    )
+
+
+def evaluate_epoch(state: TrainState) -> dict[str, Any]:
+    """Score the finished epoch on the test set (and the validation set, if any); return its
+    metrics line, and update the best epoch (chosen on validation) and the test peak."""
+    p = state.progress
+    model, num_classes = state.eval_model, state.model.num_classes
+    test = evaluate(model, state.test_loader, num_classes, amp_dtype=state.amp_dtype)
+    row = {
+        "kind": "epoch", "epoch": p.epoch, "step": p.step, "time_s": round(p.train_time_s, 4),
+        "train_loss": p.train_loss,
+        "train_acc1": None if state.mixing else float(state.meters.epoch_correct) / max(state.meters.epoch_images, 1),
+        **test.as_dict("test"),
+        "val_acc1": None,
+        "lr": p.lr,
+        "per_class_acc": test.per_class_acc,
+    }
+    p.last_eval = test.to_dict()
+    if state.val_loader is not None:
+        val = evaluate(model, state.val_loader, num_classes, amp_dtype=state.amp_dtype)
+        row.update(val.as_dict("val"))
+        p.last_val_acc1 = val.acc1
+        if p.best is None or val.acc1 > p.best["val_acc1"]:  # ties keep the earlier epoch
+            p.best = {"epoch": p.epoch, "val_acc1": val.acc1, "test_acc1": test.acc1}
+    if p.peak_test is None or test.acc1 > p.peak_test["test_acc1"]:
+        p.peak_test = {"epoch": p.epoch, "test_acc1": test.acc1}
+    return row
+
+
+def base_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The unscaled lr: with layer decay, groups carry lr * lr_scale and the head's scale is 1."""
+    return max(group["lr"] / group.get("lr_scale", 1.0) for group in optimizer.param_groups)
+
+
+def throughput(progress: Progress, seconds: float) -> float:
+    """Images per second after the first step; over the whole run when that leaves nothing."""
+    warm_s, warm_images = progress.warmup_mark
+    images = progress.images_seen
+    if images > warm_images and seconds > warm_s:
+        return (images - warm_images) / (seconds - warm_s)
+    return images / max(seconds, 1e-9)
+
+
+def last_eval(state: TrainState) -> EvalResult | None:
+    """The last evaluated epoch's test result, if any epoch was evaluated."""
+    e = state.progress.last_eval
+    return EvalResult.from_dict(e) if e is not None else None

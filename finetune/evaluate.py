@@ -1,0 +1,88 @@
+"""Scoring a model on one split: top-1, top-5, loss, per-class accuracy and the confusion matrix.
+
+Used by the training engine after each evaluated epoch and by ``finetune eval``; it does not import
+the training loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import BatchLoader
+from .device import autocast
+
+
+@dataclass
+class EvalResult:
+    """What :func:`evaluate` measured.
+
+    Attributes:
+        acc1: top-1 accuracy, 0..1.
+        acc5: top-5 accuracy (top-k for fewer than 5 classes), 0..1.
+        loss: mean cross-entropy.
+        per_class_acc: top-1 accuracy of each true class (0 for a class with no images).
+        confusion: ``confusion[true][predicted]`` image counts.
+        images: images scored.
+    """
+
+    acc1: float
+    acc5: float
+    loss: float
+    per_class_acc: list[float]
+    confusion: list[list[int]]
+    images: int
+
+    def as_dict(self, prefix: str) -> dict[str, Any]:
+        """``{prefix}_acc1``, ``{prefix}_acc5`` and ``{prefix}_loss``, for a metrics line."""
+        return {f"{prefix}_acc1": self.acc1, f"{prefix}_acc5": self.acc5, f"{prefix}_loss": self.loss}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, as plain JSON types."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> EvalResult:
+        return cls(**fields)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: BatchLoader, num_classes: int, *, amp_dtype: torch.dtype | None = None
+) -> EvalResult:
+    """Top-1, top-5, mean cross-entropy, per-class accuracy and the confusion matrix.
+
+    Everything accumulates on the device; the host reads the totals once at the end.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+    top5_hits = torch.zeros((), dtype=torch.long, device=device)
+    k = min(5, num_classes)
+    for x, y in loader:
+        with autocast(device, amp_dtype):
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        top = logits.topk(k, dim=1).indices  # (B, k)
+        top5_hits += (top == y[:, None]).any(dim=1).sum()
+        confusion += torch.bincount(y * num_classes + top[:, 0], minlength=num_classes * num_classes)
+    model.train(was_training)
+    matrix = confusion.view(num_classes, num_classes).cpu()
+    n = int(matrix.sum())
+    per_class = (matrix.diag().double() / matrix.sum(1).clamp(min=1)).tolist()
+    return EvalResult(
+        acc1=float(matrix.diag().sum()) / max(n, 1),
+        acc5=float(top5_hits) / max(n, 1),
+        loss=float(loss_sum) / max(n, 1),
+        per_class_acc=per_class,
+        confusion=matrix.tolist(),
+        images=n,
+    )

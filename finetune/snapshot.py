@@ -1,0 +1,175 @@
+"""Nested training state in one safetensors file, written atomically.
+
+A training checkpoint is nested: model and EMA weights, an optimizer state dict keyed by integers
+with tuples inside, scheduler and GradScaler settings, RNG states, counters. safetensors stores a
+flat table of named tensors plus string metadata, and reading it never runs code. :func:`pack`
+moves every tensor into the table and writes everything else as JSON that names its tensors, so
+the whole state is one safetensors file: no pickle, nothing that needs ``weights_only``.
+
+One file also makes the write atomic: it is written under a temporary name, flushed to disk and
+renamed over the previous checkpoint, so a crash at any moment leaves either the old file or the
+new one, never a mixture.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+
+FORMAT = "finetune-state/1"
+_META_KEY = "finetune_state"
+# Markers for what JSON cannot say directly. A dict whose keys are not all plain strings (the
+# optimizer's integer parameter ids) or that could be mistaken for a marker is stored as pairs.
+_TENSOR, _TUPLE, _FLOAT, _PAIRS = "__tensor__", "__tuple__", "__float__", "__pairs__"
+
+
+def pack(tree: Any) -> tuple[dict[str, torch.Tensor], Any]:
+    """Split nested state into a name -> tensor table and a JSON-compatible skeleton.
+
+    Args:
+        tree: ``None``, bools, ints, floats (NaN and infinities too), strings, tensors, and
+            lists, tuples and dicts of these (dict keys: any of the scalar kinds).
+
+    Returns:
+        ``(tensors, skeleton)``: contiguous CPU copies of every tensor, named by where they sit
+        (``optimizer/state/3/exp_avg``), and the rest of the tree with ``{"__tensor__": name}``
+        in their places.
+
+    Raises:
+        TypeError: something that is none of the kinds above (a NumPy array, an object).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def name_for(path: list[str]) -> str:
+        base = "/".join(path) or "tensor"
+        name, n = base, 1
+        while name in tensors:
+            name, n = f"{base}#{n}", n + 1
+        return name
+
+    def encode(value: Any, path: list[str]) -> Any:
+        if value is None or isinstance(value, (bool, int, str)):
+            return value
+        if isinstance(value, float):
+            return value if math.isfinite(value) else {_FLOAT: repr(value)}  # 'nan', 'inf', '-inf'
+        if isinstance(value, torch.Tensor):
+            name = name_for(path)
+            # A copy: safetensors refuses tensors that share memory, and the caller keeps training.
+            tensors[name] = value.detach().to("cpu", copy=True).contiguous()
+            return {_TENSOR: name}
+        if isinstance(value, tuple):
+            return {_TUPLE: [encode(v, [*path, str(i)]) for i, v in enumerate(value)]}
+        if isinstance(value, list):
+            return [encode(v, [*path, str(i)]) for i, v in enumerate(value)]
+        if isinstance(value, dict):
+            if all(isinstance(k, str) and not k.startswith("__") for k in value):
+                return {k: encode(v, [*path, k]) for k, v in value.items()}
+            return {_PAIRS: [[encode(k, path), encode(v, [*path, str(k)])] for k, v in value.items()]}
+        raise TypeError(f"cannot store a {type(value).__name__} at {'/'.join(path) or 'the top'} in a state file")
+
+    return tensors, encode(tree, [])
+
+
+def unpack(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`pack`.
+
+    Raises:
+        KeyError: the skeleton names a tensor the table does not have.
+    """
+    if isinstance(skeleton, list):
+        return [unpack(v, tensors) for v in skeleton]
+    if not isinstance(skeleton, dict):
+        return skeleton
+    if _TENSOR in skeleton:
+        return tensors[skeleton[_TENSOR]]
+    if _TUPLE in skeleton:
+        return tuple(unpack(v, tensors) for v in skeleton[_TUPLE])
+    if _FLOAT in skeleton:
+        return float(skeleton[_FLOAT])
+    if _PAIRS in skeleton:
+        return {unpack(k, tensors): unpack(v, tensors) for k, v in skeleton[_PAIRS]}
+    return {k: unpack(v, tensors) for k, v in skeleton.items()}
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through ``write(tmp_path)``: a temporary file beside it, fsync, then rename.
+
+    Readers see the old file or the complete new one. If ``write`` or the flush fails (a full
+    disk), the temporary file is removed, ``path`` is untouched and the error propagates.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        # Created here with the usual permissions (mkstemp's would be owner-only); a unique name,
+        # so two writers never share a temporary file.
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)  # the rename itself must reach the disk before we rely on it
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """:func:`write_atomically` for UTF-8 text."""
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms that cannot open folders (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_state(path: str | Path, tree: Any) -> None:
+    """Write nested state to one safetensors file, atomically (see the module docstring)."""
+    from safetensors.torch import save_file
+
+    tensors, skeleton = pack(tree)
+    metadata = {"format": "pt", _META_KEY: json.dumps({"format": FORMAT, "state": skeleton}, allow_nan=False)}
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def load_state(path: str | Path) -> Any:
+    """Read what :func:`save_state` wrote.
+
+    Raises:
+        CheckpointError: the file is missing, truncated, not a safetensors file, or not a
+            finetune state file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        doc = json.loads(metadata[_META_KEY])
+        if doc.get("format") != FORMAT:
+            raise ValueError(f"format {doc.get('format')!r}, expected {FORMAT!r}")
+        return unpack(doc["state"], tensors)
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        # json.JSONDecodeError is a ValueError; a missing key or a malformed skeleton is damage too.
+        raise CheckpointError(
+            f"{path} is not a readable finetune checkpoint ({type(exc).__name__}: {exc}).",
+            "It is truncated or damaged, or was written by something else.",
+        ) from None
