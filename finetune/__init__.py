@@ -31,6 +31,7 @@ _EXPORTS = {
     "OfflineError": "errors",
     "RecipeError": "errors",
     "RunDirError": "errors",
+    "RunInterrupted": "errors",
     "SourceNotFoundError": "errors",
     "LoadReport": "models",
     "create_model": "models",

@@ -2,7 +2,7 @@
 ``evaluate_epoch``, and ``fit``, which loops over them.
 
 Nothing here writes files or prints. The run folder (metrics, summary, checkpoints, plots) and the
-progress bar are callbacks (``finetune.rundir.RunRecorder``, ``finetune.progress.TrainProgress``)
+progress bar are callbacks (``finetune.recorder.RunRecorder``, ``finetune.progress.TrainProgress``)
 that the loop calls at fixed points: after each log interval, after each optimizer step and after
 each epoch. Everything a callback may need to save or restore is in the state, and
 :meth:`TrainState.state_dict` / :meth:`TrainState.load_state_dict` turn it into nested tensors and
@@ -563,7 +563,7 @@ def train_one_epoch(state: TrainState, callbacks: Callback) -> None:
         callbacks.on_step_end(state)
         if state.stop_requested:
             raise StopRequested(state.stop_requested)
-    p.train_loss = _finite_mean(state, m.epoch_loss, m.epoch_images, f"epoch {p.epoch}")
+    p.train_loss = _finite_mean(state, m.epoch_loss, m.epoch_images, f"the mean training loss of epoch {p.epoch}")
     synchronize(state.device)
     p.train_time_s = state.train_time()
     state.segment_start = None
@@ -586,7 +586,7 @@ def _interval_row(state: TrainState, seconds: float) -> dict[str, Any]:
     """The metrics line of the log interval that just ended; reads the loss (one host sync)."""
     p, m = state.progress, state.meters
     first = p.step - state.recipe.train.log_every + 1
-    mean_loss = _finite_mean(state, m.interval_loss, m.interval_images, f"steps {first}-{p.step}")
+    mean_loss = _finite_mean(state, m.interval_loss, m.interval_images, f"the mean training loss over steps {first}-{p.step}")
     row = {
         "kind": "step", "epoch": p.epoch, "step": p.step, "time_s": round(state.train_time(), 4),
         "loss": mean_loss, "lr": p.lr, "images_per_s": m.interval_images / max(seconds, 1e-9),
@@ -595,16 +595,28 @@ def _interval_row(state: TrainState, seconds: float) -> dict[str, Any]:
     return row
 
 
-def _finite_mean(state: TrainState, total: torch.Tensor, count: int, where: str) -> float:
+def _finite_mean(state: TrainState, total: torch.Tensor, count: int, what: str) -> float:
     """``total / count`` as a float; a NaN or infinite value stops the run as diverged."""
     mean = float(total) / max(count, 1)
     if not math.isfinite(mean):
-        raise diverged_error(state, mean, where)
+        raise diverged_error(state, f"{what} is {mean}")
     return mean
 
 
-def diverged_error(state: TrainState, loss: float, where: str) -> DivergedError:
-    """The one-paragraph error for a loss that is no longer a finite number."""
+def check_finite(state: TrainState) -> None:
+    """Raise :class:`DivergedError` unless the training losses since the last log line and of the
+    epoch so far, and the trained weights after the last step, are all finite. Syncs with the
+    device: for checkpoints, which sync anyway, not for every step."""
+    m, p = state.meters, state.progress
+    _finite_mean(state, m.interval_loss, m.interval_images, "the mean training loss since the last log line")
+    _finite_mean(state, m.epoch_loss, m.epoch_images, f"the mean training loss of epoch {p.epoch} so far")
+    trained = [q for q in state.model.parameters() if q.requires_grad]
+    if trained and not torch.stack([q.isfinite().all() for q in trained]).all():
+        raise diverged_error(state, f"a weight after step {p.step} is not a finite number")
+
+
+def diverged_error(state: TrainState, what: str) -> DivergedError:
+    """The one-paragraph error for a run whose loss or weights are no longer finite numbers."""
     p, r = state.progress, state.recipe
     lr = p.lr
     hints = [f"lower optim.lr (e.g. optim.lr={lr / 10:g})"]
@@ -613,9 +625,8 @@ def diverged_error(state: TrainState, loss: float, where: str) -> DivergedError:
     if state.amp_dtype == torch.float16:
         hints.append("train in bf16 or fp32 (train.precision=bf16), as fp16 overflows easily")
     return DivergedError(
-        f"Training diverged: the mean training loss over {where} (epoch {p.epoch}, step {p.step}) is "
-        f"{loss}, at learning rate {lr:g}. The run stopped and is marked diverged; no model was saved "
-        "from it.",
+        f"Training diverged: {what} (epoch {p.epoch}, step {p.step}, learning rate {lr:g}). The run "
+        "stopped and is marked diverged; no model was saved from it.",
         "Try again with a smaller step: " + ", or ".join(hints) + ".",
     )
 
@@ -626,6 +637,8 @@ def evaluate_epoch(state: TrainState) -> dict[str, Any]:
     p = state.progress
     model, num_classes = state.eval_model, state.model.num_classes
     test = evaluate(model, state.test_loader, num_classes, amp_dtype=state.amp_dtype)
+    if not math.isfinite(test.loss):  # the model's outputs are no longer numbers
+        raise diverged_error(state, f"the test loss after epoch {p.epoch} is {test.loss}")
     row = {
         "kind": "epoch", "epoch": p.epoch, "step": p.step, "time_s": round(p.train_time_s, 4),
         "train_loss": p.train_loss,

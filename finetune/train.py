@@ -37,7 +37,8 @@ from .evaluate import EvalResult, evaluate  # noqa: F401
 from .models import model_from_config
 from .progress import TrainProgress
 from .recipe import Recipe
-from .rundir import RunDir, RunRecorder, check_run_dir, run_dir_for
+from .recorder import RunRecorder
+from .rundir import RunDir, check_run_dir, run_dir_for
 
 
 def prepare(recipe: Recipe) -> Prepared:

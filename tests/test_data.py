@@ -565,3 +565,52 @@ def test_eval_split_relabels_data_classes_as_training_did(image_tree):
     assert classes == trained.classes == ["emu", "cat"]
     assert test.labels.tolist() == trained.test.labels.tolist() == [1, 0]
     assert torch.equal(test.images, trained.test.images)
+
+
+def test_seed_streams_are_independent():
+    from finetune.data import AUGMENT_STREAM, SHUFFLE_STREAM, stream_seed
+
+    seeds = {(s, e, k): stream_seed(s, e, k) for s in range(-3, 20) for e in range(20) for k in (SHUFFLE_STREAM, AUGMENT_STREAM)}
+    assert len(set(seeds.values())) == len(seeds)  # no two (seed, epoch, stream) share a seed
+    assert all(0 <= v < 2**63 for v in seeds.values())  # valid for torch.Generator.manual_seed
+    assert stream_seed(3, 4, SHUFFLE_STREAM) == stream_seed(3, 4, SHUFFLE_STREAM)
+
+
+def shuffled_batches(seed: int, epoch: int, **augment) -> list[torch.Tensor]:
+    n = 64
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 8, 8).contiguous()
+    loader = BatchLoader(ImageTensors(images, torch.arange(n)), batch_size=16, train=True, device=CPU,
+                         out_size=(8, 8), mean=(0, 0, 0), std=(1, 1, 1), seed=seed, augment=make_augment(**augment))
+    loader.set_epoch(epoch)
+    return [x for x, _ in loader]
+
+
+def test_no_two_seeds_share_an_epoch_and_shuffle_and_augmentation_are_independent():
+    orders = {(s, e): torch.cat([y for y in shuffled_batches(s, e)])[:, 0, 0, 0] for s in (0, 1, 2) for e in (1, 2, 3)}
+    # seed s, epoch e + 1 never replays seed s + 1, epoch e (as seed + epoch would)
+    for (s, e), order in orders.items():
+        if (s + 1, e - 1) in orders:
+            assert not torch.equal(order, orders[(s + 1, e - 1)]), (s, e)
+    assert len({tuple(o.tolist()) for o in orders.values()}) == len(orders)
+
+    # The shuffle and the augmentation of an epoch draw from different streams, so the crops and
+    # flips do not follow the shuffle order (with one seed for both, these draws would be equal).
+    from finetune.data import AUGMENT_STREAM, SHUFFLE_STREAM, stream_seed
+
+    shuffle_gen = torch.Generator().manual_seed(stream_seed(0, 1, SHUFFLE_STREAM))
+    aug_gen = torch.Generator().manual_seed(stream_seed(0, 1, AUGMENT_STREAM))
+    assert not torch.equal(torch.rand(64, generator=shuffle_gen), torch.rand(64, generator=aug_gen))
+
+
+def test_iter_from_resumes_an_epoch_with_the_same_batches():
+    n = 64
+    images = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    loader = BatchLoader(ImageTensors(images, torch.arange(n)), batch_size=16, train=True, device=CPU,
+                         out_size=(8, 8), mean=(0, 0, 0), std=(1, 1, 1), seed=5,
+                         augment=make_augment(hflip=True, crop_padding=2))
+    loader.set_epoch(2)
+    everything = [(x, y) for x, y in loader]
+    rest = list(loader.iter_from(2))
+    assert len(rest) == 2
+    for (x, y), (x2, y2) in zip(everything[2:], rest):
+        assert torch.equal(x, x2) and torch.equal(y, y2)

@@ -499,3 +499,13 @@ def test_compare_cifar32_contrasts_position_embedding_fits():
         "crop": (32, None, "crop"),
         "patch4": (32, 4, "bicubic"),
     }
+
+
+def test_a_diverging_variant_is_marked_diverged_and_the_others_run(tmp_path):
+    path = write_experiment(tmp_path, {"ok": {}, "boom": {"optim.lr": 1.0e6, "optim.name": "sgd"}, "after": {}})
+    result = runner.invoke(app, ["compare", str(path), "-q"])
+    assert result.exit_code == 1 and "1 of 3 variants failed: boom" in result.output
+    assert "| boom | diverged: Training diverged" in result.output
+    rows = {r["name"]: r for r in read_csv(tmp_path / "runs" / "exp" / "report.csv")}
+    assert [rows[n]["status"] for n in ("ok", "boom", "after")] == ["finished", "diverged", "finished"]
+    assert summary_of(tmp_path / "runs" / "exp" / "boom")["status"] == "diverged"

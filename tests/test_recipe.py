@@ -476,3 +476,23 @@ def test_every_field_has_a_description():
                 walk(field.annotation)
 
     walk(Recipe)
+
+
+def test_every_error_class_is_exported_from_the_package():
+    import finetune
+    import finetune.errors as errors
+
+    classes = {name for name, value in vars(errors).items() if isinstance(value, type) and issubclass(value, BaseException)}
+    assert classes <= set(finetune.__all__)
+    assert finetune.DataError is errors.DataError and finetune.RecipeError is errors.RecipeError
+
+
+def test_eval_and_predict_do_not_import_the_training_loop():
+    import subprocess
+    import sys
+
+    code = ("import sys, finetune.cli, finetune.evaluate, finetune.device, finetune.rundir, finetune.report, "
+            "finetune.data, finetune.models; print(sorted(m for m in sys.modules if m.startswith('finetune')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for module in ("finetune.engine", "finetune.train", "finetune.recorder", "finetune.progress", "finetune.params"):
+        assert f"'{module}'" not in loaded

@@ -449,3 +449,93 @@ def test_a_file_where_the_run_folder_goes_is_an_error(tmp_path):
     (tmp_path / "runs" / "quick_cpu").write_text("not a folder")
     with pytest.raises(FinetuneError, match="is a file"):
         prepare(quick(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Honest selection
+
+
+def scripted_evaluation(monkeypatch, val_accs, test_accs):
+    """Make evaluation report the given accuracies, epoch by epoch, and remember the weights it saw."""
+    import finetune.engine as engine
+    from finetune.evaluate import EvalResult
+
+    seen, calls = [], {"val": 0, "test": 0}
+
+    def evaluate(model, loader, num_classes, **kwargs):
+        split = "val" if loader.num_images == 32 else "test"  # the val split is 32 images here
+        accs = val_accs if split == "val" else test_accs
+        acc = accs[calls[split]]
+        calls[split] += 1
+        if split == "test":
+            seen.append(snapshot(model))
+        confusion = [[0] * num_classes for _ in range(num_classes)]
+        return EvalResult(acc1=acc, acc5=1.0, loss=1.0, per_class_acc=[acc] * num_classes, confusion=confusion, images=128)
+
+    monkeypatch.setattr(engine, "evaluate", evaluate)
+    return seen
+
+
+def test_the_best_epoch_and_its_model_are_chosen_on_validation(tmp_path, monkeypatch):
+    # Validation is best at epoch 2, the test set at epoch 1: the run reports epoch 2.
+    seen = scripted_evaluation(monkeypatch, val_accs=[0.5, 0.7, 0.6, 0.7], test_accs=[0.9, 0.6, 0.8, 0.5])
+    recipe = quick(tmp_path, "train.epochs=4", "data.val_split=32", NO_PLOTS)
+    summary = run(recipe, quiet=True)
+    assert summary["selection"] == "val"
+    assert (summary["best_epoch"], summary["best_val_acc1"], summary["best_test_acc1"]) == (2, 0.7, 0.6)
+    assert summary["final_acc1"] == 0.5 and summary["final_val_acc1"] == 0.7  # a later tie does not move it
+    assert (summary["peak_test_acc1"], summary["peak_test_epoch"]) == (0.9, 1)  # recorded, not used
+    best = load_file(run_dir_for(recipe) / "best" / "model.safetensors")
+    assert all(torch.equal(best[k], seen[1][k]) for k in best)  # the weights evaluated at epoch 2
+    final = saved_weights(recipe)
+    assert all(torch.equal(final[k], seen[3][k]) for k in final)
+    assert load_model(run_dir_for(recipe) / "best").pretrained_cfg["label_names"] == summary["classes"]
+
+
+def test_without_a_validation_split_nothing_is_selected(tmp_path, monkeypatch):
+    scripted_evaluation(monkeypatch, val_accs=[], test_accs=[0.9, 0.6, 0.8])
+    recipe = quick(tmp_path, "train.epochs=3", NO_PLOTS)
+    summary = run(recipe, quiet=True)
+    assert summary["selection"] == "final" and summary["final_acc1"] == 0.8
+    assert not {"best_epoch", "best_val_acc1", "best_test_acc1"} & set(summary)
+    assert (summary["peak_test_acc1"], summary["peak_test_epoch"]) == (0.9, 1)
+    assert not (run_dir_for(recipe) / "best").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine's parts, without a run folder
+
+
+def test_the_loop_runs_without_a_run_folder(tmp_path):
+    from finetune import engine
+
+    recipe = quick(tmp_path, "train.epochs=2", "data.val_split=32", "train.log_every=1")
+
+    class Record(engine.Callback):
+        def __init__(self):
+            self.events = []
+
+        def on_log(self, state, row):
+            self.events.append(("log", row["step"]))
+
+        def on_step_end(self, state):
+            self.events.append(("step", state.progress.step))
+
+        def on_epoch_end(self, state, row):
+            self.events.append(("epoch", row["epoch"], state.progress.epoch))
+
+    state = engine.build(engine.prepare(recipe))
+    assert state.progress.epoch == 1 and state.progress.step == 0 and not state.scaler.is_enabled()
+    record = Record()
+    engine.fit(state, record)
+    assert not (tmp_path / "runs").exists()  # nothing written
+    assert record.events[:3] == [("log", 1), ("step", 1), ("log", 2)]
+    assert [e for e in record.events if e[0] == "epoch"] == [("epoch", 1, 2), ("epoch", 2, 3)]
+    assert state.progress.step == 14 and state.progress.best["epoch"] in (1, 2)
+
+    # One more epoch by hand: train_one_epoch and evaluate_epoch are usable alone.
+    state.progress.epoch, state.progress.batch = 3, 0
+    state.meters.reset_epoch()
+    engine.train_one_epoch(state, engine.Callback())
+    row = engine.evaluate_epoch(state)
+    assert state.progress.step == 21 and row["epoch"] == 3 and 0 <= row["val_acc1"] <= 1

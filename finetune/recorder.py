@@ -1,0 +1,137 @@
+"""The run folder as an observer of the training loop: :class:`RunRecorder` writes metrics lines,
+checkpoints on schedule (and when a stop is requested), the best model on validation, the final
+model and plots, and the summary, through ``finetune.rundir.RunDir``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .engine import Callback, TrainState, check_finite, throughput
+from .errors import RunDirError
+from .rundir import BEST_DIR, RunDir
+
+
+def result_fields(state: TrainState) -> dict[str, Any]:
+    """What a run has found so far, for ``summary.json``.
+
+    ``selection`` says how the headline figure was chosen: ``val`` (the best epoch on the
+    validation split; its test accuracy is ``best_test_acc1``) or ``final`` (no validation split:
+    the test accuracy after the last epoch, ``final_acc1``). ``peak_test_acc1`` is the best test
+    accuracy over epochs, selected on the test set itself: optimistic, shown only as such.
+    """
+    p = state.progress
+    fields: dict[str, Any] = {
+        "selection": "val" if state.val_loader is not None else "final",
+        "epochs_done": min(p.epoch - 1, state.recipe.train.epochs),
+        "steps": p.step,
+        "train_time_s": p.train_time_s,
+        "images_per_s": throughput(p, p.train_time_s),
+    }
+    if p.last_eval is not None:
+        e = p.last_eval
+        fields.update(
+            final_acc1=e["acc1"], final_acc5=e["acc5"], final_loss=e["loss"],
+            per_class_acc=e["per_class_acc"], confusion_matrix=e["confusion"],
+        )
+    if p.last_val_acc1 is not None:
+        fields["final_val_acc1"] = p.last_val_acc1
+    if p.best is not None:
+        fields.update(best_epoch=p.best["epoch"], best_val_acc1=p.best["val_acc1"], best_test_acc1=p.best["test_acc1"])
+    if p.peak_test is not None:
+        fields.update(peak_test_acc1=p.peak_test["test_acc1"], peak_test_epoch=p.peak_test["epoch"])
+    return fields
+
+
+class RunRecorder(Callback):
+    """Writes what the loop reports into the run folder: metrics lines, checkpoints on schedule
+    (and when a stop is requested), the best model on validation, and the summary.
+
+    Args:
+        rundir: the folder, held by this process.
+        summary: the summary so far (written on every checkpoint and at the end).
+        wall_before_s: wall-clock seconds of earlier processes of this run (resumed runs).
+    """
+
+    def __init__(self, rundir: RunDir, summary: dict[str, Any], *, wall_before_s: float = 0.0):
+        self.rundir = rundir
+        self.summary = summary
+        self.wall_before_s = wall_before_s
+        self._wall_start = time.perf_counter()
+
+    def wall_time(self) -> float:
+        return self.wall_before_s + time.perf_counter() - self._wall_start
+
+    def on_log(self, state: TrainState, row: dict[str, Any]) -> None:
+        self.rundir.log(row)
+
+    def on_step_end(self, state: TrainState) -> None:
+        every = state.recipe.output.checkpoint_every_steps
+        if state.stop_requested or (every and state.progress.step % every == 0):
+            self.checkpoint(state)
+
+    def on_epoch_end(self, state: TrainState, row: dict[str, Any] | None) -> None:
+        r, p = state.recipe, state.progress
+        if row is not None:
+            self.rundir.log(row)
+            if p.best is not None and p.best["epoch"] == row["epoch"] and r.output.save_model:
+                self.rundir.save_model(_with_normalisation(state), state.classes, BEST_DIR)
+        finished = p.epoch - 1
+        every = r.output.checkpoint_every
+        if state.stop_requested or finished == r.train.epochs or (every and finished % every == 0):
+            self.checkpoint(state)
+
+    def checkpoint(self, state: TrainState) -> None:
+        """Save the full training state, then the summary with the results so far."""
+        check_finite(state)  # never save a state that has already gone bad
+        tree = state.state_dict()
+        tree["metrics_offset"] = self.rundir.metrics_offset()
+        tree["wall_time_s"] = self.wall_time()
+        self.rundir.save_checkpoint(tree)
+        self.summary.update(result_fields(state), train_time_s=tree["progress"]["train_time_s"],
+                            wall_time_s=tree["wall_time_s"])
+        self.rundir.write_summary(self.summary)
+
+    def finish(self, state: TrainState) -> None:
+        """Save the final model and plots, then mark the run finished (last, so that a folder that
+        says ``finished`` has everything), then delete the run it replaced, if any."""
+        from .device import peak_memory_mb
+
+        r = state.recipe
+        if r.output.save_model:
+            self.rundir.save_model(_with_normalisation(state), state.classes)
+        if r.output.plots:
+            from .report import plot_confusion, plot_curves
+
+            plot_curves(self.rundir.path / "metrics.jsonl", self.rundir.path / "curves.png", title=r.name)
+            plot_confusion(state.progress.last_eval["confusion"], state.classes, self.rundir.path / "confusion_matrix.png")
+        self.summary.pop("replaced_runs", None)
+        self.summary.update(
+            result_fields(state),
+            status="finished",
+            error=None,
+            wall_time_s=self.wall_time(),
+            peak_memory_mb=peak_memory_mb(state.device),
+            peak_memory_kind="cuda" if state.device.type == "cuda" else "process_rss",
+        )
+        self.rundir.write_summary(self.summary)
+        self.rundir.discard_replaced()
+
+    def mark(self, state: TrainState, status: str, error: str) -> None:
+        """Record how the run ended when it did not finish; best effort (the disk may be full)."""
+        self.summary.update(result_fields(state), status=status, error=error, wall_time_s=self.wall_time())
+        if self.rundir.replaced:
+            self.summary["replaced_runs"] = [str(p) for p in self.rundir.replaced]
+        try:
+            self.rundir.write_summary(self.summary)
+        except RunDirError:
+            pass  # the status stays "running"; with no process holding the lock it reads as interrupted
+
+
+def _with_normalisation(state: TrainState):
+    """The model to save, recording the normalisation it trained with (``data.mean``/``std`` may
+    override the model's own), so ``eval`` and ``predict`` feed it what it learned on."""
+    model = state.eval_model
+    model.pretrained_cfg = dict(model.pretrained_cfg, mean=list(state.mean), std=list(state.std))
+    return model
