@@ -341,3 +341,15 @@ def test_fast_path_losses_match_a_plain_eager_fp32_loop(tmp_path, compile_model)
     # The losses move by ~1e-2 per step at this lr, so a mismatch in data, init or update shows.
     assert max(abs(a - b) for a, b in zip(eager_losses, eager_losses[1:])) > 1e-2
     torch.testing.assert_close(torch.tensor(fast_losses), torch.tensor(eager_losses), rtol=1e-4, atol=1e-4)
+
+
+def test_checkpoint_cost_measures_a_real_checkpoint():
+    spec = importlib.util.spec_from_file_location("checkpoint_cost", REPO_ROOT / "benchmarks" / "checkpoint_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    row = module.measure("vit_cifar_s", "cpu", batch=8, steps=1, repeats=1)
+    # AdamW keeps two moments per weight: the checkpoint is about three copies of the model.
+    assert 2.5 * 4 * row["params"] / 2**20 < row["checkpoint_mb"] < 3.5 * 4 * row["params"] / 2**20
+    assert row["checkpoint_s_median"] > 0 and row["step_s_median"] > 0
+    assert row["share_of_epoch"] == pytest.approx(row["checkpoint_s_median"] / row["epoch_s_estimate"])
+    assert row["epoch_s_estimate"] == pytest.approx(50_000 // 8 * row["step_s_median"])
