@@ -185,7 +185,7 @@ def eval_cmd(
 
     Example: finetune eval runs/deit_tiny_cifar --data data/cifar10-jpeg
     """
-    from .data import BatchLoader, load_eval_split
+    from .data import BatchLoader, load_eval_split, normalisation
     from .device import autocast_dtype, resolve_device
     from .evaluate import evaluate
     from .models import load_model
@@ -197,10 +197,10 @@ def eval_cmd(
     split, class_names = load_eval_split(cfg, seed=seed, classes=classes)
     dev = resolve_device(device)
     model_obj = model_obj.to(dev)
+    mean, std = normalisation(model_obj.pretrained_cfg)
     loader = BatchLoader(
         split, batch_size=batch_size, train=False, device=dev,
-        out_size=tuple(model_obj.patch_embed.img_size), mean=model_obj.pretrained_cfg["mean"],
-        std=model_obj.pretrained_cfg["std"],
+        out_size=tuple(model_obj.patch_embed.img_size), mean=mean, std=std,
     )
     result = evaluate(model_obj, loader, model_obj.num_classes, amp_dtype=autocast_dtype("bf16", dev))
     out.print(
@@ -230,7 +230,7 @@ def predict(
     """
     import torch
 
-    from .data import preprocess_images, read_image
+    from .data import normalisation, preprocess_images, read_image
     from .device import resolve_device
     from .models import load_model
 
@@ -240,8 +240,7 @@ def predict(
     names = _class_names(model_obj)
     dev = resolve_device(device)
     model_obj = model_obj.to(dev).eval()
-    cfg = model_obj.pretrained_cfg
-    batch = preprocess_images(decoded, tuple(model_obj.patch_embed.img_size), cfg["mean"], cfg["std"]).to(dev)
+    batch = preprocess_images(decoded, tuple(model_obj.patch_embed.img_size), *normalisation(model_obj.pretrained_cfg)).to(dev)
     with torch.no_grad():
         probs = model_obj(batch).float().softmax(dim=-1)
     k = min(topk, probs.shape[1])

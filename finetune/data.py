@@ -625,6 +625,17 @@ def preprocess_images(
     return _normalize(batch, mean, std)
 
 
+def normalisation(
+    pretrained_cfg: dict, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean and std a model's inputs are normalised with: the given ones (a recipe's
+    ``data.mean``/``data.std``), else the model's ``pretrained_cfg`` (ImageNet's for DeiT), else 0.5."""
+    return (
+        tuple(mean or pretrained_cfg.get("mean") or (0.5, 0.5, 0.5)),
+        tuple(std or pretrained_cfg.get("std") or (0.5, 0.5, 0.5)),
+    )
+
+
 def _normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """``uint8 (B, 3, H, W)`` -> ``float32 (x / 255 - mean) / std``."""
     mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)

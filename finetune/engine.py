@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import BatchLoader, DatasetSplits, load_splits
+from .data import BatchLoader, DatasetSplits, load_splits, normalisation
 from .device import autocast, autocast_dtype, resolve_device, synchronize
 from .errors import DivergedError, FinetuneError
 from .evaluate import EvalResult, evaluate
@@ -129,8 +129,7 @@ def prepare(recipe: Recipe, *, model: nn.Module | None = None) -> Prepared:
     if model is None:
         model = build_model(recipe, num_classes)
     cfg = model.pretrained_cfg
-    mean = tuple(recipe.data.mean or cfg.get("mean") or (0.5, 0.5, 0.5))
-    std = tuple(recipe.data.std or cfg.get("std") or (0.5, 0.5, 0.5))
+    mean, std = normalisation(cfg, recipe.data.mean, recipe.data.std)
     out_size = tuple(model.patch_embed.img_size) if hasattr(model, "patch_embed") else tuple(cfg["input_size"][1:])
     return Prepared(recipe, device, data, model, mean, std, out_size)
 

@@ -282,6 +282,16 @@ def test_eval_of_a_run_matches_its_summary(finished_run):
         assert name in result.stdout
 
 
+def test_eval_of_the_best_epoch_reads_the_run_s_data(tmp_path):
+    result = invoke("run", *QUICK, f"output.dir={tmp_path}", "data.val_split=32", "train.epochs=2", "-q")
+    assert result.exit_code == 0, result.output
+    assert "best val top-1" in result.stdout and "test top-1 there" in result.stdout
+    summary = json.loads((tmp_path / "quick_cpu" / "summary.json").read_text())
+    result = invoke("eval", tmp_path / "quick_cpu" / "best")  # the data comes from the run's recipe.yaml
+    assert result.exit_code == 0, result.output
+    assert top1_of(result.stdout) == round(100 * summary["best_test_acc1"], 2)
+
+
 def test_eval_on_an_image_folder_of_the_same_images_gives_the_same_accuracy(tmp_path, finished_run):
     run_dir, summary = finished_run
     # The run's test set, written as lossless PNGs in class folders.
