@@ -115,10 +115,7 @@ def load_splits(cfg, *, seed: int) -> DatasetSplits:
             seed=seed,
         )
     else:
-        raise DataError(
-            f"data.name is {cfg.name!r}, which is not a dataset finetune knows.",
-            "Use one of cifar10, cifar100, imagefolder or synthetic.",
-        )
+        raise _unknown_dataset(cfg.name)
 
     if getattr(cfg, "classes", None):
         train, test, classes = select_classes(train, test, classes, cfg.classes)
@@ -146,17 +143,16 @@ def select_classes(
             f"the dataset's classes are: {', '.join(classes)}.",
             "List each class at most once, spelled as above.",
         )
-    return _keep_classes(train, classes, keep), _keep_classes(test, classes, keep), list(keep)
-
-
-def _keep_classes(split: ImageTensors, classes: Sequence[str], keep: Sequence[str]) -> ImageTensors:
-    """The images of the classes in ``keep`` (all known to ``classes``), relabelled by their place in it."""
     lookup = torch.full((len(classes),), -1, dtype=torch.int64)
     for new, name in enumerate(keep):
-        lookup[list(classes).index(name)] = new
-    labels = lookup[split.labels]  # old label -> new label, -1 for dropped classes
-    kept = labels >= 0
-    return ImageTensors(split.images[kept], labels[kept])
+        lookup[classes.index(name)] = new
+
+    def subset(split: ImageTensors) -> ImageTensors:
+        labels = lookup[split.labels]  # old label -> new label, -1 for dropped classes
+        kept = labels >= 0
+        return ImageTensors(split.images[kept], labels[kept])
+
+    return subset(train), subset(test), list(keep)
 
 
 def split_train(
@@ -241,15 +237,14 @@ def _load_cifar(
 ) -> tuple[list[ImageTensors], list[str]]:
     """Read the named splits of CIFAR's pickled batches through torchvision; download them first when asked."""
     dataset_cls = _CIFAR_CLASSES[name]
-    train = splits[0] == "train"
     try:
-        first = dataset_cls(str(root), train=train, download=False)
+        first = dataset_cls(str(root), train=splits[0] == "train", download=False)
     except RuntimeError:
         # torchvision raises RuntimeError for missing or corrupt files (it checks md5 sums).
         if not download:
             raise _cifar_missing_error(name, dataset_cls, root, reason="download is off (data.download=false)")
         _download_cifar(name, dataset_cls, root)
-        first = dataset_cls(str(root), train=train, download=False)
+        first = dataset_cls(str(root), train=splits[0] == "train", download=False)
     sets = [first] + [dataset_cls(str(root), train=split == "train", download=False) for split in splits[1:]]
     return [_cifar_tensors(d) for d in sets], list(first.classes)
 
@@ -361,13 +356,8 @@ def load_eval_split(cfg, *, seed: int = 0, classes: Sequence[str] | None = None)
         if classes is None or list(classes) == all_classes:
             return test, all_classes
         # A model trained on some of the classes (data.classes): score it on those, its labels.
-        unknown = [name for name in classes if name not in all_classes]
-        if unknown:
-            raise DataError(
-                f"The model's classes {', '.join(unknown[:10])} are not classes of {cfg.name}.",
-                f"Its classes are: {', '.join(all_classes[:20])}. Evaluate on the data the model was trained on.",
-            )
-        return _keep_classes(test, all_classes, classes), list(classes)
+        test, _, kept = select_classes(test, test, all_classes, list(classes))
+        return test, kept
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
         raise DataError(f"{root} is not a folder.", "Pass a folder of <class>/<image> folders, or one with test/ in it.")
@@ -402,13 +392,17 @@ def _load_test_split(cfg, *, seed: int) -> tuple[ImageTensors, list[str]]:
             size=cfg.synthetic_size, seed=seed,
         )
     else:
-        raise DataError(
-            f"data.name is {cfg.name!r}, which is not a dataset finetune knows.",
-            "Use one of cifar10, cifar100, imagefolder or synthetic.",
-        )
+        raise _unknown_dataset(cfg.name)
     if cfg.image_size is not None:
         test = _resize_split(test, cfg.image_size)
     return test, classes
+
+
+def _unknown_dataset(name: str) -> DataError:
+    return DataError(
+        f"data.name is {name!r}, which is not a dataset finetune knows.",
+        "Use one of cifar10, cifar100, imagefolder or synthetic.",
+    )
 
 
 def _list_imagefolder(folder: Path, *, allow_empty: bool) -> tuple[list[str], list[int], list[str]]:

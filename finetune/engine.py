@@ -33,7 +33,7 @@ from torch import nn
 from .data import BatchLoader, DatasetSplits, load_splits, normalisation
 from .device import autocast, autocast_dtype, resolve_device, synchronize
 from .errors import DivergedError, FinetuneError
-from .evaluate import EvalResult, evaluate
+from .evaluate import evaluate
 from .models import create_model, load_model, model_config
 from .params import ParamCounts, param_groups, set_trainable
 from .recipe import Recipe, recipe_to_dict
@@ -45,14 +45,12 @@ from .recipe import Recipe, recipe_to_dict
 class Callback:
     """Hooks the loop calls; each does nothing unless a subclass overrides it."""
 
-    def on_train_start(self, state: TrainState) -> None:
-        """Before the first step of this process (after a resume too)."""
-
     def on_log(self, state: TrainState, row: dict[str, Any]) -> None:
         """Every ``train.log_every`` optimizer steps, with that interval's metrics line."""
 
     def on_step_end(self, state: TrainState) -> None:
-        """After every optimizer step (host-side bookkeeping only: no device syncs here)."""
+        """After every optimizer step. Keep it on the host: a device sync here would cost one per
+        step (the run folder's checkpoints sync, but only on the steps they are due)."""
 
     def on_epoch_end(self, state: TrainState, row: dict[str, Any] | None) -> None:
         """After each epoch, with its evaluation line (``None`` for an epoch not evaluated).
@@ -66,10 +64,6 @@ class Callbacks(Callback):
 
     def __init__(self, callbacks: Sequence[Callback]):
         self.callbacks = list(callbacks)
-
-    def on_train_start(self, state: TrainState) -> None:
-        for c in self.callbacks:
-            c.on_train_start(state)
 
     def on_log(self, state: TrainState, row: dict[str, Any]) -> None:
         for c in self.callbacks:
@@ -234,6 +228,23 @@ def build_loss(recipe: Recipe) -> Callable[[torch.Tensor, torch.Tensor], torch.T
         return lambda logits, target: soft(logits.float(), target)
     smoothing = recipe.train.label_smoothing
     return lambda logits, target: F.cross_entropy(logits.float(), target, label_smoothing=smoothing)
+
+
+def build_clipper(
+    recipe: Recipe, model: nn.Module, scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer
+) -> Callable[[], None]:
+    """Gradient-norm clipping as one call, chosen once: a call that does nothing when
+    ``train.clip_grad`` is null."""
+    max_norm = recipe.train.clip_grad
+    if max_norm is None:
+        return lambda: None
+    trainable = [q for q in model.parameters() if q.requires_grad]
+
+    def clip() -> None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+        nn.utils.clip_grad_norm_(trainable, max_norm)
+
+    return clip
 
 
 @dataclass
@@ -448,20 +459,11 @@ def build(prepared: Prepared) -> TrainState:
         # would stay close to the random or pretrained starting weights for thousands of steps.
         ema = ModelEmaV3(model, decay=r.train.ema_decay, use_warmup=True)
 
-    def clip_gradients() -> None:
-        pass
-
-    if r.train.clip_grad is not None:
-        trainable = [q for q in model.parameters() if q.requires_grad]
-
-        def clip_gradients() -> None:  # noqa: F811 - chosen once, here
-            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-            nn.utils.clip_grad_norm_(trainable, r.train.clip_grad)
-
     return TrainState(
         recipe=r, device=device, model=model, forward=torch.compile(model) if r.train.compile else model,
         optimizer=optimizer, scheduler=scheduler, scaler=scaler, loss_fn=build_loss(r), mixup=mixup, ema=ema,
-        clip_gradients=clip_gradients, train_loader=train_loader, val_loader=val_loader, test_loader=test_loader,
+        clip_gradients=build_clipper(r, model, scaler, optimizer),
+        train_loader=train_loader, val_loader=val_loader, test_loader=test_loader,
         classes=list(p.data.classes), amp_dtype=amp_dtype, steps_per_epoch=steps_per_epoch, counts=counts,
         mean=p.mean, std=p.std, out_size=p.out_size, meters=Meters.on(device),
     )
@@ -509,7 +511,6 @@ def fit(state: TrainState, callbacks: Callback) -> None:
             boundary after the callbacks had their say (a checkpoint, in a run folder).
     """
     r, p = state.recipe, state.progress
-    callbacks.on_train_start(state)
     while p.epoch <= r.train.epochs:
         if p.batch == 0:
             state.meters.reset_epoch()
@@ -672,8 +673,3 @@ def throughput(progress: Progress, seconds: float) -> float:
         return (images - warm_images) / (seconds - warm_s)
     return images / max(seconds, 1e-9)
 
-
-def last_eval(state: TrainState) -> EvalResult | None:
-    """The last evaluated epoch's test result, if any epoch was evaluated."""
-    e = state.progress.last_eval
-    return EvalResult.from_dict(e) if e is not None else None

@@ -46,10 +46,6 @@ class EvalResult:
         """Every field, as plain JSON types."""
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, fields: dict[str, Any]) -> EvalResult:
-        return cls(**fields)
-
 
 @torch.no_grad()
 def evaluate(

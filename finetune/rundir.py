@@ -335,15 +335,16 @@ class RunDir:
 
     def truncate_metrics(self, offset: int) -> None:
         """Drop the lines written after the checkpoint being resumed from; they will be written again."""
-        self._metrics.flush()
-        with open(self.path / "metrics.jsonl", "r+b") as f:
-            size = f.seek(0, os.SEEK_END)
-            if size < offset:
-                raise CheckpointError(
-                    f"{self.path / 'metrics.jsonl'} is shorter ({size} bytes) than its checkpoint says ({offset}).",
-                    "The run folder was edited or damaged; start the run again with output.overwrite=true.",
-                )
-            f.truncate(offset)
+        path = self.path / "metrics.jsonl"
+        self._metrics.close()  # reopened below, so that its position is the new end
+        size = path.stat().st_size
+        if size < offset:
+            raise CheckpointError(
+                f"{path} is shorter ({size} bytes) than its checkpoint says ({offset}).",
+                "The run folder was edited or damaged; start the run again with output.overwrite=true.",
+            )
+        os.truncate(path, offset)
+        self._metrics = open(path, "a", encoding="utf-8", buffering=1)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         try:

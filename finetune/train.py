@@ -21,19 +21,8 @@ from typing import Any
 
 from . import engine
 from .device import environment, reset_peak_memory
-from .engine import (  # noqa: F401 - part of this module's interface since round 1
-    Callbacks,
-    Prepared,
-    StopRequested,
-    TrainState,
-    build,
-    build_model,
-    build_optimizer,
-    build_scheduler,
-    fit,
-)
+from .engine import Callbacks, Prepared, StopRequested, TrainState, build, fit
 from .errors import DivergedError, FinetuneError, RunInterrupted
-from .evaluate import EvalResult, evaluate  # noqa: F401
 from .models import model_from_config
 from .progress import TrainProgress
 from .recipe import Recipe

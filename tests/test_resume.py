@@ -475,6 +475,21 @@ def test_divergence_is_caught_at_a_checkpoint_between_log_lines(tmp_path):
         (run_dir_for(recipe) / "summary.json").read_text())["steps"]
 
 
+def test_metrics_cut_back_to_a_checkpoint_continue_from_there(tmp_path):
+    folder = tmp_path / "run"
+    rundir = RunDir.create(folder, quick(tmp_path), {"status": "running"}, overwrite=False)
+    rundir.log({"step": 1})
+    offset = rundir.metrics_offset()
+    rundir.log({"step": 2, "loss": float("nan")})  # written after the checkpoint: dropped on resume
+    rundir.truncate_metrics(offset)
+    assert rundir.metrics_offset() == offset  # a checkpoint taken now records the right place
+    rundir.log({"step": 2, "loss": 0.5})
+    rundir.close()
+    assert strict_json_lines(folder / "metrics.jsonl") == [{"step": 1}, {"step": 2, "loss": 0.5}]
+    with pytest.raises(CheckpointError, match="shorter"):
+        RunDir(folder, None).truncate_metrics(10_000)
+
+
 # ---------------------------------------------------------------------------------------------
 # The state file
 
