@@ -52,6 +52,8 @@ import torchvision
 import typer
 from torch import nn
 
+from finetune.device import reset_peak_memory, synchronize
+
 CIFAR10_TRAIN_IMAGES = 50_000  # one CIFAR-10 epoch, for the seconds-per-epoch column
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DeiT's normalisation, as the course notebook uses
@@ -178,17 +180,6 @@ def peak_tflops(name: str, device_type: str = "cuda") -> tuple[float | None, str
         if key.lower() in name.lower():
             return tflops, label
     return None, None
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so a host timer measures it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_memory_mib(device: torch.device) -> float | None:
