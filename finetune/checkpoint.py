@@ -9,9 +9,13 @@ refused before any of it runs.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import os
 import pickle
+import pickletools
+import re
 import socket
 import zipfile
 from dataclasses import dataclass, field
@@ -140,7 +144,36 @@ def _torch_load_safely(path: Path) -> Any:
         raise _corrupt(path, exc) from None
 
 
+def _pickled_globals(path: Path, limit: int = 64 << 20) -> list[str]:
+    """What a plain pickle file (not torch's zip format) would import when loaded: the classes and
+    functions it names, read from its opcodes with ``pickletools`` without running any of them."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit)
+        names, strings = [], []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("GLOBAL", "INST"):
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL":
+                names.append(".".join(strings[-2:]) if len(strings) >= 2 else "(a name built on the stack)")
+            elif isinstance(arg, str):
+                strings.append(arg)
+        return names
+    except Exception:  # noqa: BLE001 - not a readable pickle: no names to report
+        return []
+
+
 def _corrupt(path: Path, exc: Exception) -> CheckpointError:
+    # torch's legacy reader calls any file without its magic number corrupt, but a plain pickle of
+    # an object is a payload, not damage: say so.
+    payload = [name for name in _pickled_globals(path) if not name.startswith(("torch.", "collections.OrderedDict"))]
+    if payload:
+        return CheckpointError(
+            f"Refused to load {path}: it is a pickle that would import {', '.join(payload[:3])} when loaded, "
+            "which can run code. The file was not loaded and none of its code ran.",
+            "If you trust its origin, load it yourself, save only its tensors with "
+            "safetensors.torch.save_file, and pass that file.",
+        )
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     # torch's weights_only errors wrap the one useful line ("Unsupported operand 149") in advice.
     reason = next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else "")
@@ -193,29 +226,159 @@ def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
+CONFIG_MAX_BYTES = 1 << 20  # a config.json is a few kB; a larger one is not a model's config
+
+
 def read_config(path: Path) -> dict[str, Any]:
-    """Read a hub-style ``config.json`` into ``{"architecture", "pretrained_cfg", "model_args"}``."""
+    """Read a hub-style ``config.json`` into ``{"architecture", "pretrained_cfg", "model_args",
+    "weights_sha256"}``, checking it as data: types and bounds (see :func:`check_model_args`)."""
     try:
-        cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}).", "Fix or re-download the file.") from None
-    if not isinstance(cfg, dict) or "architecture" not in cfg:
+        if path.stat().st_size > CONFIG_MAX_BYTES:
+            raise CheckpointError(
+                f"{path} is {path.stat().st_size:,} bytes, far more than a model's config.json.",
+                "Use the config.json that came with the weights.",
+            )
+        cfg = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({type(exc).__name__}: {exc}).", "Fix or re-download the file.") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("architecture"), str):
         raise CheckpointError(
-            f"{path} does not name an architecture (no 'architecture' key).",
+            f"{path} does not name an architecture (no 'architecture' text).",
             "A timm hub config.json has one; pass arch=... or add it.",
         )
-    if "pretrained_cfg" in cfg:
+    if isinstance(cfg.get("pretrained_cfg"), dict):
         pretrained_cfg = dict(cfg["pretrained_cfg"])
     else:  # older single-dict layout
-        pretrained_cfg = {k: v for k, v in cfg.items() if k not in ("architecture", "num_features")}
+        pretrained_cfg = {k: v for k, v in cfg.items() if k not in ("architecture", "num_features", "pretrained_cfg")}
     for key in ("num_classes", "label_names", "label_descriptions"):
         if key in cfg:
             pretrained_cfg[key] = cfg[key]
-    return {
-        "architecture": cfg["architecture"],
-        "pretrained_cfg": pretrained_cfg,
-        "model_args": dict(cfg.get("model_args") or {}),
-    }
+    model_args = cfg.get("model_args") or {}
+    if not isinstance(model_args, dict):
+        raise CheckpointError(f"{path}: model_args must be a mapping, got {type(model_args).__name__}.", _CONFIG_FIX)
+    check_pretrained_cfg(pretrained_cfg, str(path))
+    sha = cfg.get("weights_sha256")
+    if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+        raise CheckpointError(f"{path}: weights_sha256 is not a SHA-256 hex digest.", _CONFIG_FIX)
+    return {"architecture": cfg["architecture"], "pretrained_cfg": pretrained_cfg, "model_args": dict(model_args),
+            "weights_sha256": sha}
+
+
+_CONFIG_FIX = "Use the config.json that came with the weights, or save the model again with finetune.save_model."
+
+# What a model folder may ask of timm's ViT constructor: numbers, flags and layer names, each
+# bounded. Anything else (checkpoint_path, pretrained_cfg_overlay, pretrained, a class...) could
+# make timm open another file or build something unbounded, so it is refused.
+_FLAG_ARGS = ("qkv_bias", "qk_norm", "scale_attn_norm", "scale_mlp_norm", "proj_bias", "class_token", "no_embed_class",
+              "pre_norm", "final_norm", "pool_include_prefix", "dynamic_img_size", "dynamic_img_pad", "fix_init")
+_INT_ARGS = {"depth": (1, 256), "embed_dim": (1, 16384), "num_heads": (1, 1024), "reg_tokens": (0, 64),
+             "in_chans": (1, 64), "num_classes": (0, 1_000_000)}
+_SIZE_ARGS = {"img_size": (1, 16384), "patch_size": (1, 1024)}
+_RATE_ARGS = ("drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate")
+_NAME_ARGS = ("global_pool", "pos_embed", "weight_init", "act_layer", "norm_layer", "embed_norm_layer")
+ALLOWED_MODEL_ARGS = (*_FLAG_ARGS, *_INT_ARGS, *_SIZE_ARGS, *_RATE_ARGS, *_NAME_ARGS, "mlp_ratio", "init_values", "fc_norm")
+
+
+def check_model_args(args: dict[str, Any], state_dict: dict[str, torch.Tensor], origin: str) -> None:
+    """Check a model folder's ``model_args`` before anything is built from them.
+
+    Only :data:`ALLOWED_MODEL_ARGS` are accepted, each of its type and within bounds, and the
+    ones the weights pin down (``depth``, ``embed_dim``, ``patch_size``, ``num_heads`` dividing
+    ``embed_dim``) must agree with the tensors' shapes. So a config.json can neither make timm read
+    another file nor build a model far larger than its weights.
+
+    Raises:
+        CheckpointError: naming the argument, what it should be, and the file.
+    """
+    problems = []
+
+    def bad(key: str, why: str) -> None:
+        problems.append(f"{key}={_short(args[key])} {why}")
+
+    for key, value in args.items():
+        if key not in ALLOWED_MODEL_ARGS:
+            problems.append(f"{key!r} is not an argument finetune passes on (it accepts {', '.join(ALLOWED_MODEL_ARGS[:8])}, ...)")
+        elif key in _FLAG_ARGS and not isinstance(value, bool):
+            bad(key, "should be true or false")
+        elif key == "fc_norm" and not (value is None or isinstance(value, bool)):
+            bad(key, "should be true, false or null")
+        elif key in _INT_ARGS and not _int_in(value, *_INT_ARGS[key]):
+            bad(key, f"should be a whole number from {_INT_ARGS[key][0]} to {_INT_ARGS[key][1]}")
+        elif key in _SIZE_ARGS and not (_int_in(value, *_SIZE_ARGS[key]) or (
+                isinstance(value, (list, tuple)) and len(value) == 2 and all(_int_in(v, *_SIZE_ARGS[key]) for v in value))):
+            bad(key, f"should be a whole number (or two) from {_SIZE_ARGS[key][0]} to {_SIZE_ARGS[key][1]}")
+        elif key in _RATE_ARGS and not _number_in(value, 0.0, 1.0, high_open=True):
+            bad(key, "should be a number in [0, 1)")
+        elif key in _NAME_ARGS and not (isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_]{0,40}", value)):
+            bad(key, "should be a short name such as 'token', 'avg' or 'gelu'")
+        elif key == "mlp_ratio" and not _number_in(value, 0.0, 64.0, low_open=True):
+            bad(key, "should be a number in (0, 64]")
+        elif key == "init_values" and not (value is None or _number_in(value, 0.0, 10.0)):
+            bad(key, "should be null or a number in [0, 10]")
+    if not problems:
+        problems = _disagreements(args, state_dict)
+    if problems:
+        raise CheckpointError(f"{origin}: config.json's model_args cannot be used: {'; '.join(problems)}.", _CONFIG_FIX)
+
+
+def _disagreements(args: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """The model_args that contradict the shapes of the weights they come with."""
+    problems = []
+    blocks = {int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    if "depth" in args and blocks and args["depth"] != max(blocks) + 1:
+        problems.append(f"depth={args['depth']} but the weights have {max(blocks) + 1} blocks")
+    width = next((state_dict[k].shape[-1] for k in ("cls_token", "pos_embed") if k in state_dict), None)
+    if "embed_dim" in args and width is not None and args["embed_dim"] != width:
+        problems.append(f"embed_dim={args['embed_dim']} but the weights are {width} wide")
+    if "num_heads" in args and (args.get("embed_dim") or width or 0) % args["num_heads"]:
+        problems.append(f"num_heads={args['num_heads']} does not divide the width {args.get('embed_dim') or width}")
+    proj = state_dict.get("patch_embed.proj.weight")
+    if "patch_size" in args and proj is not None and proj.ndim == 4:
+        patch = args["patch_size"]
+        if tuple(patch if isinstance(patch, (list, tuple)) else (patch, patch)) != tuple(proj.shape[-2:]):
+            problems.append(f"patch_size={_short(patch)} but the patch kernel is {proj.shape[-2]}x{proj.shape[-1]}")
+    return problems
+
+
+def check_pretrained_cfg(cfg: dict[str, Any], origin: str) -> None:
+    """Check the parts of a pretrained config that finetune uses: normalisation and class names."""
+    problems = []
+    for key in ("mean", "std"):
+        value = cfg.get(key)
+        if value is not None and not (isinstance(value, (list, tuple)) and len(value) in (1, 3)
+                                      and all(_number_in(v, -1e3, 1e3) for v in value)):
+            problems.append(f"{key}={_short(value)} should be 3 numbers")
+        elif key == "std" and value is not None and min(value) <= 0:
+            problems.append(f"std={_short(value)} should be positive")
+    names = cfg.get("label_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        problems.append("label_names should be a list of class names")
+    if problems:
+        raise CheckpointError(f"{origin}: its pretrained config cannot be used: {'; '.join(problems)}.", _CONFIG_FIX)
+
+
+def _int_in(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _number_in(value: Any, low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def resolve_folder(folder: Path, *, use_ema: bool = False) -> ResolvedSource:
@@ -229,13 +392,22 @@ def resolve_folder(folder: Path, *, use_ema: bool = False) -> ResolvedSource:
     cfg = read_config(config_path)
     for name in (SAFETENSORS_NAME, *PICKLE_NAMES):
         if (folder / name).is_file():
-            state_dict, _ = read_checkpoint(folder / name, use_ema=use_ema)
+            weights = folder / name
             break
     else:
         raise SourceNotFoundError(
             f"{folder} has a config.json but no weights ({SAFETENSORS_NAME} or pytorch_model.bin).",
             "Copy the weights file into the folder.",
         )
+    if cfg["weights_sha256"] is not None and file_sha256(weights) != cfg["weights_sha256"]:
+        raise CheckpointError(
+            f"{weights} does not match the SHA-256 recorded in {config_path}: the file was changed or damaged "
+            "after it was saved (a flipped byte is enough to ruin a model's accuracy without any other sign).",
+            "Copy or download the model folder again. If you replaced the weights on purpose, delete "
+            "weights_sha256 from config.json.",
+        )
+    state_dict, _ = read_checkpoint(weights, use_ema=use_ema)
+    check_model_args(cfg["model_args"], state_dict, str(folder))
     return ResolvedSource(
         state_dict, cfg["architecture"], cfg["pretrained_cfg"], cfg["model_args"], origin=str(folder)
     )
@@ -340,6 +512,7 @@ def resolve_hub(repo_id: str, *, revision: str | None = None, cache_dir: str | P
         config_path, weights_path = _download_hub(repo_id, revision, cache)
     cfg = read_config(config_path)
     state_dict, _ = read_checkpoint(weights_path)
+    check_model_args(cfg["model_args"], state_dict, f"hf-hub:{repo_id}")
     cfg["pretrained_cfg"].setdefault("hf_hub_id", repo_id)
     return ResolvedSource(
         state_dict, cfg["architecture"], cfg["pretrained_cfg"], cfg["model_args"], origin=f"hf-hub:{repo_id}"

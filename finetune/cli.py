@@ -175,7 +175,7 @@ def eval_cmd(
         typer.Option(help="cifar10, cifar100, or an image folder; default: the data the run was trained on."),
     ] = None,
     root: Annotated[str | None, typer.Option(help="Where CIFAR lives (or is downloaded to).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.", min=1)] = 256,
     image_size: Annotated[
         int | None, typer.Option(help="Resize (shorter side, centre crop) images of mixed sizes to this size on load.")
     ] = None,
@@ -194,7 +194,9 @@ def eval_cmd(
     model_obj = load_model(model)
     classes = model_obj.pretrained_cfg.get("label_names")
     cfg, seed = _eval_data_config(model, data, root, image_size)
-    split, class_names = load_eval_split(cfg, seed=seed, classes=classes)
+    split, class_names, skipped = load_eval_split(cfg, seed=seed, classes=classes)
+    if skipped:
+        err.print(f"[yellow]warning:[/] {escape(skipped.describe())}", highlight=False)
     dev = resolve_device(device)
     model_obj = model_obj.to(dev)
     mean, std = normalisation(model_obj.pretrained_cfg)
@@ -210,7 +212,7 @@ def eval_cmd(
     )
     table = Table("class", "accuracy", box=None, header_style="bold")
     for name, acc in zip(class_names, result.per_class_acc):
-        table.add_row(name, f"{100 * acc:.1f}%")
+        table.add_row(name, "n/a (no images)" if acc is None else f"{100 * acc:.1f}%")
     out.print(table)
 
 
@@ -219,7 +221,7 @@ def eval_cmd(
 def predict(
     model: Annotated[Path, typer.Argument(help="A run directory, a saved model, or any load_model source.")],
     images: Annotated[list[Path], typer.Argument(help="One or more image files.")],
-    topk: Annotated[int, typer.Option(help="How many classes to show per image.")] = 3,
+    topk: Annotated[int, typer.Option(help="How many classes to show per image.", min=1)] = 3,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
 ) -> None:
     """Classify photos: the top classes and their probabilities, as the course does with one photo.

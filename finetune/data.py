@@ -18,12 +18,14 @@ import io
 import math
 import os
 import socket
+import stat
 import urllib.parse
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,6 +65,32 @@ class ImageTensors:
 
 
 @dataclass
+class SkippedFiles:
+    """Entries of image folders that were not read, by reason, so that none goes unmentioned.
+
+    Attributes:
+        reasons: reason -> paths, e.g. ``"not an image file (.txt)" -> ["train/cat/notes.txt"]``.
+    """
+
+    reasons: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, reason: str, path: str | Path) -> None:
+        self.reasons.setdefault(reason, []).append(str(path))
+
+    def __len__(self) -> int:
+        return sum(len(paths) for paths in self.reasons.values())
+
+    def describe(self) -> str:
+        """``skipped 3 entries: 2 not an image file (.gif), 1 unreadable image (e.g. a/b.jpg)``."""
+        parts = [f"{len(paths)} {reason} (e.g. {paths[0]})" for reason, paths in sorted(self.reasons.items())]
+        return f"skipped {len(self)} {'entry' if len(self) == 1 else 'entries'}: " + ", ".join(parts)
+
+    def to_dict(self, examples: int = 5) -> dict[str, Any]:
+        """Counts and a few example paths per reason, for ``summary.json``."""
+        return {reason: {"count": len(paths), "examples": paths[:examples]} for reason, paths in sorted(self.reasons.items())}
+
+
+@dataclass
 class DatasetSplits:
     """The splits of a dataset and its class names.
 
@@ -72,6 +100,7 @@ class DatasetSplits:
         test: the dataset's own test set (ImageFolder: ``test/`` or ``val/``).
         classes: class names; label ``i`` is ``classes[i]``.
         name: the dataset's name in the recipe (``cifar10``, ``imagefolder``, ...).
+        skipped: image-folder entries that were not read, by reason.
     """
 
     train: ImageTensors
@@ -79,6 +108,7 @@ class DatasetSplits:
     test: ImageTensors
     classes: list[str]
     name: str
+    skipped: SkippedFiles = field(default_factory=SkippedFiles)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -102,10 +132,11 @@ def load_splits(cfg, *, seed: int) -> DatasetSplits:
         DataError: the data is missing and cannot be downloaded, a file is not an image, images
             differ in size with no ``image_size``, or the subset and validation sizes do not fit.
     """
+    skipped = SkippedFiles()
     if cfg.name in _CIFAR_CLASSES:
         (train, test), classes = _load_cifar(cfg.name, Path(cfg.root).expanduser(), download=cfg.download)
     elif cfg.name == "imagefolder":
-        train, test, classes = _load_imagefolder(Path(cfg.root).expanduser(), image_size=cfg.image_size)
+        train, test, classes = _load_imagefolder(Path(cfg.root).expanduser(), image_size=cfg.image_size, skipped=skipped)
     elif cfg.name == "synthetic":
         train, test, classes = _make_synthetic(
             num_train=cfg.synthetic_train,
@@ -125,7 +156,7 @@ def load_splits(cfg, *, seed: int) -> DatasetSplits:
         # are resized after the subset is taken, so images that will not be used are not resized.
         train, test = _resize_split(train, cfg.image_size), _resize_split(test, cfg.image_size)
         val = _resize_split(val, cfg.image_size) if val is not None else None
-    return DatasetSplits(train=train, val=val, test=test, classes=classes, name=cfg.name)
+    return DatasetSplits(train=train, val=val, test=test, classes=classes, name=cfg.name, skipped=skipped)
 
 
 def select_classes(
@@ -301,7 +332,9 @@ def _cifar_missing_error(name: str, dataset_cls: type, root: Path, *, reason: st
 # ---- ImageFolder ---------------------------------------------------------------------------------
 
 
-def _load_imagefolder(root: Path, *, image_size: int | None) -> tuple[ImageTensors, ImageTensors, list[str]]:
+def _load_imagefolder(
+    root: Path, *, image_size: int | None, skipped: SkippedFiles
+) -> tuple[ImageTensors, ImageTensors, list[str]]:
     """Decode ``root/train`` and ``root/test`` (or ``root/val``) ImageFolder trees."""
     if not root.is_dir():
         raise DataError(
@@ -317,8 +350,8 @@ def _load_imagefolder(root: Path, *, image_size: int | None) -> tuple[ImageTenso
             f"Lay the images out as {root}/train/<class>/<image> and {root}/test/<class>/<image>.",
         )
 
-    train_files, train_labels, classes = _list_imagefolder(train_dir, allow_empty=False)
-    test_files, test_names, test_classes = _list_imagefolder(test_dir, allow_empty=True)
+    train_files, train_labels, classes = _list_imagefolder(train_dir, skipped)
+    test_files, test_names, test_classes = _list_imagefolder(test_dir, skipped)
     unknown = sorted(set(test_classes) - set(classes))
     if unknown:
         raise DataError(
@@ -329,12 +362,14 @@ def _load_imagefolder(root: Path, *, image_size: int | None) -> tuple[ImageTenso
     class_to_idx = {c: i for i, c in enumerate(classes)}
     test_labels = [class_to_idx[test_classes[i]] for i in test_names]
 
-    train = ImageTensors(_decode_files(train_files, image_size), torch.tensor(train_labels, dtype=torch.int64))
-    test = ImageTensors(_decode_files(test_files, image_size), torch.tensor(test_labels, dtype=torch.int64))
+    train = _decode_files(train_files, train_labels, image_size, skipped)
+    test = _decode_files(test_files, test_labels, image_size, skipped)
     return train, test, classes
 
 
-def load_eval_split(cfg, *, seed: int = 0, classes: Sequence[str] | None = None) -> tuple[ImageTensors, list[str]]:
+def load_eval_split(
+    cfg, *, seed: int = 0, classes: Sequence[str] | None = None
+) -> tuple[ImageTensors, list[str], SkippedFiles]:
     """The split ``finetune eval`` scores: the test set, without decoding the train set.
 
     Args:
@@ -345,7 +380,8 @@ def load_eval_split(cfg, *, seed: int = 0, classes: Sequence[str] | None = None)
             folder that lacks some classes still gets the model's label numbers.
 
     Returns:
-        ``(split, classes)``.
+        ``(split, classes, skipped)``: the images, the class names of their labels, and the
+        image-folder entries that were not read.
     """
     # Without the model's class names, the run's own data.classes says which classes it learned
     # and in which order (training relabelled them 0..k-1 in that order).
@@ -354,15 +390,16 @@ def load_eval_split(cfg, *, seed: int = 0, classes: Sequence[str] | None = None)
     if cfg.name != "imagefolder":
         test, all_classes = _load_test_split(cfg, seed=seed)
         if classes is None or list(classes) == all_classes:
-            return test, all_classes
+            return test, all_classes, SkippedFiles()
         # A model trained on some of the classes (data.classes): score it on those, its labels.
         test, _, kept = select_classes(test, test, all_classes, list(classes))
-        return test, kept
+        return test, kept, SkippedFiles()
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
         raise DataError(f"{root} is not a folder.", "Pass a folder of <class>/<image> folders, or one with test/ in it.")
     folder = next((root / sub for sub in ("test", "val") if (root / sub).is_dir()), root)
-    files, labels, folder_classes = _list_imagefolder(folder, allow_empty=True)
+    skipped = SkippedFiles()
+    files, labels, folder_classes = _list_imagefolder(folder, skipped)
     if getattr(cfg, "classes", None):
         # The run trained on some class folders only: leave the others out, as training did.
         keep = [i for i, label in enumerate(labels) if folder_classes[label] in cfg.classes]
@@ -377,8 +414,7 @@ def load_eval_split(cfg, *, seed: int = 0, classes: Sequence[str] | None = None)
             )
         labels = [index[folder_classes[label]] for label in labels]
         folder_classes = list(classes)
-    images = _decode_files(files, cfg.image_size)
-    return ImageTensors(images, torch.tensor(labels, dtype=torch.int64)), folder_classes
+    return _decode_files(files, labels, cfg.image_size, skipped), folder_classes, skipped
 
 
 def _load_test_split(cfg, *, seed: int) -> tuple[ImageTensors, list[str]]:
@@ -405,65 +441,154 @@ def _unknown_dataset(name: str) -> DataError:
     )
 
 
-def _list_imagefolder(folder: Path, *, allow_empty: bool) -> tuple[list[str], list[int], list[str]]:
-    """Files, labels and classes of an ImageFolder tree (files without an image extension are skipped)."""
-    try:
-        tree = torchvision.datasets.ImageFolder(str(folder), allow_empty=allow_empty)
-    except FileNotFoundError as err:  # no class folders, or a class folder with no image files
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+"""File extensions read as images (any case); torchvision decodes JPEG, PNG, GIF and WebP, Pillow the rest."""
+
+
+def _list_imagefolder(folder: Path, skipped: SkippedFiles) -> tuple[list[str], list[int], list[str]]:
+    """Files, labels and classes of an ImageFolder tree ``folder/<class>/.../<image>``.
+
+    Hidden entries (names starting with ``.``, such as ``.ipynb_checkpoints``) are ignored.
+    Symbolic links are followed, but no folder is read twice and no file is listed twice, so a
+    link that loops back (``cat/loop -> ..``) cannot multiply the images or hang the listing. Every
+    entry left out is recorded in ``skipped`` with its reason. Files are listed per class in sorted
+    path order, as torchvision's ``ImageFolder`` lists them.
+
+    Raises:
+        DataError: no class folders, or no image files at all.
+    """
+    classes: list[str] = []
+    roots: list[Path] = []
+    visited: set[tuple[int, int]] = {_identity(folder)}
+    for entry in _entries(folder, skipped):
+        path = folder / entry
+        if entry.startswith("."):
+            skipped.add("hidden entry", path)
+        elif not path.is_dir():
+            skipped.add("file outside the class folders", path)
+        elif _identity(path) in visited:
+            skipped.add("link to a folder already read", path)
+        else:
+            visited.add(_identity(path))
+            classes.append(entry)
+            roots.append(path)
+    if not classes:
         raise DataError(
-            f"{folder} is not a usable ImageFolder tree: {err}",
-            f"Put each class's images in its own folder: {folder}/<class>/<image>.jpg.",
-        ) from None
-    files = [path for path, _ in tree.samples]
-    if not files:
+            f"{folder} has no class folders.", f"Put each class's images in its own folder: {folder}/<class>/<image>.jpg."
+        )
+    seen: set[tuple[int, int]] = set()
+    samples: list[tuple[str, int]] = []
+    for label, root in enumerate(roots):
+        found: list[str] = []
+        stack = [root]
+        while stack:
+            current = stack.pop()
+            for name in _entries(current, skipped):
+                path = current / name
+                if name.startswith("."):
+                    skipped.add("hidden entry", path)
+                    continue
+                try:
+                    info = path.stat()  # follows links
+                except OSError:
+                    skipped.add("broken link or unreadable entry", path)
+                    continue
+                key = (info.st_dev, info.st_ino)
+                if stat.S_ISDIR(info.st_mode):
+                    if key in visited:
+                        skipped.add("link to a folder already read", path)
+                    else:
+                        visited.add(key)
+                        stack.append(path)
+                elif not stat.S_ISREG(info.st_mode):
+                    skipped.add("not a regular file", path)
+                elif path.suffix.lower() not in IMAGE_EXTENSIONS:
+                    skipped.add(f"not an image file ({path.suffix.lower() or 'no extension'})", path)
+                elif key in seen:
+                    skipped.add("the same file reached twice through links", path)
+                else:
+                    seen.add(key)
+                    found.append(str(path))
+        # Folder by folder, each folder's files by name: the order torchvision's ImageFolder gives.
+        samples += [(path, label) for path in sorted(found, key=lambda f: (os.path.dirname(f), os.path.basename(f)))]
+    if not samples:
         raise DataError(f"{folder} holds no image files.", f"Add images as {folder}/<class>/<image>.jpg.")
-    return files, [label for _, label in tree.samples], list(tree.classes)
+    return [path for path, _ in samples], [label for _, label in samples], classes
 
 
-def _decode_files(files: list[str], image_size: int | None) -> torch.Tensor:
+def _entries(folder: Path, skipped: SkippedFiles) -> list[str]:
+    try:
+        return sorted(os.listdir(folder))
+    except OSError:
+        skipped.add("unreadable folder", folder)
+        return []
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    """What makes a folder or file the same one, whichever path (or link) reaches it."""
+    info = path.stat()
+    return info.st_dev, info.st_ino
+
+
+def _decode_files(files: list[str], labels: list[int], image_size: int | None, skipped: SkippedFiles) -> ImageTensors:
     """Decode image files into one ``uint8 (N, 3, H, W)`` tensor, in a thread pool.
 
     With ``image_size`` each image is resized (shorter side, centre crop) right after decoding, so a
-    folder of large photos never sits in memory at full size.
+    folder of large photos never sits in memory at full size. A file that cannot be decoded is
+    left out and recorded in ``skipped``.
+
+    Raises:
+        DataError: images of different sizes without ``image_size``, or no readable image.
     """
     chunks = [files[i : i + _DECODE_CHUNK] for i in range(0, len(files), _DECODE_CHUNK)]
     threads = min(len(chunks), os.cpu_count() or 1, 16)
     out: torch.Tensor | None = None
+    kept: list[int] = []  # indices into files of the images in out, in order
     with warnings.catch_warnings(), ThreadPoolExecutor(threads) as pool:
         warnings.filterwarnings("ignore", message=_TV_CODEC_DEPRECATION, category=DeprecationWarning)
         start = 0
         results = pool.map(lambda chunk: _decode_chunk(chunk, image_size), chunks)
         try:
-            # map yields in file order, so files[0] sets the size every other image must have.
+            # map yields in file order, so the first readable file sets the size the others must have.
             for decoded in results:
-                if out is None:
-                    out = torch.empty((len(files), *decoded[0].shape), dtype=torch.uint8)
                 for offset, image in enumerate(decoded):
+                    index = start + offset
+                    if image is None:
+                        skipped.add("unreadable image", files[index])
+                        continue
+                    if out is None:
+                        out = torch.empty((len(files), *image.shape), dtype=torch.uint8)
                     if image.shape != out.shape[1:]:
                         raise DataError(
-                            f"Images differ in size: {files[0]} is {_size(out[0])} but "
-                            f"{files[start + offset]} is {_size(image)}, and data.image_size is not set.",
+                            f"Images differ in size: {files[kept[0]]} is {_size(out[0])} but "
+                            f"{files[index]} is {_size(image)}, and data.image_size is not set.",
                             "Set data.image_size (e.g. data.image_size=224; for finetune eval: --image-size) "
                             "to resize every image to one size when it is loaded.",
                         )
-                    out[start + offset] = image
+                    out[len(kept)] = image
+                    kept.append(index)
                 start += len(decoded)
         except DataError:
             pool.shutdown(cancel_futures=True)  # no point decoding the rest
             raise
-    assert out is not None, "an empty file list is rejected by _list_imagefolder"
-    return out
+    if out is None:
+        raise DataError(
+            f"None of the {len(files)} image files could be read (e.g. {files[0]}).",
+            "Check that the files are images (JPEG, PNG, GIF, BMP, TIFF, WebP) and not damaged.",
+        )
+    return ImageTensors(out[: len(kept)], torch.tensor([labels[i] for i in kept], dtype=torch.int64))
 
 
 def _size(image: torch.Tensor) -> str:
     return f"{image.shape[-1]}x{image.shape[-2]}"
 
 
-def _decode_chunk(files: list[str], image_size: int | None) -> list[torch.Tensor]:
-    """Decode (and resize) one chunk of files; runs in a worker thread."""
-    blobs = [_read_bytes(path) for path in files]
+def _decode_chunk(files: list[str], image_size: int | None) -> list[torch.Tensor | None]:
+    """Decode (and resize) one chunk of files; runs in a worker thread. ``None`` for a file that
+    cannot be read or decoded."""
+    blobs = [_read_bytes_or_none(path) for path in files]
     images: list[torch.Tensor | None] = [None] * len(files)
-    jpegs = [i for i, blob in enumerate(blobs) if blob.startswith(_JPEG_MAGIC)]
+    jpegs = [i for i, blob in enumerate(blobs) if blob is not None and blob.startswith(_JPEG_MAGIC)]
     if jpegs:
         try:
             # One call for the chunk's JPEGs: per-call overhead dominates for small (CIFAR) images.
@@ -475,9 +600,21 @@ def _decode_chunk(files: list[str], image_size: int | None) -> list[torch.Tensor
         except RuntimeError:
             pass  # a corrupt JPEG: decode one by one below to find out which
     for i, path in enumerate(files):
-        image = images[i] if images[i] is not None else _decode_bytes(blobs[i], path)
-        images[i] = resize_center_crop(image, (image_size, image_size)) if image_size else image
+        image = images[i]
+        if image is None and blobs[i] is not None:
+            try:
+                image = _decode_bytes(blobs[i], path)
+            except DataError:
+                image = None
+        images[i] = resize_center_crop(image, (image_size, image_size)) if image is not None and image_size else image
     return images
+
+
+def _read_bytes_or_none(path: str) -> bytes | None:
+    try:
+        return _read_bytes(path)
+    except DataError:
+        return None
 
 
 def _read_bytes(path: str | Path) -> bytes:
@@ -502,6 +639,8 @@ def _decode_bytes(blob: bytes, path: str | Path) -> torch.Tensor:
     if blob:
         try:
             image = torchvision.io.decode_image(_as_tensor(blob), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+            if image.ndim == 4:  # an animated GIF: (frames, 3, H, W); its first frame is the picture
+                image = image[0]
             # 16-bit PNGs decode to uint16: rescale to 0-255 rather than truncate.
             return image if image.dtype == torch.uint8 else TF.to_dtype(image, torch.uint8, scale=True)
         except RuntimeError:
@@ -510,7 +649,7 @@ def _decode_bytes(blob: bytes, path: str | Path) -> torch.Tensor:
         with Image.open(io.BytesIO(blob)) as pil:
             rgb = ImageOps.exif_transpose(pil).convert("RGB")
             return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise DataError(
             f"{path} is not an image that can be read ({type(err).__name__}: {err}).",
             "Delete or replace the file, or move it out of the dataset folder.",

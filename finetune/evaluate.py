@@ -26,7 +26,8 @@ class EvalResult:
         acc1: top-1 accuracy, 0..1.
         acc5: top-5 accuracy (top-k for fewer than 5 classes), 0..1.
         loss: mean cross-entropy.
-        per_class_acc: top-1 accuracy of each true class (0 for a class with no images).
+        per_class_acc: top-1 accuracy of each true class; ``None`` for a class with no images in
+            the split (not 0: nothing was misclassified).
         confusion: ``confusion[true][predicted]`` image counts.
         images: images scored.
     """
@@ -34,7 +35,7 @@ class EvalResult:
     acc1: float
     acc5: float
     loss: float
-    per_class_acc: list[float]
+    per_class_acc: list[float | None]
     confusion: list[list[int]]
     images: int
 
@@ -73,7 +74,8 @@ def evaluate(
     model.train(was_training)
     matrix = confusion.view(num_classes, num_classes).cpu()
     n = int(matrix.sum())
-    per_class = (matrix.diag().double() / matrix.sum(1).clamp(min=1)).tolist()
+    totals = matrix.sum(1)
+    per_class = [float(hits) / int(total) if total else None for hits, total in zip(matrix.diag(), totals)]
     return EvalResult(
         acc1=float(matrix.diag().sum()) / max(n, 1),
         acc5=float(top5_hits) / max(n, 1),

@@ -35,12 +35,15 @@ from .checkpoint import (
     HUB_PREFIX,
     PICKLE_SUFFIXES,
     ResolvedSource,
+    check_model_args,
+    check_pretrained_cfg,
+    file_sha256,
     read_checkpoint,
     resolve_folder,
     resolve_hub,
 )
 from .errors import CheckpointError, FinetuneError, SourceNotFoundError
-from .pos_embed import PosEmbedMode, pos_embed_prefix_tokens, resize_model_input, to_2tuple
+from .pos_embed import PosEmbedMode, check_image_size, pos_embed_prefix_tokens, resize_model_input, to_2tuple
 from .snapshot import write_atomically, write_text_atomically
 
 CONFIG_NAME = "config.json"
@@ -166,6 +169,12 @@ def resolve_source(
 def _resolve_file(path: Path, *, arch: str | None, use_ema: bool) -> ResolvedSource:
     state_dict, meta = read_checkpoint(path, use_ema=use_ema)
     saved = meta.get("finetune", {})
+    if saved:  # a file finetune saved carries its config in its metadata: data, checked like config.json
+        if not isinstance(saved, dict) or not isinstance(saved.get("model_args", {}), dict) or not isinstance(
+                saved.get("pretrained_cfg", {}), dict):
+            raise CheckpointError(f"{path} has malformed finetune metadata.", "Save the model again with finetune.save_model.")
+        check_model_args(saved.get("model_args", {}), state_dict, str(path))
+        check_pretrained_cfg(saved.get("pretrained_cfg", {}), str(path))
     found_arch = arch or saved.get("arch") or meta.get("arch") or _arch_from_filename(path)
     return ResolvedSource(
         state_dict,
@@ -281,6 +290,8 @@ def create_model(
     if patch_size is not None:
         kwargs["patch_size"] = patch_size
     model = _timm_create(arch, **kwargs)
+    if hasattr(model, "patch_embed"):  # timm would silently drop the pixels that do not fill a patch
+        check_image_size(to_2tuple(model.patch_embed.img_size), to_2tuple(model.patch_embed.patch_size))
     model.pretrained_cfg = dict(model.pretrained_cfg)
     model.finetune_spec = {"arch": arch, "model_args": _architecture_args(model_kwargs)}
     _sync_cfg(model)
@@ -538,13 +549,16 @@ def save_model(model: nn.Module, directory: str | Path, *, class_names: list[str
     """Write ``config.json`` + ``model.safetensors`` so that ``load_model(directory)`` rebuilds it.
 
     The weights file also carries the config in its metadata, so the ``.safetensors`` file alone
-    loads too. Each file is written under a temporary name, flushed to disk and renamed, so an
-    interrupted save never leaves a half-written file.
+    loads too; ``config.json`` records the weights' SHA-256, which :func:`load_model` checks. Each
+    file is written under a temporary name, flushed to disk and renamed, so an interrupted save
+    never leaves a half-written file.
+
+    Raises:
+        FinetuneError: the folder cannot be created or written (it is under a file, read-only, full).
     """
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     if class_names is not None:
         model.pretrained_cfg = dict(model.pretrained_cfg, label_names=list(class_names))
     config = model_config(model)
@@ -556,12 +570,22 @@ def save_model(model: nn.Module, directory: str | Path, *, class_names: list[str
             {"arch": config["architecture"], "model_args": config["model_args"], "pretrained_cfg": config["pretrained_cfg"]}
         ),
     }
-    write_atomically(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-    write_text_atomically(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        write_atomically(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        config["weights_sha256"] = file_sha256(directory / WEIGHTS_NAME)
+        write_text_atomically(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    except OSError as exc:
+        raise FinetuneError(
+            f"Cannot save the model to {directory}: {exc.strerror or exc}.",
+            "Pass a folder you can write to (not one under a file, nor on a read-only or full disk).",
+        ) from None
     return directory
 
 
-def model_from_config(config: dict[str, Any], **model_kwargs: Any) -> nn.Module:
+def model_from_config(
+    config: dict[str, Any], state_dict: dict[str, torch.Tensor] | None = None, **model_kwargs: Any
+) -> nn.Module:
     """The architecture a :func:`model_config` dict describes, with uninitialised weights.
 
     For loading a state dict saved from the same model (a training checkpoint): nothing is read
@@ -569,10 +593,13 @@ def model_from_config(config: dict[str, Any], **model_kwargs: Any) -> nn.Module:
 
     Args:
         config: :func:`model_config`'s output.
+        state_dict: the weights it will be loaded with; its shapes are checked against ``config``
+            before anything is built.
         **model_kwargs: constructor arguments it leaves out (``drop_path_rate``).
     """
     arch = config["architecture"]
     args = dict(config.get("model_args") or {})
+    check_model_args(args, state_dict or {}, "the checkpoint's model config")
     with torch.device("meta"):  # no random init: every tensor is about to be loaded
         model = _timm_create(arch, num_classes=config["num_classes"], **args, **model_kwargs)
     model = model.to_empty(device="cpu")

@@ -21,12 +21,33 @@ POS_EMBED_MODES: tuple[str, ...] = ("bicubic", "bilinear", "nearest", "truncate"
 _INTERPOLATING = ("bicubic", "bilinear", "nearest")
 
 
+MAX_GRID_SIDE = 1024
+"""Largest patch grid side accepted (a 16,384-px image in 16-px patches): beyond it a resize would
+allocate without bound, which no real model needs."""
+
+
 def to_2tuple(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     """``7 -> (7, 7)``; ``(7, 5) -> (7, 5)``."""
     if isinstance(size, int):
         return (size, size)
     h, w = size
     return (int(h), int(w))
+
+
+def _grid_arg(value: object, name: str) -> tuple[int, int]:
+    """A grid argument as ``(H, W)``: one int or two, each in ``1..MAX_GRID_SIDE``."""
+    pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise GridError(
+            f"{name} must be an int or a pair of ints (H, W); got {value!r}.",
+            f"Pass whole numbers of patches, e.g. {name}=14 or {name}=(14, 14).",
+        )
+    if not all(1 <= v <= MAX_GRID_SIDE for v in pair):
+        raise GridError(
+            f"{name} must be between 1 and {MAX_GRID_SIDE} patches per side; got {value!r}.",
+            "Check that you passed a grid in patches (image size / patch size), not pixels.",
+        )
+    return pair
 
 
 def resize_pos_embed(
@@ -81,14 +102,26 @@ def resize_pos_embed(
         raise GridError(
             f"Unknown position-embedding mode {mode!r}.", f"Use one of: {', '.join(POS_EMBED_MODES)}."
         )
+    if not isinstance(pos_embed, torch.Tensor):
+        raise GridError(
+            f"pos_embed must be a torch.Tensor of shape (B, tokens, dim); got a {type(pos_embed).__name__}.",
+            "Convert it first, e.g. torch.as_tensor(array).",
+        )
     if pos_embed.ndim != 3:
         raise GridError(
             f"pos_embed must have shape (B, tokens, dim); got {tuple(pos_embed.shape)}.",
             "Pass the model's pos_embed parameter as it is, e.g. model.pos_embed.",
         )
     batch, num_tokens, dim = pos_embed.shape
+    if not isinstance(num_prefix_tokens, int) or isinstance(num_prefix_tokens, bool) or not 0 <= num_prefix_tokens < num_tokens:
+        raise GridError(
+            f"num_prefix_tokens must be a whole number from 0 to {num_tokens - 1} (pos_embed has {num_tokens} "
+            f"slots); got {num_prefix_tokens!r}.",
+            "Use 1 for ViT/DeiT (cls), 2 for distilled DeiT (cls + dist), 0 for models whose prefix tokens "
+            "have no position (no_embed_class); model.num_prefix_tokens says which.",
+        )
     num_grid = num_tokens - num_prefix_tokens
-    new_h, new_w = to_2tuple(new_grid)
+    new_h, new_w = _grid_arg(new_grid, "new_grid")
     if old_grid is None:
         side = math.isqrt(max(num_grid, 0))
         if side * side != num_grid:
@@ -99,15 +132,13 @@ def resize_pos_embed(
             )
         old_h, old_w = side, side
     else:
-        old_h, old_w = to_2tuple(old_grid)
+        old_h, old_w = _grid_arg(old_grid, "old_grid")
         if old_h * old_w != num_grid:
             raise GridError(
                 f"old_grid {old_h}x{old_w} has {old_h * old_w} slots but pos_embed has {num_grid} "
                 f"grid slots ({num_tokens} tokens minus {num_prefix_tokens} prefix).",
                 "Pass the grid the embedding was trained with, or check num_prefix_tokens.",
             )
-    if min(new_h, new_w) < 1:
-        raise GridError(f"The new grid must be at least 1x1; got {new_h}x{new_w}.")
     if (new_h, new_w) == (old_h, old_w):
         return pos_embed
 

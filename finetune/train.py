@@ -24,7 +24,7 @@ from .device import environment, reset_peak_memory
 from .engine import Callbacks, Prepared, StopRequested, TrainState, build, fit
 from .errors import DivergedError, FinetuneError, RunInterrupted
 from .models import model_from_config
-from .progress import TrainProgress
+from .progress import TrainProgress, console
 from .recipe import Recipe
 from .recorder import RunRecorder
 from .rundir import RunDir, check_run_dir, run_dir_for
@@ -52,6 +52,7 @@ def run(
         RunInterrupted: stopped by Ctrl-C or SIGTERM after saving a checkpoint.
     """
     p = prepared or prepare(recipe)
+    _warn_skipped(p, quiet)
     state = build(p)
     summary = _initial_summary(state, p, recipe_path)
     rundir = RunDir.create(run_dir_for(recipe), recipe, summary, overwrite=recipe.output.overwrite)
@@ -74,8 +75,9 @@ def resume(run_dir: str | Path, *, quiet: bool = False) -> dict[str, Any]:
     try:
         recipe = rundir.read_recipe()
         checkpoint = rundir.load_checkpoint(recipe)
-        model = model_from_config(checkpoint["model_config"], **engine.model_kwargs(recipe))
+        model = model_from_config(checkpoint["model_config"], checkpoint["model"], **engine.model_kwargs(recipe))
         p = engine.prepare(recipe, model=model)
+        _warn_skipped(p, quiet)
         state = build(p)
         state.load_state_dict(checkpoint)
         rundir.truncate_metrics(checkpoint["metrics_offset"])
@@ -92,6 +94,12 @@ def resume(run_dir: str | Path, *, quiet: bool = False) -> dict[str, Any]:
         rundir.close()
         raise
     return _train(state, rundir, summary, quiet=quiet, wall_before_s=float(checkpoint.get("wall_time_s", 0.0)))
+
+
+def _warn_skipped(p: Prepared, quiet: bool) -> None:
+    """Say which image-folder entries were not read (they are also in summary.json)."""
+    if p.data.skipped and not quiet:
+        console.print(f"warning: {p.data.skipped.describe()}", highlight=False, markup=False)
 
 
 def _initial_summary(state: TrainState, p: Prepared, recipe_path: str | None) -> dict[str, Any]:
@@ -119,6 +127,8 @@ def _initial_summary(state: TrainState, p: Prepared, recipe_path: str | None) ->
     }
     if getattr(model, "load_report", None) is not None:
         summary["load_report"] = model.load_report.summary()
+    if p.data.skipped:
+        summary["skipped_files"] = p.data.skipped.to_dict()
     return summary
 
 

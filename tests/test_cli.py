@@ -168,15 +168,18 @@ def test_predict_on_a_file_that_is_not_an_image(tmp_path, finished_run):
     assert_user_error(invoke("predict", finished_run[0], tmp_path / "gone.jpg"), "gone.jpg does not exist")
 
 
-def test_imagefolder_with_a_corrupt_jpeg_names_the_file(tmp_path):
+def test_imagefolder_with_a_corrupt_jpeg_skips_it_and_names_it(tmp_path):
     root = tmp_path / "folder"
     write_imagefolder(root, ["cat", "dog"], {"train": 2, "test": 1})
     corrupt = root / "train" / "dog" / "broken.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is not the rest of a JPEG")
     result = invoke("run", *QUICK, "data.name=imagefolder", f"data.root={root}", "data.batch_size=2",
                     f"output.dir={tmp_path / 'runs'}")
-    assert_user_error(result, f"{corrupt} is not an image")
-    assert not (tmp_path / "runs").exists()
+    assert result.exit_code == 0, result.output
+    assert f"warning: skipped 1 entry: 1 unreadable image (e.g. {corrupt})" in result.stderr.replace("\n", "")
+    summary = json.loads((tmp_path / "runs" / "quick_cpu" / "summary.json").read_text())
+    assert summary["skipped_files"] == {"unreadable image": {"count": 1, "examples": [str(corrupt)]}}
+    assert summary["train_images"] == 4  # the other four were read
 
 
 def test_checkpoint_of_another_architecture(tmp_path, deit_release_pth):

@@ -196,12 +196,19 @@ def test_imagefolder_val_folder_and_missing_test_class(tmp_path):
     assert splits.test.labels.tolist() == [2]  # labelled by name, not by position in val/
 
 
-def test_imagefolder_file_that_is_not_an_image(image_tree):
+def test_imagefolder_file_that_is_not_an_image_is_skipped_and_counted(image_tree):
     bad = image_tree / "train" / "dog" / "broken.jpg"
     bad.write_text("this is text")
-    with pytest.raises(DataError, match="broken.jpg") as info:
+    splits = load_splits(make_cfg(name="imagefolder", root=str(image_tree)), seed=0)
+    assert len(splits.train) == 12  # the 12 real images; broken.jpg and notes.txt are left out
+    assert splits.skipped.reasons == {"unreadable image": [str(bad)],
+                                      "not an image file (.txt)": [str(image_tree / "train" / "cat" / "notes.txt")]}
+    assert splits.skipped.describe().startswith("skipped 2 entries: 1 not an image file (.txt)")
+    # Nothing readable at all is an error, naming a file.
+    for path in (image_tree / "train").rglob("*.*"):
+        path.write_text("not an image")
+    with pytest.raises(DataError, match="None of the"):
         load_splits(make_cfg(name="imagefolder", root=str(image_tree)), seed=0)
-    assert str(bad) in str(info.value)
 
 
 @pytest.mark.parametrize("missing", ["train", "test"])
@@ -517,7 +524,7 @@ def test_eval_split_of_a_model_trained_on_some_classes():
     from finetune.data import load_eval_split
 
     # A torchvision-style dataset scored for a model that knows two of its classes, in its order.
-    test, classes = load_eval_split(make_cfg(), seed=0, classes=["class_3", "class_1"])
+    test, classes, _ = load_eval_split(make_cfg(), seed=0, classes=["class_3", "class_1"])
     assert classes == ["class_3", "class_1"]
     full = load_splits(make_cfg(), seed=0).test
     assert len(test) == int(((full.labels == 3) | (full.labels == 1)).sum())
@@ -532,7 +539,7 @@ def test_eval_split_of_an_imagefolder_run_trained_with_data_classes(image_tree):
     all_classes = load_splits(make_cfg(name="imagefolder", root=str(image_tree)), seed=0).classes
     kept = all_classes[:1]
     cfg = make_cfg(name="imagefolder", root=str(image_tree), classes=kept)
-    test, classes = load_eval_split(cfg, classes=kept)
+    test, classes, _ = load_eval_split(cfg, classes=kept)
     assert classes == kept and set(test.labels.tolist()) == {0}
 
 
@@ -546,11 +553,11 @@ def test_eval_split_reads_only_the_test_set(tmp_path, skip_md5, monkeypatch):
     monkeypatch.setattr(data_mod, "_cifar_tensors", lambda d: decoded.append(d.train) or real_tensors(d))
     monkeypatch.setattr(data_mod, "_synthetic_images", lambda n, *a: made.append(n) or real_synthetic(n, *a))
 
-    test, classes = load_eval_split(make_cfg(name="cifar10", root=str(tmp_path), image_size=16))
+    test, classes, _ = load_eval_split(make_cfg(name="cifar10", root=str(tmp_path), image_size=16))
     assert decoded == [False]  # torchvision's train=False set only
     assert test.images.shape == (4, 3, 16, 16) and len(classes) == 10
     # Synthetic test images are the ones training evaluates on, made without the train images.
-    test, _ = load_eval_split(make_cfg(synthetic_train=5000), seed=3)
+    test, _, _ = load_eval_split(make_cfg(synthetic_train=5000), seed=3)
     assert made == [0, make_cfg().synthetic_test]
     assert torch.equal(test.images, load_splits(make_cfg(), seed=3).test.images)
 
@@ -561,7 +568,7 @@ def test_eval_split_relabels_data_classes_as_training_did(image_tree):
     # The run learned emu as class 0 and cat as class 1; eval without the model's names must agree.
     cfg = make_cfg(name="imagefolder", root=str(image_tree), classes=("emu", "cat"))
     trained = load_splits(cfg, seed=0)
-    test, classes = load_eval_split(cfg)
+    test, classes, _ = load_eval_split(cfg)
     assert classes == trained.classes == ["emu", "cat"]
     assert test.labels.tolist() == trained.test.labels.tolist() == [1, 0]
     assert torch.equal(test.images, trained.test.images)
