@@ -105,10 +105,10 @@ def validate(
 
     Example: finetune validate recipes/vit_lab_cifar.yaml optim.lr=5e-4
     """
-    from .recipe import dump_recipe_yaml, find_recipe, is_experiment, load_recipe, parse_yaml
+    from .recipe import dump_recipe_yaml, find_recipe, is_experiment, load_recipe, read_yaml_file
 
     path = find_recipe(recipe)
-    if is_experiment(parse_yaml(path.read_text(encoding="utf-8"), path.name)):
+    if is_experiment(read_yaml_file(path)):
         from .experiment import load_experiment
 
         experiment = load_experiment(path, overrides or [])

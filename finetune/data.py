@@ -350,8 +350,8 @@ def _load_imagefolder(
             f"Lay the images out as {root}/train/<class>/<image> and {root}/test/<class>/<image>.",
         )
 
-    train_files, train_labels, classes = _list_imagefolder(train_dir, skipped)
-    test_files, test_names, test_classes = _list_imagefolder(test_dir, skipped)
+    train_files, train_labels, classes = _list_imagefolder(train_dir, skipped, exclude=[test_dir])
+    test_files, test_names, test_classes = _list_imagefolder(test_dir, skipped, exclude=[train_dir])
     unknown = sorted(set(test_classes) - set(classes))
     if unknown:
         raise DataError(
@@ -445,14 +445,18 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".
 """File extensions read as images (any case); torchvision decodes JPEG, PNG, GIF and WebP, Pillow the rest."""
 
 
-def _list_imagefolder(folder: Path, skipped: SkippedFiles) -> tuple[list[str], list[int], list[str]]:
+def _list_imagefolder(
+    folder: Path, skipped: SkippedFiles, *, exclude: Sequence[Path] = ()
+) -> tuple[list[str], list[int], list[str]]:
     """Files, labels and classes of an ImageFolder tree ``folder/<class>/.../<image>``.
 
     Hidden entries (names starting with ``.``, such as ``.ipynb_checkpoints``) are ignored.
     Symbolic links are followed, but no folder is read twice and no file is listed twice, so a
-    link that loops back (``cat/loop -> ..``) cannot multiply the images or hang the listing. Every
-    entry left out is recorded in ``skipped`` with its reason. Files are listed per class in sorted
-    path order, as torchvision's ``ImageFolder`` lists them.
+    link that loops back (``cat/loop -> ..``) cannot multiply the images or hang the listing. A link
+    to a folder that holds ``folder`` (the dataset root, say) or to one of ``exclude`` (the other
+    split) is not followed either: it would mislabel images or leak test images into training.
+    Every entry left out is recorded in ``skipped`` with its reason. Files are listed per class in
+    sorted path order, as torchvision's ``ImageFolder`` lists them.
 
     Raises:
         DataError: no class folders, or no image files at all.
@@ -460,12 +464,21 @@ def _list_imagefolder(folder: Path, skipped: SkippedFiles) -> tuple[list[str], l
     classes: list[str] = []
     roots: list[Path] = []
     visited: set[tuple[int, int]] = {_identity(folder)}
+    here, others = folder.resolve(), [p.resolve() for p in exclude]
+
+    def outside(path: Path) -> bool:
+        """A folder that holds this tree, or lies in another split's."""
+        real = path.resolve()
+        return here.is_relative_to(real) and real != here or any(real.is_relative_to(o) for o in others)
+
     for entry in _entries(folder, skipped):
         path = folder / entry
         if entry.startswith("."):
             skipped.add("hidden entry", path)
         elif not path.is_dir():
             skipped.add("file outside the class folders", path)
+        elif outside(path):
+            skipped.add("link to a folder holding the dataset or its other split", path)
         elif _identity(path) in visited:
             skipped.add("link to a folder already read", path)
         else:
@@ -480,35 +493,40 @@ def _list_imagefolder(folder: Path, skipped: SkippedFiles) -> tuple[list[str], l
     samples: list[tuple[str, int]] = []
     for label, root in enumerate(roots):
         found: list[str] = []
-        stack = [root]
+        stack = [(root, _identity(root)[0])]
         while stack:
-            current = stack.pop()
-            for name in _entries(current, skipped):
-                path = current / name
-                if name.startswith("."):
-                    skipped.add("hidden entry", path)
+            current, device = stack.pop()
+            for entry in _scan(current, skipped):
+                if entry.name.startswith("."):
+                    skipped.add("hidden entry", entry.path)
                     continue
-                try:
-                    info = path.stat()  # follows links
-                except OSError:
-                    skipped.add("broken link or unreadable entry", path)
-                    continue
-                key = (info.st_dev, info.st_ino)
-                if stat.S_ISDIR(info.st_mode):
-                    if key in visited:
-                        skipped.add("link to a folder already read", path)
+                if entry.is_symlink():
+                    try:
+                        info = os.stat(entry.path)
+                    except OSError:
+                        skipped.add("broken link or unreadable entry", entry.path)
+                        continue
+                    key, is_dir, is_file = (info.st_dev, info.st_ino), stat.S_ISDIR(info.st_mode), stat.S_ISREG(info.st_mode)
+                else:  # the listing already says what a plain entry is: no stat call per file
+                    key = (device, entry.inode())
+                    is_dir, is_file = entry.is_dir(follow_symlinks=False), entry.is_file(follow_symlinks=False)
+                if is_dir:
+                    if entry.is_symlink() and outside(Path(entry.path)):
+                        skipped.add("link to a folder holding the dataset or its other split", entry.path)
+                    elif key in visited:
+                        skipped.add("link to a folder already read", entry.path)
                     else:
                         visited.add(key)
-                        stack.append(path)
-                elif not stat.S_ISREG(info.st_mode):
-                    skipped.add("not a regular file", path)
-                elif path.suffix.lower() not in IMAGE_EXTENSIONS:
-                    skipped.add(f"not an image file ({path.suffix.lower() or 'no extension'})", path)
+                        stack.append((Path(entry.path), key[0]))
+                elif not is_file:
+                    skipped.add("not a regular file", entry.path)
+                elif (suffix := os.path.splitext(entry.name)[1].lower()) not in IMAGE_EXTENSIONS:
+                    skipped.add(f"not an image file ({suffix or 'no extension'})", entry.path)
                 elif key in seen:
-                    skipped.add("the same file reached twice through links", path)
+                    skipped.add("the same file reached twice through links", entry.path)
                 else:
                     seen.add(key)
-                    found.append(str(path))
+                    found.append(entry.path)
         # Folder by folder, each folder's files by name: the order torchvision's ImageFolder gives.
         samples += [(path, label) for path in sorted(found, key=lambda f: (os.path.dirname(f), os.path.basename(f)))]
     if not samples:
@@ -517,8 +535,14 @@ def _list_imagefolder(folder: Path, skipped: SkippedFiles) -> tuple[list[str], l
 
 
 def _entries(folder: Path, skipped: SkippedFiles) -> list[str]:
+    return [entry.name for entry in _scan(folder, skipped)]
+
+
+def _scan(folder: Path, skipped: SkippedFiles) -> list[os.DirEntry]:
+    """A folder's entries sorted by name; an unreadable folder is recorded and gives none."""
     try:
-        return sorted(os.listdir(folder))
+        with os.scandir(folder) as entries:
+            return sorted(entries, key=lambda e: e.name)
     except OSError:
         skipped.add("unreadable folder", folder)
         return []

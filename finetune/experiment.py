@@ -55,6 +55,7 @@ from .recipe import (
     Recipe,
     RecipeError,
     parse_yaml,
+    read_yaml_file,
     RecipeDumper,
     suggest_key,
     apply_overrides,
@@ -245,11 +246,7 @@ def _check_keys(
 
 
 def _read_yaml_mapping(path: Path, what: str) -> dict:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ExperimentError(f"cannot read {what} {str(path)!r}: {err}.") from None
-    raw = parse_yaml(text, path.name)
+    raw = read_yaml_file(path, what)
     if not isinstance(raw, dict):
         raise ExperimentError(f"{path.name}: the top level must be a mapping of keys, got {type(raw).__name__}.")
     return raw
@@ -729,8 +726,14 @@ def run_experiment(exp: Experiment, *, quiet: bool = False) -> ExperimentResult:
         ExperimentError: see :func:`plan_experiment`; raised before anything runs.
     """
     plans = plan_experiment(exp)
-    exp.dir.mkdir(parents=True, exist_ok=True)
-    (exp.dir / EXPERIMENT_FILE).write_text(experiment_to_yaml(exp), encoding="utf-8")
+    try:
+        exp.dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(exp.dir / EXPERIMENT_FILE, experiment_to_yaml(exp))
+    except OSError as err:
+        raise ExperimentError(
+            f"Cannot write the experiment folder {exp.dir}: {err.strerror or err}.",
+            "Set output.dir to a folder you can write to (not one under a file).",
+        ) from None
 
     results = []
     for i, plan in enumerate(plans, start=1):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+import reprlib
 import types
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,7 +58,7 @@ class _Section(BaseModel):
         # pydantic's lax mode reads `batch_size: true` as 1 and `lr: true` as 1.0.
         annotation = cls.model_fields[info.field_name].annotation
         if isinstance(value, bool) and annotation is not bool and bool not in get_args(annotation):
-            raise ValueError(f"expected {_describe(annotation)}, got {value!r}")
+            raise ValueError(f"expected {_describe(annotation)}, got {_brief(value)}")
         return value
 
 
@@ -407,9 +408,52 @@ def parse_yaml(
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        if "could not determine a constructor for the tag" in str(err.problem):
+            tag = str(err.problem).rsplit("tag", 1)[-1].strip(" '")
+            raise RecipeError(
+                f"{where}{at} uses the YAML tag {tag}. Recipes hold plain values only, and finetune never "
+                "builds objects from tags (nothing was run).",
+                "Write the value as plain YAML: a number, text, true/false, a list or a mapping.",
+            ) from None
         raise RecipeError(f"{where}: YAML syntax error{at}: {err.problem or err.context}.", fix) from None
     except yaml.YAMLError as err:
-        raise RecipeError(f"{where}: YAML syntax error: {err}.") from None
+        raise RecipeError(f"{where}: YAML syntax error: {err}.", fix) from None
+    except RecursionError:
+        raise RecipeError(f"{where}: the YAML is nested too deeply to be a recipe.", fix) from None
+
+
+RECIPE_MAX_BYTES = 1 << 20
+"""Largest recipe or experiment file read (1 MiB); real ones are a few kB."""
+
+
+def read_yaml_file(path: Path, what: str = "recipe") -> Any:
+    """Read and parse a recipe or experiment file: at most 1 MiB, UTF-8 text, plain YAML.
+
+    Raises:
+        RecipeError: the file cannot be read, is too large, is not UTF-8 text, or is not valid YAML.
+    """
+    try:
+        size = path.stat().st_size
+        if size > RECIPE_MAX_BYTES:
+            raise RecipeError(
+                f"{what} {str(path)!r} is {size:,} bytes; a {what} is a short YAML file (at most "
+                f"{RECIPE_MAX_BYTES:,} bytes are read).",
+                "Check that you passed the right file.",
+            )
+        data = path.read_bytes()
+    except OSError as err:
+        raise RecipeError(f"cannot read {what} {str(path)!r}: {err.strerror or err}.") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(
+            f"{what} {str(path)!r} is not UTF-8 text (byte {err.start} cannot be decoded): it looks like a "
+            "binary file.",
+            "Pass a YAML file; recipes are plain text (see `finetune ls`).",
+        ) from None
+    if "\x00" in text:
+        raise RecipeError(f"{what} {str(path)!r} contains NUL bytes: it is not a text file.", "Pass a YAML file.")
+    return parse_yaml(text, path.name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,7 +499,7 @@ def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
             if not isinstance(child, dict):
                 section = ".".join(parents[: depth + 1])
                 raise RecipeError(
-                    f"bad override {override!r}: {section!r} is a value ({child!r}), not a section.",
+                    f"bad override {override!r}: {section!r} is a value ({_brief(child)}), not a section.",
                     _OVERRIDE_EXAMPLE + ".",
                 )
             node = child
@@ -545,6 +589,16 @@ def _lookup(raw: Any, path: list[str]) -> Any:
     return raw
 
 
+_BRIEF = reprlib.Repr()  # Python 3.11's takes no arguments: set the limits one by one
+_BRIEF.maxlevel, _BRIEF.maxdict, _BRIEF.maxlist, _BRIEF.maxtuple = 3, 6, 8, 8
+_BRIEF.maxstring, _BRIEF.maxother, _BRIEF.maxlong = 60, 60, 40
+
+
+def _brief(value: Any) -> str:
+    """``repr`` cut short, so that a huge or deeply nested bad value gives a short message quickly."""
+    return _BRIEF.repr(value)
+
+
 _LIMITS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
 
@@ -582,13 +636,13 @@ def _error_lines(
             message, constraint = text, True
         elif kind in _LIMITS:
             limit = next(iter(error["ctx"].values()))  # ctx is {"gt": 0.0}, {"ge": 1}, ...
-            message, constraint = f"must be {_LIMITS[kind]} {limit}, got {error['input']!r}", True
+            message, constraint = f"must be {_LIMITS[kind]} {limit}, got {_brief(error['input'])}", True
         else:
             try:
                 given = _lookup(raw, path)
             except (KeyError, TypeError):
                 given = error["input"]
-            message, constraint = f"expected {_describe(annotation)}, got {given!r}", False
+            message, constraint = f"expected {_describe(annotation)}, got {_brief(given)}", False
         # A union reports one error per member; a range error means the type itself was right.
         if dotted not in by_field or (constraint and not is_constraint[dotted]):
             by_field[dotted] = f"{origin(dotted)}: {dotted}: {message}"
@@ -613,7 +667,7 @@ def recipe_from_dict(raw: Any, where: str = "recipe", overrides: Sequence[str] =
         RecipeError: One line per bad field, or a bad override.
     """
     if not isinstance(raw, dict):
-        got = "nothing (the file is empty)" if raw is None else f"{type(raw).__name__} {raw!r}"
+        got = "nothing (the file is empty)" if raw is None else f"{type(raw).__name__} {_brief(raw)}"
         raise RecipeError(
             f"{where}: the top level must be a mapping of keys and sections (model:, train:, ...), "
             f"got {got}.",
@@ -641,11 +695,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         RecipeError: A missing or unreadable file, bad YAML, a bad override or an invalid recipe.
     """
     file = find_recipe(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise RecipeError(f"cannot read recipe {str(file)!r}: {err}.") from None
-    recipe = recipe_from_dict(parse_yaml(text, file.name), file.name, overrides)
+    recipe = recipe_from_dict(read_yaml_file(file), file.name, overrides)
     if recipe.name is None:
         recipe = recipe.model_copy(update={"name": file.stem})
     return recipe
@@ -690,11 +740,11 @@ def list_recipes(directory: str | Path = SHIPPED_RECIPES) -> list[tuple[str, str
     entries = []
     for file in sorted(Path(directory).glob("*.y*ml")):
         try:
-            raw = parse_yaml(file.read_text(encoding="utf-8"), file.name)
+            raw = read_yaml_file(file)
             description = str(raw.get("description", "")) if isinstance(raw, dict) else ""
             if is_experiment(raw):
                 description = f"[finetune compare] {description}"
-        except (RecipeError, OSError, UnicodeDecodeError):
+        except RecipeError:
             description = "(unreadable: run `finetune validate` on it)"
         entries.append((file.name, description))
     return entries
@@ -722,10 +772,11 @@ def find_recipe(name_or_path: str | Path) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    shipped = [name for name, _ in list_recipes(SHIPPED_RECIPES)]
-    close = difflib.get_close_matches(given.name, shipped + [Path(s).stem for s in shipped], n=1)
-    hint = f"Did you mean {Path(close[0]).stem!r}? " if close else ""
+    shipped = [Path(name).stem for name, _ in list_recipes(SHIPPED_RECIPES)]
+    # Suggest only a name that is really close: `deit_tiny_cifr` -> deit_tiny_cifar, `nope` -> nothing.
+    close = difflib.get_close_matches(Path(given.name).stem, shipped, n=1, cutoff=0.75)
+    hint = f"Did you mean {close[0]!r}? " if close else ""
     raise RecipeError(
         f"recipe {str(name_or_path)!r} not found.",
-        f"{hint}Give a path to a YAML file or a shipped recipe: {', '.join(Path(s).stem for s in shipped)}.",
+        f"{hint}Give a path to a YAML file or a shipped recipe: {', '.join(shipped)}.",
     )

@@ -130,7 +130,8 @@ def _refusal(path: Path, overwrite: bool) -> RunDirError | None:
 
 
 def check_run_dir(path: Path, overwrite: bool) -> None:
-    """Raise now if a run could not use ``path``, before any data or model is loaded.
+    """Raise now if a run could not use ``path``, before any data or model is loaded: it is taken
+    (see :func:`_refusal`), or it could not be created or written.
 
     :meth:`RunDir.create` checks again when it creates the folder, since another process may act
     in between.
@@ -138,6 +139,27 @@ def check_run_dir(path: Path, overwrite: bool) -> None:
     refusal = _refusal(path, overwrite)
     if refusal is not None:
         raise refusal
+    _check_writable(path)
+
+
+def _check_writable(path: Path) -> None:
+    """Try to create (and remove) a folder where the run folder will go, so that a path under a
+    file, a read-only disk or a pseudo file system is reported now, not after data and model load."""
+    base = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), Path("."))
+    if not base.is_dir():
+        raise RunDirError(
+            f"The run folder {path} cannot be created: {base} is a file, not a folder.",
+            "Set output.dir (or name) to a path under a folder.",
+        )
+    probe = base / f".finetune-write-test-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        raise RunDirError(
+            f"The run folder {path} cannot be created: {base} is not writable ({exc.strerror or exc}).",
+            "Set output.dir to a folder you can write to.",
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
