@@ -34,18 +34,19 @@ def to_2tuple(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return (int(h), int(w))
 
 
-def _grid_arg(value: object, name: str) -> tuple[int, int]:
-    """A grid argument as ``(H, W)``: one int or two, each in ``1..MAX_GRID_SIDE``."""
+def _grid_arg(value: object, name: str, *, high: int = MAX_GRID_SIDE, unit: str = "patches") -> tuple[int, int]:
+    """A size argument as ``(H, W)``: one int or two, each in ``1..high`` (a grid, by default)."""
     pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
         raise GridError(
             f"{name} must be an int or a pair of ints (H, W); got {value!r}.",
-            f"Pass whole numbers of patches, e.g. {name}=14 or {name}=(14, 14).",
+            f"Pass whole numbers of {unit}, e.g. {name}=14 or {name}=(14, 14).",
         )
-    if not all(1 <= v <= MAX_GRID_SIDE for v in pair):
+    if not all(1 <= v <= high for v in pair):
         raise GridError(
-            f"{name} must be between 1 and {MAX_GRID_SIDE} patches per side; got {value!r}.",
-            "Check that you passed a grid in patches (image size / patch size), not pixels.",
+            f"{name} must be between 1 and {high} {unit} per side; got {value!r}.",
+            "Check that you passed a grid in patches (image size / patch size), not pixels."
+            if unit == "patches" else f"Pass a size in {unit}.",
         )
     return pair
 
@@ -214,8 +215,9 @@ def resize_model_input(
 
     patch_embed = model.patch_embed
     old_patch = to_2tuple(patch_embed.patch_size)
-    new_patch = to_2tuple(patch_size) if patch_size is not None else old_patch
-    new_img = to_2tuple(img_size) if img_size is not None else to_2tuple(patch_embed.img_size)
+    new_patch = _grid_arg(patch_size, "patch_size", high=1024, unit="pixels") if patch_size is not None else old_patch
+    new_img = (_grid_arg(img_size, "img_size", high=MAX_GRID_SIDE * 16, unit="pixels") if img_size is not None
+               else to_2tuple(patch_embed.img_size))
     check_image_size(new_img, new_patch)
 
     if new_patch != old_patch:

@@ -360,6 +360,20 @@ def test_resize_pos_embed_validates_its_arguments(kwargs, phrase):
         resize_pos_embed(**args)
 
 
+@pytest.mark.parametrize(
+    "kwargs, phrase",
+    [
+        ({"img_size": "abc"}, "img_size must be an int or a pair of ints"),
+        ({"img_size": -32}, "img_size must be between 1 and 16384 pixels"),
+        ({"img_size": 32, "patch_size": 0}, "patch_size must be between 1 and 1024 pixels"),
+        ({"img_size": 30}, "30x30 is not divisible by the patch size 16x16"),
+    ],
+)
+def test_load_model_sizes_are_validated(deit_release_pth, kwargs, phrase):
+    with time_limit(10), pytest.raises(GridError, match=phrase):
+        load_model(deit_release_pth, num_classes=10, **kwargs)
+
+
 # ---------------------------------------------------------------------------------------------
 # The catalogue
 
