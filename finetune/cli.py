@@ -54,25 +54,62 @@ def friendly_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+NprocOpt = Annotated[
+    int,
+    typer.Option("--nproc", min=1, help="Processes to train with on this machine, through torchrun (one per GPU; "
+                 "gloo on a CPU). data.batch_size stays the global batch."),
+]
+
+
+def _launch(command: list[str], nproc: int) -> None:
+    """Start ``finetune COMMAND`` in ``nproc`` processes (torchrun) and exit with its code."""
+    from .distributed import launch
+
+    code = launch(command, nproc)
+    if code not in (0, 130):  # 130: interrupted, and the processes said so
+        err.print(f"[bold red]error:[/] the {nproc}-process run failed (exit code {code}); its processes' "
+                  "errors are above.", highlight=False)
+    raise typer.Exit(code)
+
+
+def _is_main_process() -> bool:
+    """False on the ranks of a torchrun other than 0, which print nothing but errors."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 @app.command()
 @friendly_errors
 def run(
     recipe: Annotated[str, typer.Argument(help="Recipe file, or the name of a shipped recipe.")],
     overrides: OverridesArg = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or epoch lines.")] = False,
+    nproc: NprocOpt = 1,
 ) -> None:
     """Train and evaluate as a recipe says, and write a self-describing run directory.
 
     Example: finetune run recipes/deit_tiny_cifar.yaml optim.lr=3e-4 train.epochs=3
+
+    On 4 GPUs: finetune run recipes/deit_tiny_cifar.yaml --nproc 4
     """
     from .recipe import find_recipe, load_recipe
-    from .train import describe, run_dir_for
-    from .train import run as run_recipe
+    from .rundir import check_run_dir, run_dir_for
 
     path = find_recipe(recipe)
     parsed = load_recipe(path, overrides or [])
+    if nproc > 1:  # the common mistakes, before launching
+        from .distributed import check_global_batch
+
+        check_global_batch(parsed.data.batch_size, nproc)
+        check_run_dir(run_dir_for(parsed), parsed.output.overwrite)
+        _launch(["run", str(path), *(overrides or []), *(["-q"] if quiet else [])], nproc)
+    from .train import describe
+    from .train import run as run_recipe
+
     summary = run_recipe(parsed, recipe_path=str(path), quiet=quiet)
-    out.print(f"[bold green]done[/] {escape(describe(summary, run_dir_for(parsed)))}", highlight=False)
+    if _is_main_process():
+        out.print(f"[bold green]done[/] {escape(describe(summary, run_dir_for(parsed)))}", highlight=False)
 
 
 @app.command()
@@ -80,18 +117,26 @@ def run(
 def resume(
     run_dir: Annotated[Path, typer.Argument(help="The folder of an interrupted, killed or failed run.")],
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or epoch lines.")] = False,
+    nproc: NprocOpt = 1,
 ) -> None:
     """Continue a run from its last checkpoint, with the recipe stored in its folder.
 
-    The resumed run ends where an uninterrupted one would have.
+    The resumed run ends where an uninterrupted one would have. It may use another number of
+    processes (--nproc) than it started with.
 
     Example: finetune resume runs/deit_tiny_cifar
     """
+    if nproc > 1:
+        from .rundir import RunDir
+
+        RunDir.reopen(run_dir).close()  # the common mistakes (finished, in use...), before launching
+        _launch(["resume", str(run_dir), *(["-q"] if quiet else [])], nproc)
     from .train import describe
     from .train import resume as resume_run
 
     summary = resume_run(run_dir, quiet=quiet)
-    out.print(f"[bold green]done[/] {escape(describe(summary, run_dir))}", highlight=False)
+    if _is_main_process():
+        out.print(f"[bold green]done[/] {escape(describe(summary, run_dir))}", highlight=False)
 
 
 @app.command()
@@ -279,7 +324,7 @@ def _print_plan(plans: list) -> None:
     out.print(table)
 
 
-def _run_and_report(experiment: Any, dry_run: bool, quiet: bool) -> None:
+def _run_and_report(experiment: Any, dry_run: bool, quiet: bool, nproc: int = 1) -> None:
     """Shared tail of compare and sweep: plan or run, print the table, fail if a variant failed."""
     from .experiment import plan_experiment, run_experiment
 
@@ -287,7 +332,7 @@ def _run_and_report(experiment: Any, dry_run: bool, quiet: bool) -> None:
         _print_plan(plan_experiment(experiment))
         out.print(f"[green]ok[/] {len(experiment.variants)} variants validate -> {escape(str(experiment.dir))}", highlight=False)
         return
-    result = run_experiment(experiment, quiet=quiet)
+    result = run_experiment(experiment, quiet=quiet, nproc=nproc)
     out.print(result.table, markup=False, highlight=False, soft_wrap=True)
     out.print(f"report: {result.report['markdown']}", highlight=False, markup=False)
     if result.failed:
@@ -319,16 +364,18 @@ def compare(
     name: ExperimentNameOpt = None,
     dry_run: DryRunOpt = False,
     quiet: QuietOpt = False,
+    nproc: NprocOpt = 1,
 ) -> None:
     """Run the variants of an experiment on the same data and seed, and compare them in one report.
 
-    Overrides apply to every variant. Rerunning reuses finished runs.
+    Overrides apply to every variant. Rerunning reuses finished runs and resumes unfinished ones.
+    With --nproc N each variant trains in N processes.
 
     Example: finetune compare recipes/compare_cifar.yaml train.epochs=1
     """
     from .experiment import load_experiment
 
-    _run_and_report(load_experiment(experiment, overrides or [], name=name), dry_run, quiet)
+    _run_and_report(load_experiment(experiment, overrides or [], name=name), dry_run, quiet, nproc)
 
 
 @app.command()
@@ -344,6 +391,7 @@ def sweep(
     name: ExperimentNameOpt = None,
     dry_run: DryRunOpt = False,
     quiet: QuietOpt = False,
+    nproc: NprocOpt = 1,
 ) -> None:
     """Train every combination of the --grid values, and compare them in one report.
 
@@ -351,7 +399,7 @@ def sweep(
     """
     from .experiment import sweep_experiment
 
-    _run_and_report(sweep_experiment(recipe, grid or [], overrides or [], name=name), dry_run, quiet)
+    _run_and_report(sweep_experiment(recipe, grid or [], overrides or [], name=name), dry_run, quiet, nproc)
 
 
 @app.command()

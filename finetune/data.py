@@ -35,6 +35,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode
 from torchvision.transforms.v2 import functional as TF
 
+from .distributed import check_global_batch
 from .errors import DataError
 
 # torchvision >= 0.29 marks its image codecs deprecated in favour of TorchCodec (not a dependency
@@ -62,6 +63,14 @@ class ImageTensors:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+
+def shard(split: ImageTensors, rank: int, world_size: int) -> ImageTensors:
+    """Process ``rank``'s contiguous part of a split, for evaluation: the parts cover every image
+    exactly once (their sizes differ by at most one, nothing is padded or repeated)."""
+    n = len(split)
+    start, stop = rank * n // world_size, (rank + 1) * n // world_size
+    return ImageTensors(split.images[start:stop], split.labels[start:stop])
 
 
 @dataclass
@@ -805,7 +814,21 @@ def _normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]
 # --------------------------------------------------------------------------------------------------
 
 
-def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+def _draw_rows(images: torch.Tensor, rows: tuple[int, int] | None) -> tuple[int, slice]:
+    """How many images to draw random numbers for, and which of them are these ``images``.
+
+    ``rows = (offset, total)``: ``images`` are rows ``offset .. offset + B`` of a batch of ``total``
+    split across processes. Drawing for the whole batch and keeping one's own rows gives every
+    image the same random numbers whatever the number of processes.
+    """
+    batch = images.shape[0]
+    offset, total = rows if rows is not None else (0, batch)
+    return total, slice(offset, offset + batch)
+
+
+def random_crop(
+    images: torch.Tensor, padding: int, generator: torch.Generator, rows: tuple[int, int] | None = None
+) -> torch.Tensor:
     """Pad with zeros by ``padding`` and cut a random window of the original size, per image.
 
     Equivalent to torchvision's ``RandomCrop(size, padding)`` applied to each image: every image is
@@ -815,13 +838,15 @@ def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) 
         images: ``(B, C, H, W)`` of any dtype.
         padding: largest shift in pixels.
         generator: on ``images.device``.
+        rows: ``(offset, total)`` when ``images`` are one process's rows of a larger batch.
 
     Returns:
         ``(B, C, H, W)``, same dtype.
     """
     batch, _, height, width = images.shape
     device = images.device
-    shifts = torch.randint(0, 2 * padding + 1, (2, batch), device=device, generator=generator)  # window offsets
+    total, mine = _draw_rows(images, rows)
+    shifts = torch.randint(0, 2 * padding + 1, (2, total), device=device, generator=generator)[:, mine]  # offsets
     padded = F.pad(images, (padding, padding, padding, padding))  # (B, C, H + 2p, W + 2p), zeros
     rows = shifts[0, :, None] + torch.arange(height, device=device)  # (B, H) rows of the padded image
     cols = shifts[1, :, None] + torch.arange(width, device=device)  # (B, W)
@@ -831,9 +856,13 @@ def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) 
     return windows.permute(0, 3, 1, 2)
 
 
-def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Mirror each image left-right with probability 1/2. ``(B, C, H, W)`` -> same."""
-    flip = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5
+def random_hflip(
+    images: torch.Tensor, generator: torch.Generator, rows: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Mirror each image left-right with probability 1/2. ``(B, C, H, W)`` -> same. ``rows`` as in
+    :func:`random_crop`."""
+    total, mine = _draw_rows(images, rows)
+    flip = torch.rand(total, device=images.device, generator=generator)[mine] < 0.5
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
@@ -843,6 +872,7 @@ def random_resized_crop(
     scale: tuple[float, float],
     generator: torch.Generator,
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Cut a random box from each image and resample it straight to ``out_size``.
 
@@ -856,13 +886,15 @@ def random_resized_crop(
         scale: ``(low, high)`` area fractions.
         generator: on ``images.device``.
         ratio: ``(low, high)`` width / height.
+        rows: ``(offset, total)`` as in :func:`random_crop`.
 
     Returns:
         float ``(B, C, H', W')``.
     """
     batch, channels = images.shape[:2]
     device = images.device
-    rand = torch.rand(4, batch, device=device, generator=generator)
+    total, mine = _draw_rows(images, rows)
+    rand = torch.rand(4, total, device=device, generator=generator)[:, mine]
     area = scale[0] + (scale[1] - scale[0]) * rand[0]
     log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * rand[1]
     # Box half-extents in affine_grid's normalised coordinates, where the image spans [-1, 1].
@@ -934,6 +966,8 @@ class BatchLoader:
         in_memory: bool = True,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         """Stage one split for batching.
 
@@ -953,6 +987,11 @@ class BatchLoader:
             in_memory: keep the images on ``device`` (``False``: on the CPU, copied per batch).
             seed: the run's seed; with the epoch it seeds shuffling and augmentation.
             dtype: floating dtype of the batches.
+            rank: this process's place among ``world_size`` training processes.
+            world_size: processes sharing each training batch. ``batch_size`` is the global batch:
+                every process draws the same shuffle and takes its own ``batch_size / world_size``
+                images of each batch, augmented exactly as one process would augment them. An
+                evaluation loader is given each process's own part of the split instead.
 
         Raises:
             DataError: a training split smaller than one batch when the last partial one is dropped.
@@ -961,7 +1000,10 @@ class BatchLoader:
         assert batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"
         assert dtype.is_floating_point, f"dtype must be a floating type, got {dtype}"
         assert data.images.dtype == torch.uint8 and data.images.dim() == 4, "images must be uint8 (N, 3, H, W)"
+        if train:
+            check_global_batch(batch_size, world_size)
         self.batch_size = batch_size
+        self.rank, self.world_size = rank, world_size
         self.train = train
         self.device = device
         self.out_size = (int(out_size[0]), int(out_size[1]))
@@ -1012,19 +1054,21 @@ class BatchLoader:
             order = torch.randperm(self.num_images, device=self._index_device, generator=index_gen)
             aug_gen = torch.Generator(device=self.device)
             aug_seed = stream_seed(self.seed, self.epoch, AUGMENT_STREAM)
+        local = self.batch_size // self.world_size if self.train else self.batch_size
+        rows = (self.rank * local, self.batch_size) if self.train else None  # this process's part of a batch
         for i in range(start_batch, len(self)):
             start, stop = i * self.batch_size, min((i + 1) * self.batch_size, self.num_images)
             if order is None:
                 images, labels = self._images[start:stop], self._labels[start:stop]  # views, no copy
             else:
-                idx = order[start:stop]
+                idx = order[start + rows[0] : start + rows[0] + local]
                 images, labels = self._images.index_select(0, idx), self._labels.index_select(0, idx)
                 # Re-seeded per batch, so batch i's augmentation does not depend on where iteration
                 # started; setting a seed is host-side bookkeeping, with no device sync.
                 aug_gen.manual_seed((aug_seed + i) % 2**63)
             if not self.in_memory:
                 images, labels = self._to_device(images), self._to_device(labels)
-            yield self._prepare(images, aug_gen), labels
+            yield self._prepare(images, aug_gen, rows), labels
 
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
         if self._pin:
@@ -1035,14 +1079,16 @@ class BatchLoader:
             return pinned.to(self.device, non_blocking=True)
         return batch.to(self.device)
 
-    def _prepare(self, images: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+    def _prepare(
+        self, images: torch.Tensor, gen: torch.Generator | None, rows: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """uint8 ``(B, 3, H, W)`` -> augmented, normalised, resized ``(B, 3, *out_size)``."""
         aug = self.augment
         rrc = aug is not None and aug.random_resized_crop
         if aug is not None and not rrc and aug.crop_padding > 0:
-            images = random_crop(images, aug.crop_padding, gen)  # still uint8: a quarter of the bytes
+            images = random_crop(images, aug.crop_padding, gen, rows)  # still uint8: a quarter of the bytes
         if aug is not None and aug.hflip:
-            images = random_hflip(images, gen)
+            images = random_hflip(images, gen, rows)
         # Normalising before resizing is exact (bilinear weights sum to 1, so they commute with a
         # per-channel affine map) and touches 49x fewer values for 32 -> 224.
         x = (images.float() / 255 - self._mean) / self._std
@@ -1051,7 +1097,7 @@ class BatchLoader:
         # the right layout instead of being copied again at 224 px.
         x = x.contiguous(memory_format=memory_format)
         if rrc:
-            x = random_resized_crop(x, self.out_size, tuple(aug.rrc_scale), gen)
+            x = random_resized_crop(x, self.out_size, tuple(aug.rrc_scale), gen, rows=rows)
         elif tuple(x.shape[-2:]) != self.out_size:
             # On the device: upsampling CIFAR to 224 px here is the reason the data is kept small.
             # Antialiasing only matters (and only costs) when shrinking.

@@ -17,6 +17,7 @@ that is the model itself), so the loop has no branches for them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
@@ -30,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import BatchLoader, DatasetSplits, load_splits, normalisation
+from .data import BatchLoader, DatasetSplits, load_splits, normalisation, shard
+from .distributed import SINGLE, Processes, check_global_batch
 from .device import autocast, autocast_dtype, resolve_device, synchronize
 from .errors import DivergedError, FinetuneError
 from .evaluate import evaluate
@@ -100,13 +102,19 @@ class Prepared:
     out_size: tuple[int, int]
 
 
-def prepare(recipe: Recipe, *, model: nn.Module | None = None) -> Prepared:
+def prepare(recipe: Recipe, *, model: nn.Module | None = None, processes: Processes = SINGLE) -> Prepared:
     """Load the data and build the model a recipe asks for (or take ``model``, e.g. to resume).
+
+    With several processes each loads the same data and builds the same model from the same
+    seed, on its own GPU (``cuda:LOCAL_RANK``).
 
     Raises:
         FinetuneError: the data, the model or their combination is wrong; nothing is written.
     """
     device = resolve_device(recipe.device)
+    if device.type == "cuda" and processes.distributed:
+        device = torch.device("cuda", processes.local_rank)
+    check_global_batch(recipe.data.batch_size, processes.world_size)
     if (recipe.train.mixup_alpha or recipe.train.cutmix_alpha) and recipe.data.batch_size % 2:
         raise FinetuneError(
             f"Mixup/CutMix pair images within a batch, so data.batch_size must be even (got {recipe.data.batch_size}).",
@@ -308,6 +316,7 @@ class Progress:
         last_eval: the last evaluated epoch's test result (``EvalResult.to_dict()``).
         last_val_acc1: the last evaluated epoch's validation top-1, when there is a validation split.
         train_loss: mean training loss of the last finished epoch.
+        train_acc1: training top-1 of the last finished epoch (meaningless with Mixup/CutMix).
     """
 
     epoch: int = 1
@@ -322,6 +331,7 @@ class Progress:
     last_eval: dict[str, Any] | None = None
     last_val_acc1: float | None = None
     train_loss: float | None = None
+    train_acc1: float | None = None
 
 
 @dataclass
@@ -349,9 +359,12 @@ class TrainState:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     out_size: tuple[int, int]
+    processes: Processes = SINGLE
+    no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # DDP: hold the all-reduce
     progress: Progress = field(default_factory=Progress)
     meters: Meters | None = None
     stop_requested: str | None = None  # set (to the signal's name) by a signal handler
+    stopping: bool = False  # every process agreed to stop at this step or epoch boundary
     segment_start: float | None = None  # perf_counter() when the current stretch of training began
 
     @property
@@ -369,6 +382,23 @@ class TrainState:
         running = time.perf_counter() - self.segment_start if self.segment_start is not None else 0.0
         return self.progress.train_time_s + running
 
+    def agree_to_stop(self, synced: bool) -> bool:
+        """Whether to stop now, after a stop request (a signal). One process stops at the next step;
+        several decide together, at the next point they sync anyway (a log line, an epoch's end),
+        so that none stops while the others wait for it."""
+        if not self.processes.distributed:
+            return self.stop_requested is not None
+        return synced and self.processes.any(self.stop_requested is not None, self.device)
+
+    def global_meters(self) -> Meters:
+        """The running sums over every process (a copy; one collective)."""
+        m = self.meters
+        counts = torch.tensor([m.epoch_images, m.interval_images], dtype=torch.float64, device=self.device)
+        sums = Meters(m.epoch_loss.clone(), m.epoch_correct.clone(), m.interval_loss.clone())
+        self.processes.sum_(sums.epoch_loss, sums.epoch_correct, sums.interval_loss, counts)
+        sums.epoch_images, sums.interval_images = (int(c) for c in counts.tolist())
+        return sums
+
     # ---- checkpoints ---------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -378,7 +408,7 @@ class TrainState:
         rebuilds the model without its pretrained source) and every random state.
         """
         progress = dataclasses.replace(self.progress, train_time_s=self.train_time())
-        m = self.meters
+        m = self.global_meters()  # sums over every process: a resume may use another number of them
         return {
             "recipe": recipe_to_dict(self.recipe),
             "model_config": model_config(self.model),
@@ -407,18 +437,19 @@ class TrainState:
         fields["warmup_mark"] = tuple(fields["warmup_mark"])
         self.progress = Progress(**fields)
         m = state["meters"]
-        dev = self.device
-        self.meters = Meters(
-            epoch_loss=m["epoch_loss"].to(dev), epoch_correct=m["epoch_correct"].to(dev),
-            interval_loss=m["interval_loss"].to(dev), epoch_images=m["epoch_images"],
-            interval_images=m["interval_images"],
-        )
+        self.meters = Meters.on(self.device)
+        if self.processes.is_main:  # the saved sums are global: one process carries them on
+            self.meters.epoch_loss.copy_(m["epoch_loss"])
+            self.meters.epoch_correct.copy_(m["epoch_correct"])
+            self.meters.interval_loss.copy_(m["interval_loss"])
+            self.meters.epoch_images, self.meters.interval_images = m["epoch_images"], m["interval_images"]
         restore_rng(state["rng"], self.device)
 
 
-def build(prepared: Prepared) -> TrainState:
+def build(prepared: Prepared, processes: Processes = SINGLE) -> TrainState:
     """Everything the loop needs, chosen once: model on the device, loaders, optimizer, schedule,
-    GradScaler, loss, mixup, EMA and gradient clipping."""
+    GradScaler, loss, mixup, EMA and gradient clipping; with several processes, the model wrapped
+    in DistributedDataParallel and each evaluation split cut into one part per process."""
     p = prepared
     r, device = p.recipe, p.device
     model = p.model.to(device)
@@ -433,10 +464,16 @@ def build(prepared: Prepared) -> TrainState:
         in_memory=r.data.in_memory, seed=r.seed,
         dtype=amp_dtype or torch.float32,  # autocast casts the input anyway; half the bytes at 224 px
     )
-    train_loader = BatchLoader(p.data.train, batch_size=r.data.batch_size, train=True, augment=r.data.augment, **loader_args)
+    train_loader = BatchLoader(p.data.train, batch_size=r.data.batch_size, train=True, augment=r.data.augment,
+                               rank=processes.rank, world_size=processes.world_size, **loader_args)
     eval_bs = r.data.eval_batch_size or 2 * r.data.batch_size
-    test_loader = BatchLoader(p.data.test, batch_size=eval_bs, train=False, **loader_args)
-    val_loader = BatchLoader(p.data.val, batch_size=eval_bs, train=False, **loader_args) if p.data.val is not None else None
+
+    def eval_loader(split):
+        part = shard(split, processes.rank, processes.world_size)
+        return BatchLoader(part, batch_size=eval_bs, train=False, **loader_args)
+
+    test_loader = eval_loader(p.data.test)
+    val_loader = eval_loader(p.data.val) if p.data.val is not None else None
 
     steps_per_epoch = math.ceil(len(train_loader) / r.train.grad_accum)
     optimizer = build_optimizer(r, model, device)
@@ -459,13 +496,23 @@ def build(prepared: Prepared) -> TrainState:
         # would stay close to the random or pretrained starting weights for thousands of steps.
         ema = ModelEmaV3(model, decay=r.train.ema_decay, use_warmup=True)
 
+    forward: Any = model
+    no_sync = contextlib.nullcontext
+    if processes.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Built from the same seed everywhere; DDP also broadcasts rank 0's weights to be sure.
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        no_sync = forward.no_sync
+    if r.train.compile:
+        forward = torch.compile(forward)
     return TrainState(
-        recipe=r, device=device, model=model, forward=torch.compile(model) if r.train.compile else model,
+        recipe=r, device=device, model=model, forward=forward,
         optimizer=optimizer, scheduler=scheduler, scaler=scaler, loss_fn=build_loss(r), mixup=mixup, ema=ema,
         clip_gradients=build_clipper(r, model, scaler, optimizer),
         train_loader=train_loader, val_loader=val_loader, test_loader=test_loader,
         classes=list(p.data.classes), amp_dtype=amp_dtype, steps_per_epoch=steps_per_epoch, counts=counts,
-        mean=p.mean, std=p.std, out_size=p.out_size, meters=Meters.on(device),
+        mean=p.mean, std=p.std, out_size=p.out_size, meters=Meters.on(device), processes=processes, no_sync=no_sync,
     )
 
 
@@ -518,9 +565,10 @@ def fit(state: TrainState, callbacks: Callback) -> None:
         evaluated = p.epoch % r.train.eval_every == 0 or p.epoch == r.train.epochs
         row = evaluate_epoch(state) if evaluated else None
         p.epoch, p.batch = p.epoch + 1, 0
+        state.stopping = state.agree_to_stop(synced=True)
         callbacks.on_epoch_end(state, row)
-        if state.stop_requested and p.epoch <= r.train.epochs:
-            raise StopRequested(state.stop_requested)
+        if state.stopping and p.epoch <= r.train.epochs:
+            raise StopRequested(_stopped_by(state))
 
 
 def train_one_epoch(state: TrainState, callbacks: Callback) -> None:
@@ -536,18 +584,23 @@ def train_one_epoch(state: TrainState, callbacks: Callback) -> None:
     loader.set_epoch(p.epoch)
     state.model.train()
     state.segment_start = interval_start = time.perf_counter()
+    world = state.processes.world_size
     for i, (x, y) in enumerate(loader.iter_from(p.batch), start=p.batch):
         x, target = state.mixup(x, y)
-        with autocast(state.device, state.amp_dtype):
-            logits = state.forward(x)
-            loss = state.loss_fn(logits, target)
-        # Average over the micro-batches of this optimizer step; the last group of an epoch may
-        # be shorter than grad_accum.
-        group_size = min(accum, n - (i - i % accum))
-        state.scaler.scale(loss / group_size).backward()
+        last_micro = (i + 1) % accum == 0 or i + 1 == n
+        # Under DDP the gradients of the micro-batches before the last one stay local (no_sync):
+        # one all-reduce per optimizer step.
+        with contextlib.nullcontext() if last_micro else state.no_sync():
+            with autocast(state.device, state.amp_dtype):
+                logits = state.forward(x)
+                loss = state.loss_fn(logits, target)
+            # Average over the micro-batches of this optimizer step; the last group of an epoch
+            # may be shorter than grad_accum.
+            group_size = min(accum, n - (i - i % accum))
+            state.scaler.scale(loss / group_size).backward()
         m.add(loss, logits, y)
-        p.images_seen += x.shape[0]
-        if (i + 1) % accum and i + 1 != n:
+        p.images_seen += x.shape[0] * world  # every process trains an equal part of the batch
+        if not last_micro:
             continue
         _optimizer_step(state)
         p.batch = i + 1
@@ -556,14 +609,18 @@ def train_one_epoch(state: TrainState, callbacks: Callback) -> None:
             # (allocator warm-up, autotuning, compilation).
             synchronize(state.device)
             p.warmup_mark = (state.train_time(), p.images_seen)
-        if p.step % r.train.log_every == 0:
+        logged = p.step % r.train.log_every == 0
+        if logged:
             now = time.perf_counter()
             callbacks.on_log(state, _interval_row(state, now - interval_start))  # the one host sync
             interval_start = now
+        state.stopping = state.agree_to_stop(synced=logged)
         callbacks.on_step_end(state)
-        if state.stop_requested:
-            raise StopRequested(state.stop_requested)
-    p.train_loss = _finite_mean(state, m.epoch_loss, m.epoch_images, f"the mean training loss of epoch {p.epoch}")
+        if state.stopping:
+            raise StopRequested(_stopped_by(state))
+    g = state.global_meters()
+    p.train_loss = _finite_mean(state, g.epoch_loss, g.epoch_images, f"the mean training loss of epoch {p.epoch}")
+    p.train_acc1 = float(g.epoch_correct) / max(g.epoch_images, 1)
     synchronize(state.device)
     p.train_time_s = state.train_time()
     state.segment_start = None
@@ -583,16 +640,21 @@ def _optimizer_step(state: TrainState) -> None:
 
 
 def _interval_row(state: TrainState, seconds: float) -> dict[str, Any]:
-    """The metrics line of the log interval that just ended; reads the loss (one host sync)."""
-    p, m = state.progress, state.meters
+    """The metrics line of the log interval that just ended, over every process; reads the loss
+    (one host sync)."""
+    p, g = state.progress, state.global_meters()
     first = p.step - state.recipe.train.log_every + 1
-    mean_loss = _finite_mean(state, m.interval_loss, m.interval_images, f"the mean training loss over steps {first}-{p.step}")
+    mean_loss = _finite_mean(state, g.interval_loss, g.interval_images, f"the mean training loss over steps {first}-{p.step}")
     row = {
         "kind": "step", "epoch": p.epoch, "step": p.step, "time_s": round(state.train_time(), 4),
-        "loss": mean_loss, "lr": p.lr, "images_per_s": m.interval_images / max(seconds, 1e-9),
+        "loss": mean_loss, "lr": p.lr, "images_per_s": g.interval_images / max(seconds, 1e-9),
     }
-    m.reset_interval()
+    state.meters.reset_interval()
     return row
+
+
+def _stopped_by(state: TrainState) -> str:
+    return state.stop_requested or "a signal to another process of this run"
 
 
 def _finite_mean(state: TrainState, total: torch.Tensor, count: int, what: str) -> float:
@@ -607,7 +669,7 @@ def check_finite(state: TrainState) -> None:
     """Raise :class:`DivergedError` unless the training losses since the last log line and of the
     epoch so far, and the trained weights after the last step, are all finite. Syncs with the
     device: for checkpoints, which sync anyway, not for every step."""
-    m, p = state.meters, state.progress
+    m, p = state.global_meters(), state.progress
     _finite_mean(state, m.interval_loss, m.interval_images, "the mean training loss since the last log line")
     _finite_mean(state, m.epoch_loss, m.epoch_images, f"the mean training loss of epoch {p.epoch} so far")
     trained = [q for q in state.model.parameters() if q.requires_grad]
@@ -636,13 +698,13 @@ def evaluate_epoch(state: TrainState) -> dict[str, Any]:
     metrics line, and update the best epoch (chosen on validation) and the test peak."""
     p = state.progress
     model, num_classes = state.eval_model, state.model.num_classes
-    test = evaluate(model, state.test_loader, num_classes, amp_dtype=state.amp_dtype)
+    test = evaluate(model, state.test_loader, num_classes, amp_dtype=state.amp_dtype, processes=state.processes)
     if not math.isfinite(test.loss):  # the model's outputs are no longer numbers
         raise diverged_error(state, f"the test loss after epoch {p.epoch} is {test.loss}")
     row = {
         "kind": "epoch", "epoch": p.epoch, "step": p.step, "time_s": round(p.train_time_s, 4),
         "train_loss": p.train_loss,
-        "train_acc1": None if state.mixing else float(state.meters.epoch_correct) / max(state.meters.epoch_images, 1),
+        "train_acc1": None if state.mixing else p.train_acc1,
         **test.as_dict("test"),
         "val_acc1": None,
         "lr": p.lr,
@@ -650,7 +712,7 @@ def evaluate_epoch(state: TrainState) -> dict[str, Any]:
     }
     p.last_eval = test.to_dict()
     if state.val_loader is not None:
-        val = evaluate(model, state.val_loader, num_classes, amp_dtype=state.amp_dtype)
+        val = evaluate(model, state.val_loader, num_classes, amp_dtype=state.amp_dtype, processes=state.processes)
         row.update(val.as_dict("val"))
         p.last_val_acc1 = val.acc1
         if p.best is None or val.acc1 > p.best["val_acc1"]:  # ties keep the earlier epoch

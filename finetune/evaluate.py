@@ -16,6 +16,7 @@ from torch import nn
 
 from .data import BatchLoader
 from .device import autocast
+from .distributed import SINGLE, Processes
 
 
 @dataclass
@@ -50,11 +51,18 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: BatchLoader, num_classes: int, *, amp_dtype: torch.dtype | None = None
+    model: nn.Module,
+    loader: BatchLoader,
+    num_classes: int,
+    *,
+    amp_dtype: torch.dtype | None = None,
+    processes: Processes = SINGLE,
 ) -> EvalResult:
     """Top-1, top-5, mean cross-entropy, per-class accuracy and the confusion matrix.
 
-    Everything accumulates on the device; the host reads the totals once at the end.
+    Everything accumulates on the device; the host reads the totals once at the end. With several
+    processes each scores its own part of the split and the counts are summed across them, so the
+    result is the whole split's, exactly (no image padded in or counted twice).
     """
     was_training = model.training
     model.eval()
@@ -72,6 +80,7 @@ def evaluate(
         top5_hits += (top == y[:, None]).any(dim=1).sum()
         confusion += torch.bincount(y * num_classes + top[:, 0], minlength=num_classes * num_classes)
     model.train(was_training)
+    processes.sum_(confusion, loss_sum, top5_hits)
     matrix = confusion.view(num_classes, num_classes).cpu()
     n = int(matrix.sum())
     totals = matrix.sum(1)

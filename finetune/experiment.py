@@ -710,7 +710,7 @@ def _record_failure(run_dir: Path, recipe: Recipe, error: str, source: str | Non
     write_text_atomically(run_dir / "summary.json", strict_json(summary, indent=2) + "\n")
 
 
-def run_experiment(exp: Experiment, *, quiet: bool = False) -> ExperimentResult:
+def run_experiment(exp: Experiment, *, quiet: bool = False, nproc: int = 1) -> ExperimentResult:
     """Run every variant that has no finished run yet, then write the report.
 
     A variant that raises (a :class:`FinetuneError` or any other exception) is recorded as failed
@@ -721,6 +721,8 @@ def run_experiment(exp: Experiment, *, quiet: bool = False) -> ExperimentResult:
     Args:
         exp: from :func:`load_experiment` or :func:`sweep_experiment`.
         quiet: no progress bars or status lines.
+        nproc: processes per variant; above 1 each variant runs through torchrun
+            (``finetune run``/``resume --nproc``), one after the other.
 
     Raises:
         ExperimentError: see :func:`plan_experiment`; raised before anything runs.
@@ -747,14 +749,16 @@ def run_experiment(exp: Experiment, *, quiet: bool = False) -> ExperimentResult:
             again = {"replace": f" (replacing an unfinished run: {plan.reason})",
                      "resume": f" (resuming: {plan.reason})"}.get(plan.action, "")
             console.rule(f"{prefix}{again}", style="dim")
+        # An unfinished run being replaced is moved aside when the new one starts and deleted only
+        # once it finishes (output.overwrite), so a failure loses nothing.
+        overwrite = plan.action == "replace"
+        recipe = plan.recipe.model_copy(update={"output": plan.recipe.output.model_copy(update={"overwrite": overwrite})})
         try:
-            if plan.action == "resume":
+            if nproc > 1:
+                _run_distributed(plan, recipe, nproc, quiet)
+            elif plan.action == "resume":
                 train.resume(plan.run_dir, quiet=quiet)
             else:
-                # An unfinished run being replaced is moved aside when the new one starts and
-                # deleted only once it finishes (output.overwrite), so a failure loses nothing.
-                overwrite = plan.action == "replace"
-                recipe = plan.recipe.model_copy(update={"output": plan.recipe.output.model_copy(update={"overwrite": overwrite})})
                 train.run(recipe, recipe_path=exp.source, quiet=quiet)
         except Exception as exc:  # noqa: BLE001 - one broken variant must not cost the others
             error = f"{type(exc).__name__}: {exc}"
@@ -773,6 +777,27 @@ def run_experiment(exp: Experiment, *, quiet: bool = False) -> ExperimentResult:
         [r.run_dir for r in results], exp.dir, title=title, sweep_keys=exp.sweep_keys
     )
     return ExperimentResult(exp, results, paths, table)
+
+
+def _run_distributed(plan: PlannedRun, recipe: Recipe, nproc: int, quiet: bool) -> None:
+    """Train one variant in ``nproc`` processes through torchrun; raise if they fail."""
+    import tempfile
+
+    from .distributed import launch
+
+    quiet_flag = ["-q"] if quiet else []
+    if plan.action == "resume":
+        code = launch(["resume", str(plan.run_dir), *quiet_flag], nproc)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:  # the variant's complete recipe, for the processes to read
+            path = Path(tmp) / f"{plan.name}.yaml"
+            path.write_text(dump_recipe_yaml(recipe), encoding="utf-8")
+            code = launch(["run", str(path), *quiet_flag], nproc)
+    if code == 130:
+        raise KeyboardInterrupt  # the processes saved a checkpoint and said so; stop like one process would
+    if code:
+        status = run_status(plan.run_dir)
+        raise FinetuneError(f"its {nproc}-process run failed (exit code {code}, run status {status}); its errors are above.")
 
 
 # ---------------------------------------------------------------------------------------------

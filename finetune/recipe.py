@@ -131,6 +131,10 @@ class TrainConfig(_Section):
     )
     log_every: int = Field(50, ge=1, description="Optimizer steps between metrics lines.")
     eval_every: int = Field(1, ge=1, description="Epochs between evaluations.")
+    dist_timeout: float = Field(
+        300.0, ge=1.0, description="With several processes (torchrun): seconds a process waits for one that "
+        "stopped answering before the run fails."
+    )
 
 
 class OptimConfig(_Section):

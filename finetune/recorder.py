@@ -48,13 +48,16 @@ class RunRecorder(Callback):
     """Writes what the loop reports into the run folder: metrics lines, checkpoints on schedule
     (and when a stop is requested), the best model on validation, and the summary.
 
+    With several processes every one runs a recorder, since a checkpoint sums the running losses
+    across them; only rank 0's has a folder (``rundir``) and writes.
+
     Args:
-        rundir: the folder, held by this process.
+        rundir: the folder, held by this process; ``None`` on ranks other than 0.
         summary: the summary so far (written on every checkpoint and at the end).
         wall_before_s: wall-clock seconds of earlier processes of this run (resumed runs).
     """
 
-    def __init__(self, rundir: RunDir, summary: dict[str, Any], *, wall_before_s: float = 0.0):
+    def __init__(self, rundir: RunDir | None, summary: dict[str, Any], *, wall_before_s: float = 0.0):
         self.rundir = rundir
         self.summary = summary
         self.wall_before_s = wall_before_s
@@ -64,28 +67,32 @@ class RunRecorder(Callback):
         return self.wall_before_s + time.perf_counter() - self._wall_start
 
     def on_log(self, state: TrainState, row: dict[str, Any]) -> None:
-        self.rundir.log(row)
+        if self.rundir is not None:
+            self.rundir.log(row)
 
     def on_step_end(self, state: TrainState) -> None:
         every = state.recipe.output.checkpoint_every_steps
-        if state.stop_requested or (every and state.progress.step % every == 0):
+        if state.stopping or (every and state.progress.step % every == 0):
             self.checkpoint(state)
 
     def on_epoch_end(self, state: TrainState, row: dict[str, Any] | None) -> None:
         r, p = state.recipe, state.progress
-        if row is not None:
+        if row is not None and self.rundir is not None:
             self.rundir.log(row)
             if p.best is not None and p.best["epoch"] == row["epoch"] and r.output.save_model:
                 self.rundir.save_model(_with_normalisation(state), state.classes, BEST_DIR)
         finished = p.epoch - 1
         every = r.output.checkpoint_every
-        if state.stop_requested or finished == r.train.epochs or (every and finished % every == 0):
+        if state.stopping or finished == r.train.epochs or (every and finished % every == 0):
             self.checkpoint(state)
 
     def checkpoint(self, state: TrainState) -> None:
-        """Save the full training state, then the summary with the results so far."""
+        """Save the full training state, then the summary with the results so far. Every process
+        takes part (the state sums the running losses across processes); rank 0 writes."""
         check_finite(state)  # never save a state that has already gone bad
         tree = state.state_dict()
+        if self.rundir is None:
+            return
         tree["metrics_offset"] = self.rundir.metrics_offset()
         tree["wall_time_s"] = self.wall_time()
         self.rundir.save_checkpoint(tree)
@@ -99,6 +106,8 @@ class RunRecorder(Callback):
         from .device import peak_memory_mb
 
         r = state.recipe
+        if self.rundir is None:
+            return
         if r.output.save_model:
             self.rundir.save_model(_with_normalisation(state), state.classes)
         if r.output.plots:
@@ -120,6 +129,8 @@ class RunRecorder(Callback):
 
     def mark(self, state: TrainState, status: str, error: str) -> None:
         """Record how the run ended when it did not finish; best effort (the disk may be full)."""
+        if self.rundir is None:
+            return
         self.summary.update(result_fields(state), status=status, error=error, wall_time_s=self.wall_time())
         if self.rundir.replaced:
             self.summary["replaced_runs"] = [str(p) for p in self.rundir.replaced]

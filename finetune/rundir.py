@@ -385,20 +385,8 @@ class RunDir:
         self.last_checkpoint = (state["progress"]["epoch"], state["progress"]["step"])
 
     def load_checkpoint(self, recipe: Recipe) -> dict[str, Any]:
-        """Read ``checkpoints/last.safetensors`` and check that it belongs to ``recipe``.
-
-        Raises:
-            CheckpointError: unreadable, or written by another recipe.
-        """
-        path = self.path / CHECKPOINT
-        state = load_state(path)
-        if not isinstance(state, dict) or not {"recipe", "progress", "model", "model_config"} <= set(state):
-            raise CheckpointError(f"{path} is not a finetune training checkpoint.", "Start the run again with output.overwrite=true.")
-        if computed_settings(state["recipe"]) != computed_settings(recipe):
-            raise CheckpointError(
-                f"{path} was written by another recipe than {self.path / 'recipe.yaml'}, so it cannot continue that run.",
-                "Restore the recipe.yaml the run started with, or start the run again with output.overwrite=true.",
-            )
+        """:func:`read_checkpoint` of this folder, remembered as the checkpoint on disk."""
+        state = read_checkpoint(self.path, recipe)
         self.last_checkpoint = (state["progress"]["epoch"], state["progress"]["step"])
         return state
 
@@ -424,6 +412,24 @@ class RunDir:
             return ""
         epoch, step = self.last_checkpoint
         return f"The last checkpoint ({where}, step {step}, before epoch {epoch}) is intact."
+
+
+def read_checkpoint(run_dir: Path, recipe: Recipe) -> dict[str, Any]:
+    """Read a run folder's ``checkpoints/last.safetensors`` and check that it belongs to ``recipe``.
+
+    Raises:
+        CheckpointError: unreadable, or written by another recipe.
+    """
+    path = run_dir / CHECKPOINT
+    state = load_state(path)
+    if not isinstance(state, dict) or not {"recipe", "progress", "model", "model_config"} <= set(state):
+        raise CheckpointError(f"{path} is not a finetune training checkpoint.", "Start the run again with output.overwrite=true.")
+    if computed_settings(state["recipe"]) != computed_settings(recipe):
+        raise CheckpointError(
+            f"{path} was written by another recipe than {run_dir / 'recipe.yaml'}, so it cannot continue that run.",
+            "Restore the recipe.yaml the run started with, or start the run again with output.overwrite=true.",
+        )
+    return state
 
 
 def _move_aside(path: Path, overwrite: bool) -> list[Path]:

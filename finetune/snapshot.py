@@ -26,6 +26,8 @@ import torch
 from .errors import CheckpointError
 
 FORMAT = "finetune-state/1"
+_UMASK = os.umask(0o022)  # read once (reading it means setting it), and put back at once
+os.umask(_UMASK)
 _META_KEY = "finetune_state"
 # Markers for what JSON cannot say directly. A dict whose keys are not all plain strings (the
 # optimizer's integer parameter ids) or that could be mistaken for a marker is stored as pairs.
@@ -113,6 +115,7 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
         # so two writers never share a temporary file.
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # writers such as safetensors' make owner-only files
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

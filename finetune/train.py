@@ -19,15 +19,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import engine
-from .device import environment, reset_peak_memory
+import torch
+
+from . import distributed, engine
+from .device import environment, reset_peak_memory, resolve_device
 from .engine import Callbacks, Prepared, StopRequested, TrainState, build, fit
 from .errors import DivergedError, FinetuneError, RunInterrupted
 from .models import model_from_config
 from .progress import TrainProgress, console
-from .recipe import Recipe
+from .recipe import Recipe, load_recipe
 from .recorder import RunRecorder
-from .rundir import RunDir, check_run_dir, run_dir_for
+from .rundir import RunDir, check_run_dir, read_checkpoint, run_dir_for
 
 
 def prepare(recipe: Recipe) -> Prepared:
@@ -45,18 +47,32 @@ def run(
 ) -> dict[str, Any]:
     """Train and evaluate as the recipe says; write the run folder; return the summary.
 
+    Under torchrun every process calls this; rank 0 alone checks and writes the run folder and
+    prints, and a failure it meets before training (the folder is taken) stops every process.
+
     Raises:
         FinetuneError: anything wrong with the recipe's data, model or output folder (raised before
             the run folder is created), or a write that failed during the run.
         DivergedError: the loss stopped being finite; the run is marked ``diverged``.
         RunInterrupted: stopped by Ctrl-C or SIGTERM after saving a checkpoint.
     """
-    p = prepared or prepare(recipe)
-    _warn_skipped(p, quiet)
-    state = build(p)
-    summary = _initial_summary(state, p, recipe_path)
-    rundir = RunDir.create(run_dir_for(recipe), recipe, summary, overwrite=recipe.output.overwrite)
-    return _train(state, rundir, summary, quiet=quiet, wall_before_s=0.0)
+    processes = distributed.from_environment(recipe.train.dist_timeout, resolve_device(recipe.device).type)
+    try:
+        folder = run_dir_for(recipe)
+        if prepared is None:
+            processes.on_main(lambda: check_run_dir(folder, recipe.output.overwrite), torch.device("cpu"))
+        p = prepared or engine.prepare(recipe, processes=processes)
+        quiet = quiet or not processes.is_main
+        _warn_skipped(p, quiet)
+        state = build(p, processes)
+        summary = _initial_summary(state, p, recipe_path)
+        rundir = processes.on_main(
+            lambda: RunDir.create(folder, recipe, summary, overwrite=recipe.output.overwrite), state.device)
+        summary = _train(state, rundir, summary, folder=folder, quiet=quiet, wall_before_s=0.0)
+        processes.barrier()
+        return summary
+    finally:
+        distributed.shutdown(processes)
 
 
 def resume(run_dir: str | Path, *, quiet: bool = False) -> dict[str, Any]:
@@ -65,35 +81,56 @@ def resume(run_dir: str | Path, *, quiet: bool = False) -> dict[str, Any]:
     The run trains with the ``recipe.yaml`` in its folder; the model is rebuilt from the checkpoint,
     so its pretrained source need not be at hand. Lines that ``metrics.jsonl`` got after the
     checkpoint are dropped and written again. On the CPU in fp32 the resumed run ends with the
-    same weights and metrics as a run that was never interrupted.
+    same weights and metrics as a run that was never interrupted. Under torchrun it may use
+    another number of processes than the run had (``data.batch_size`` is the global batch).
 
     Raises:
         RunDirError: not a run folder, in use, finished, diverged, or without a checkpoint.
         CheckpointError: the checkpoint is damaged or belongs to another recipe.
     """
-    rundir = RunDir.reopen(Path(run_dir))
+    run_dir = Path(run_dir)
     try:
-        recipe = rundir.read_recipe()
-        checkpoint = rundir.load_checkpoint(recipe)
-        model = model_from_config(checkpoint["model_config"], checkpoint["model"], **engine.model_kwargs(recipe))
-        p = engine.prepare(recipe, model=model)
-        _warn_skipped(p, quiet)
-        state = build(p)
-        state.load_state_dict(checkpoint)
-        rundir.truncate_metrics(checkpoint["metrics_offset"])
-        summary = rundir.read_summary()
-        summary.setdefault("resumed", []).append({
-            "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "epoch": state.progress.epoch,
-            "step": state.progress.step,
-            "previous_status": rundir.previous_status,
-        })
-        summary.update(status="running", error=None, **environment(state.device))
-        rundir.write_summary(summary)
-    except BaseException:
-        rundir.close()
+        recipe = load_recipe(run_dir / "recipe.yaml")
+    except FinetuneError:
+        RunDir.reopen(run_dir).close()  # the folder's own problem (not a run, in use...) comes first
         raise
-    return _train(state, rundir, summary, quiet=quiet, wall_before_s=float(checkpoint.get("wall_time_s", 0.0)))
+    processes = distributed.from_environment(recipe.train.dist_timeout, resolve_device(recipe.device).type)
+    rundir = None
+    try:
+        rundir = processes.on_main(lambda: RunDir.reopen(run_dir), torch.device("cpu"))
+        checkpoint = read_checkpoint(run_dir, recipe)
+        model = model_from_config(checkpoint["model_config"], checkpoint["model"], **engine.model_kwargs(recipe))
+        p = engine.prepare(recipe, model=model, processes=processes)
+        quiet = quiet or not processes.is_main
+        _warn_skipped(p, quiet)
+        state = build(p, processes)
+        state.load_state_dict(checkpoint)
+        summary: dict[str, Any] = {}
+        if rundir is not None:
+            rundir.last_checkpoint = (checkpoint["progress"]["epoch"], checkpoint["progress"]["step"])
+            rundir.truncate_metrics(checkpoint["metrics_offset"])
+            summary = rundir.read_summary()
+            summary.setdefault("resumed", []).append({
+                "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "epoch": state.progress.epoch,
+                "step": state.progress.step,
+                "processes": processes.world_size,
+                "previous_status": rundir.previous_status,
+            })
+            summary.update(status="running", error=None, **environment(state.device))
+            rundir.write_summary(summary)
+    except BaseException:
+        if rundir is not None:
+            rundir.close()
+        distributed.shutdown(processes)
+        raise
+    try:
+        summary = _train(state, rundir, summary, folder=run_dir, quiet=quiet,
+                         wall_before_s=float(checkpoint.get("wall_time_s", 0.0)))
+        processes.barrier()
+        return summary
+    finally:
+        distributed.shutdown(processes)
 
 
 def _warn_skipped(p: Prepared, quiet: bool) -> None:
@@ -132,8 +169,11 @@ def _initial_summary(state: TrainState, p: Prepared, recipe_path: str | None) ->
     return summary
 
 
-def _train(state: TrainState, rundir: RunDir, summary: dict[str, Any], *, quiet: bool, wall_before_s: float) -> dict[str, Any]:
-    """Run the loop with the run folder's recorder and the progress bar; record how it ended."""
+def _train(
+    state: TrainState, rundir: RunDir | None, summary: dict[str, Any], *, folder: Path, quiet: bool, wall_before_s: float
+) -> dict[str, Any]:
+    """Run the loop with the run folder's recorder and the progress bar; record how it ended.
+    ``rundir`` is ``None`` on ranks other than 0, which write nothing."""
     r = state.recipe
     recorder = RunRecorder(rundir, summary, wall_before_s=wall_before_s)
     progress = TrainProgress(state.steps_per_epoch * r.train.epochs, completed=state.progress.step, quiet=quiet)
@@ -146,40 +186,45 @@ def _train(state: TrainState, rundir: RunDir, summary: dict[str, Any], *, quiet:
         p = state.progress
         message = (
             f"Stopped by {stop} at epoch {p.epoch}, step {p.step}; a checkpoint was saved. "
-            f"Continue with: finetune resume {rundir.path}"
+            f"Continue with: finetune resume {folder}"
         )
         recorder.mark(state, "interrupted", message)
         raise RunInterrupted(message) from None
     except KeyboardInterrupt:
         recorder.mark(state, "interrupted", f"interrupted at once (a second Ctrl-C or SIGTERM); "
-                      f"continue from the last checkpoint with: finetune resume {rundir.path}")
+                      f"continue from the last checkpoint with: finetune resume {folder}")
         raise
     except DivergedError as exc:
         recorder.mark(state, "diverged", str(exc))
         raise
     except BaseException as exc:
         recorder.mark(state, "failed", f"{type(exc).__name__}: {exc}")
-        if isinstance(exc, FinetuneError) and rundir.replaced:
+        if isinstance(exc, FinetuneError) and rundir is not None and rundir.replaced:
             raise type(exc)(
                 f"{exc.problem} The earlier run that output.overwrite was replacing is kept at {rundir.replaced[0]}.",
                 exc.fix,
             ) from None
         raise
     finally:
-        rundir.close()
+        if rundir is not None:
+            rundir.close()
     return recorder.summary
 
 
 @contextlib.contextmanager
 def _stop_on_signals(state: TrainState, progress: TrainProgress):
     """Turn the first SIGINT/SIGTERM into a stop request the loop honours at the next step
-    boundary (after a checkpoint); a second one stops at once."""
+    boundary (after a checkpoint); a second one stops at once. Under torchrun a second signal
+    is expected (torchrun passes a Ctrl-C on as SIGTERM) and changes nothing: the processes stop
+    together at their next sync, and torchrun's own SIGKILL bounds the wait."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be set from the main thread
         return
 
     def request_stop(signum: int, frame: Any) -> None:
         if state.stop_requested:
+            if state.processes.distributed:
+                return
             raise KeyboardInterrupt
         state.stop_requested = signal.Signals(signum).name
         progress.note(f"{state.stop_requested}: stopping after this step and saving a checkpoint "
