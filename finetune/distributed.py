@@ -62,7 +62,7 @@ class Processes:
         if self.distributed:
             torch.distributed.barrier()
 
-    def on_main(self, fn: Callable[[], T], device: torch.device) -> T | None:
+    def on_main(self, fn: Callable[[], T]) -> T | None:
         """Run ``fn`` on rank 0 only; if it raises a :class:`FinetuneError`, raise it on every
         process, so that none is left waiting for the others. Returns ``fn()`` on rank 0."""
         if not self.distributed:

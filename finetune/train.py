@@ -19,8 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from . import distributed, engine
 from .device import environment, reset_peak_memory, resolve_device
 from .engine import Callbacks, Prepared, StopRequested, TrainState, build, fit
@@ -60,14 +58,13 @@ def run(
     try:
         folder = run_dir_for(recipe)
         if prepared is None:
-            processes.on_main(lambda: check_run_dir(folder, recipe.output.overwrite), torch.device("cpu"))
+            processes.on_main(lambda: check_run_dir(folder, recipe.output.overwrite))
         p = prepared or engine.prepare(recipe, processes=processes)
         quiet = quiet or not processes.is_main
         _warn_skipped(p, quiet)
         state = build(p, processes)
         summary = _initial_summary(state, p, recipe_path)
-        rundir = processes.on_main(
-            lambda: RunDir.create(folder, recipe, summary, overwrite=recipe.output.overwrite), state.device)
+        rundir = processes.on_main(lambda: RunDir.create(folder, recipe, summary, overwrite=recipe.output.overwrite))
         summary = _train(state, rundir, summary, folder=folder, quiet=quiet, wall_before_s=0.0)
         processes.barrier()
         return summary
@@ -97,7 +94,7 @@ def resume(run_dir: str | Path, *, quiet: bool = False) -> dict[str, Any]:
     processes = distributed.from_environment(recipe.train.dist_timeout, resolve_device(recipe.device).type)
     rundir = None
     try:
-        rundir = processes.on_main(lambda: RunDir.reopen(run_dir), torch.device("cpu"))
+        rundir = processes.on_main(lambda: RunDir.reopen(run_dir))
         checkpoint = read_checkpoint(run_dir, recipe)
         model = model_from_config(checkpoint["model_config"], checkpoint["model"], **engine.model_kwargs(recipe))
         p = engine.prepare(recipe, model=model, processes=processes)
