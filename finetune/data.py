@@ -35,6 +35,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode
 from torchvision.transforms.v2 import functional as TF
 
+from . import decode_cache
 from .distributed import check_global_batch
 from .errors import DataError
 
@@ -145,7 +146,8 @@ def load_splits(cfg, *, seed: int) -> DatasetSplits:
     if cfg.name in _CIFAR_CLASSES:
         (train, test), classes = _load_cifar(cfg.name, Path(cfg.root).expanduser(), download=cfg.download)
     elif cfg.name == "imagefolder":
-        train, test, classes = _load_imagefolder(Path(cfg.root).expanduser(), image_size=cfg.image_size, skipped=skipped)
+        train, test, classes = _load_imagefolder(
+            Path(cfg.root).expanduser(), image_size=cfg.image_size, skipped=skipped, cache=getattr(cfg, "cache", False))
     elif cfg.name == "synthetic":
         train, test, classes = _make_synthetic(
             num_train=cfg.synthetic_train,
@@ -342,7 +344,7 @@ def _cifar_missing_error(name: str, dataset_cls: type, root: Path, *, reason: st
 
 
 def _load_imagefolder(
-    root: Path, *, image_size: int | None, skipped: SkippedFiles
+    root: Path, *, image_size: int | None, skipped: SkippedFiles, cache: bool = False
 ) -> tuple[ImageTensors, ImageTensors, list[str]]:
     """Decode ``root/train`` and ``root/test`` (or ``root/val``) ImageFolder trees."""
     if not root.is_dir():
@@ -371,8 +373,8 @@ def _load_imagefolder(
     class_to_idx = {c: i for i, c in enumerate(classes)}
     test_labels = [class_to_idx[test_classes[i]] for i in test_names]
 
-    train = _decode_files(train_files, train_labels, image_size, skipped)
-    test = _decode_files(test_files, test_labels, image_size, skipped)
+    train = _decode_files(train_files, train_labels, image_size, skipped, cache=cache)
+    test = _decode_files(test_files, test_labels, image_size, skipped, cache=cache)
     return train, test, classes
 
 
@@ -423,7 +425,7 @@ def load_eval_split(
             )
         labels = [index[folder_classes[label]] for label in labels]
         folder_classes = list(classes)
-    return _decode_files(files, labels, cfg.image_size, skipped), folder_classes, skipped
+    return _decode_files(files, labels, cfg.image_size, skipped, cache=getattr(cfg, "cache", False)), folder_classes, skipped
 
 
 def _load_test_split(cfg, *, seed: int) -> tuple[ImageTensors, list[str]]:
@@ -563,20 +565,33 @@ def _identity(path: Path) -> tuple[int, int]:
     return info.st_dev, info.st_ino
 
 
-def _decode_files(files: list[str], labels: list[int], image_size: int | None, skipped: SkippedFiles) -> ImageTensors:
+def _decode_files(
+    files: list[str], labels: list[int], image_size: int | None, skipped: SkippedFiles, *, cache: bool = False
+) -> ImageTensors:
     """Decode image files into one ``uint8 (N, 3, H, W)`` tensor, in a thread pool.
 
     With ``image_size`` each image is resized (shorter side, centre crop) right after decoding, so a
     folder of large photos never sits in memory at full size. A file that cannot be decoded is
-    left out and recorded in ``skipped``.
+    left out and recorded in ``skipped``. With ``cache`` the result is kept in, and on later calls
+    memory-mapped from, the decode cache (``finetune.decode_cache``).
 
     Raises:
         DataError: images of different sizes without ``image_size``, or no readable image.
     """
+    decode = lambda: _decode_all(files, image_size)  # noqa: E731
+    images, kept, unreadable = decode_cache.cached(files, labels, image_size, decode) if cache else decode()
+    for path in unreadable:
+        skipped.add("unreadable image", path)
+    return ImageTensors(images, torch.tensor([labels[i] for i in kept], dtype=torch.int64))
+
+
+def _decode_all(files: list[str], image_size: int | None) -> tuple[torch.Tensor, list[int], list[str]]:
+    """:func:`_decode_files`' work: ``(images, indices of the files they come from, unreadable files)``."""
     chunks = [files[i : i + _DECODE_CHUNK] for i in range(0, len(files), _DECODE_CHUNK)]
     threads = min(len(chunks), os.cpu_count() or 1, 16)
     out: torch.Tensor | None = None
     kept: list[int] = []  # indices into files of the images in out, in order
+    unreadable: list[str] = []
     with warnings.catch_warnings(), ThreadPoolExecutor(threads) as pool:
         warnings.filterwarnings("ignore", message=_TV_CODEC_DEPRECATION, category=DeprecationWarning)
         start = 0
@@ -587,7 +602,7 @@ def _decode_files(files: list[str], labels: list[int], image_size: int | None, s
                 for offset, image in enumerate(decoded):
                     index = start + offset
                     if image is None:
-                        skipped.add("unreadable image", files[index])
+                        unreadable.append(files[index])
                         continue
                     if out is None:
                         out = torch.empty((len(files), *image.shape), dtype=torch.uint8)
@@ -609,7 +624,7 @@ def _decode_files(files: list[str], labels: list[int], image_size: int | None, s
             f"None of the {len(files)} image files could be read (e.g. {files[0]}).",
             "Check that the files are images (JPEG, PNG, GIF, BMP, TIFF, WebP) and not damaged.",
         )
-    return ImageTensors(out[: len(kept)], torch.tensor([labels[i] for i in kept], dtype=torch.int64))
+    return out[: len(kept)], kept, unreadable
 
 
 def _size(image: torch.Tensor) -> str:

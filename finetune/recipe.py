@@ -224,6 +224,10 @@ class DataConfig(_Section):
     )
     std: tuple[float, float, float] | None = Field(None, description="Normalisation std; null: the model's.")
     in_memory: bool = Field(True, description="Keep the whole dataset on the device as uint8.")
+    cache: bool = Field(
+        True, description="Keep decoded image folders in the decode cache (~/.cache/finetune) and memory-map "
+        "them at the next start instead of decoding again."
+    )
     synthetic_train: int = Field(256, ge=1, description="Training images of the synthetic dataset.")
     synthetic_test: int = Field(128, ge=1, description="Test images of the synthetic dataset.")
     synthetic_classes: int = Field(10, ge=2, description="Classes of the synthetic dataset.")

@@ -48,6 +48,12 @@ DEIT_TINY_CONFIG = {
 }
 
 
+@pytest.fixture(autouse=True)
+def decode_cache_in_tmp(tmp_path_factory, monkeypatch):
+    """Tests never write into the user's ~/.cache: each gets its own decode cache folder."""
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path_factory.mktemp("finetune-cache")))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_cpu_thread():
     """Run the suite on one CPU thread: its models are tiny and gain nothing from more, and they

@@ -621,3 +621,47 @@ def test_iter_from_resumes_an_epoch_with_the_same_batches():
     assert len(rest) == 2
     for (x, y), (x2, y2) in zip(everything[2:], rest):
         assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def test_decode_cache_hits_misses_and_invalidation(image_tree, monkeypatch, tmp_path):
+    import finetune.data as data_mod
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(cache))
+    (image_tree / "train" / "dog" / "broken.jpg").write_text("not an image")
+    cfg = make_cfg(name="imagefolder", root=str(image_tree), cache=True)
+    first = load_splits(cfg, seed=0)
+    entries = sorted(p.suffix for p in (cache / "decoded").iterdir())
+    assert entries == [".json", ".json", ".npy", ".npy"]  # train and test
+
+    decodes = []
+    real = data_mod._decode_all
+    monkeypatch.setattr(data_mod, "_decode_all", lambda *a: decodes.append(a[0]) or real(*a))
+    second = load_splits(cfg, seed=0)  # a hit: nothing decoded, the same tensors, the same skips
+    assert decodes == []
+    assert torch.equal(second.train.images, first.train.images) and torch.equal(second.train.labels, first.train.labels)
+    assert second.skipped.reasons == first.skipped.reasons != {}
+    second.train.images[0] += 1  # copy-on-write: the cached file is not changed ...
+    assert torch.equal(load_splits(cfg, seed=0).train.images, first.train.images)  # ... as the next load shows
+
+    # A changed file, an added file: another key, so a fresh decode that sees the change.
+    time.sleep(0.01)
+    write_image(image_tree / "train" / "cat" / "0.jpg", (0, 0, 255))
+    changed = load_splits(cfg, seed=0)
+    assert len(decodes) == 1 and not torch.equal(changed.train.images, first.train.images)
+    write_image(image_tree / "train" / "cat" / "9.jpg", (200, 30, 30))
+    assert len(load_splits(cfg, seed=0).train) == len(first.train) + 1 and len(decodes) == 2
+    # Another image size is another entry (train and test: 2 decodes); the cache off decodes every time.
+    load_splits(make_cfg(name="imagefolder", root=str(image_tree), cache=True, image_size=4), seed=0)
+    assert len(decodes) == 4
+    load_splits(make_cfg(name="imagefolder", root=str(image_tree), cache=False), seed=0)
+    assert len(decodes) == 6
+
+
+def test_an_unwritable_decode_cache_warns_and_the_load_goes_on(image_tree, monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(blocker / "cache"))  # under a file: cannot be created
+    with pytest.warns(UserWarning, match="could not write the decode cache"):
+        splits = load_splits(make_cfg(name="imagefolder", root=str(image_tree), cache=True), seed=0)
+    assert len(splits.train) == 12
