@@ -143,8 +143,14 @@ def load_splits(cfg, *, seed: int) -> DatasetSplits:
             differ in size with no ``image_size``, or the subset and validation sizes do not fit.
     """
     skipped = SkippedFiles()
+    given_val = None  # a validation split the dataset brings with it
     if cfg.name in _CIFAR_CLASSES:
         (train, test), classes = _load_cifar(cfg.name, Path(cfg.root).expanduser(), download=cfg.download)
+    elif cfg.name == "hf":
+        hf = _load_hf(cfg)
+        train, test = _decode_hf(cfg, hf, "train", skipped), _decode_hf(cfg, hf, "test", skipped)
+        given_val = _decode_hf(cfg, hf, "val", skipped) if hf.val is not None else None
+        classes = hf.classes
     elif cfg.name == "imagefolder":
         train, test, classes = _load_imagefolder(
             Path(cfg.root).expanduser(), image_size=cfg.image_size, skipped=skipped, cache=getattr(cfg, "cache", False))
@@ -160,8 +166,16 @@ def load_splits(cfg, *, seed: int) -> DatasetSplits:
         raise _unknown_dataset(cfg.name)
 
     if getattr(cfg, "classes", None):
+        if given_val is not None:
+            given_val, _, _ = select_classes(given_val, given_val, classes, cfg.classes)
         train, test, classes = select_classes(train, test, classes, cfg.classes)
+    if given_val is not None and cfg.val_split:
+        raise DataError(
+            f"The dataset has its own validation split, and data.val_split={cfg.val_split!r} asks to hold out another.",
+            "Set data.val_split=0 to use the dataset's validation split.",
+        )
     train, val = split_train(train, train_subset=cfg.train_subset, val_split=cfg.val_split, seed=seed)
+    val = given_val if given_val is not None else val
     if cfg.image_size is not None:
         # ImageFolder files were resized while decoding (a no-op here); CIFAR and synthetic tensors
         # are resized after the subset is taken, so images that will not be used are not resized.
@@ -373,8 +387,9 @@ def _load_imagefolder(
     class_to_idx = {c: i for i, c in enumerate(classes)}
     test_labels = [class_to_idx[test_classes[i]] for i in test_names]
 
-    train = _decode_files(train_files, train_labels, image_size, skipped, cache=cache)
-    test = _decode_files(test_files, test_labels, image_size, skipped, cache=cache)
+    key = (lambda files, labels: decode_cache.files_key(files, labels, image_size)) if cache else (lambda *_: None)
+    train = _decode_files(train_files, train_labels, image_size, skipped, cache_key=key(train_files, train_labels))
+    test = _decode_files(test_files, test_labels, image_size, skipped, cache_key=key(test_files, test_labels))
     return train, test, classes
 
 
@@ -425,13 +440,30 @@ def load_eval_split(
             )
         labels = [index[folder_classes[label]] for label in labels]
         folder_classes = list(classes)
-    return _decode_files(files, labels, cfg.image_size, skipped, cache=getattr(cfg, "cache", False)), folder_classes, skipped
+    return _decode_files(files, labels, cfg.image_size, skipped, cache_key=_folder_key(cfg, files, labels)), folder_classes, skipped
+
+
+def _load_hf(cfg, only_test: bool = False):
+    from .hf_data import load_hf
+
+    return load_hf(cfg.path, image_column=cfg.image_column, label_column=cfg.label_column, only_test=only_test)
+
+
+def _decode_hf(cfg, hf, split: str, skipped: SkippedFiles) -> ImageTensors:
+    """Decode one split of a Hugging Face dataset (through the decode cache, by its fingerprint)."""
+    encoded = getattr(hf, split)
+    key = decode_cache.dataset_key(hf.fingerprint, split, cfg.image_size) if getattr(cfg, "cache", False) else None
+    return _decode_files(encoded.items, encoded.labels, cfg.image_size, skipped, names=encoded.names, cache_key=key)
 
 
 def _load_test_split(cfg, *, seed: int) -> tuple[ImageTensors, list[str]]:
-    """The test split of CIFAR or synthetic data, without decoding, generating or resizing the train split."""
+    """The test split of CIFAR, Hugging Face or synthetic data, without decoding, generating or
+    resizing the train split."""
     if cfg.name in _CIFAR_CLASSES:
         (test,), classes = _load_cifar(cfg.name, Path(cfg.root).expanduser(), download=cfg.download, splits=("test",))
+    elif cfg.name == "hf":
+        hf = _load_hf(cfg, only_test=True)
+        test, classes = _decode_hf(cfg, hf, "test", SkippedFiles()), hf.classes
     elif cfg.name == "synthetic":
         # The test images come from their own stream, so no train images need to be made.
         _, test, classes = _make_synthetic(
@@ -448,7 +480,7 @@ def _load_test_split(cfg, *, seed: int) -> tuple[ImageTensors, list[str]]:
 def _unknown_dataset(name: str) -> DataError:
     return DataError(
         f"data.name is {name!r}, which is not a dataset finetune knows.",
-        "Use one of cifar10, cifar100, imagefolder or synthetic.",
+        "Use one of cifar10, cifar100, imagefolder, hf or synthetic.",
     )
 
 
@@ -566,27 +598,43 @@ def _identity(path: Path) -> tuple[int, int]:
 
 
 def _decode_files(
-    files: list[str], labels: list[int], image_size: int | None, skipped: SkippedFiles, *, cache: bool = False
+    files: Sequence[str | bytes],
+    labels: list[int],
+    image_size: int | None,
+    skipped: SkippedFiles,
+    *,
+    names: Sequence[str] | None = None,
+    cache_key: str | None = None,
 ) -> ImageTensors:
-    """Decode image files into one ``uint8 (N, 3, H, W)`` tensor, in a thread pool.
+    """Decode images (file paths, or encoded bytes) into one ``uint8 (N, 3, H, W)`` tensor, in a
+    thread pool.
 
     With ``image_size`` each image is resized (shorter side, centre crop) right after decoding, so a
-    folder of large photos never sits in memory at full size. A file that cannot be decoded is
-    left out and recorded in ``skipped``. With ``cache`` the result is kept in, and on later calls
-    memory-mapped from, the decode cache (``finetune.decode_cache``).
+    folder of large photos never sits in memory at full size. An image that cannot be decoded is
+    left out and recorded in ``skipped`` under its name (``names``, default the paths). With a
+    ``cache_key`` the result is kept in, and on later calls memory-mapped from, the decode cache
+    (``finetune.decode_cache``).
 
     Raises:
         DataError: images of different sizes without ``image_size``, or no readable image.
     """
-    decode = lambda: _decode_all(files, image_size)  # noqa: E731
-    images, kept, unreadable = decode_cache.cached(files, labels, image_size, decode) if cache else decode()
-    for path in unreadable:
-        skipped.add("unreadable image", path)
+    names = list(names) if names is not None else [str(f) for f in files]
+    decode = lambda: _decode_all(files, image_size, names)  # noqa: E731
+    images, kept, unreadable = decode_cache.cached(cache_key, decode) if cache_key else decode()
+    for name in unreadable:
+        skipped.add("unreadable image", name)
     return ImageTensors(images, torch.tensor([labels[i] for i in kept], dtype=torch.int64))
 
 
-def _decode_all(files: list[str], image_size: int | None) -> tuple[torch.Tensor, list[int], list[str]]:
-    """:func:`_decode_files`' work: ``(images, indices of the files they come from, unreadable files)``."""
+def _folder_key(cfg, files: list[str], labels: list[int]) -> str | None:
+    """The decode-cache key of image files, or ``None`` when the recipe turns the cache off."""
+    return decode_cache.files_key(files, labels, cfg.image_size) if getattr(cfg, "cache", False) else None
+
+
+def _decode_all(
+    files: Sequence[str | bytes], image_size: int | None, names: Sequence[str]
+) -> tuple[torch.Tensor, list[int], list[str]]:
+    """:func:`_decode_files`' work: ``(images, indices of the inputs they come from, names of unreadable ones)``."""
     chunks = [files[i : i + _DECODE_CHUNK] for i in range(0, len(files), _DECODE_CHUNK)]
     threads = min(len(chunks), os.cpu_count() or 1, 16)
     out: torch.Tensor | None = None
@@ -602,14 +650,14 @@ def _decode_all(files: list[str], image_size: int | None) -> tuple[torch.Tensor,
                 for offset, image in enumerate(decoded):
                     index = start + offset
                     if image is None:
-                        unreadable.append(files[index])
+                        unreadable.append(names[index])
                         continue
                     if out is None:
                         out = torch.empty((len(files), *image.shape), dtype=torch.uint8)
                     if image.shape != out.shape[1:]:
                         raise DataError(
-                            f"Images differ in size: {files[kept[0]]} is {_size(out[0])} but "
-                            f"{files[index]} is {_size(image)}, and data.image_size is not set.",
+                            f"Images differ in size: {names[kept[0]]} is {_size(out[0])} but "
+                            f"{names[index]} is {_size(image)}, and data.image_size is not set.",
                             "Set data.image_size (e.g. data.image_size=224; for finetune eval: --image-size) "
                             "to resize every image to one size when it is loaded.",
                         )
@@ -621,7 +669,7 @@ def _decode_all(files: list[str], image_size: int | None) -> tuple[torch.Tensor,
             raise
     if out is None:
         raise DataError(
-            f"None of the {len(files)} image files could be read (e.g. {files[0]}).",
+            f"None of the {len(files)} images could be read (e.g. {names[0]}).",
             "Check that the files are images (JPEG, PNG, GIF, BMP, TIFF, WebP) and not damaged.",
         )
     return out[: len(kept)], kept, unreadable
@@ -631,7 +679,7 @@ def _size(image: torch.Tensor) -> str:
     return f"{image.shape[-1]}x{image.shape[-2]}"
 
 
-def _decode_chunk(files: list[str], image_size: int | None) -> list[torch.Tensor | None]:
+def _decode_chunk(files: Sequence[str | bytes], image_size: int | None) -> list[torch.Tensor | None]:
     """Decode (and resize) one chunk of files; runs in a worker thread. ``None`` for a file that
     cannot be read or decoded."""
     blobs = [_read_bytes_or_none(path) for path in files]
@@ -651,16 +699,19 @@ def _decode_chunk(files: list[str], image_size: int | None) -> list[torch.Tensor
         image = images[i]
         if image is None and blobs[i] is not None:
             try:
-                image = _decode_bytes(blobs[i], path)
+                image = _decode_bytes(blobs[i], "an image")
             except DataError:
                 image = None
         images[i] = resize_center_crop(image, (image_size, image_size)) if image is not None and image_size else image
     return images
 
 
-def _read_bytes_or_none(path: str) -> bytes | None:
+def _read_bytes_or_none(item: str | bytes) -> bytes | None:
+    """An image's encoded bytes: given, or read from its file (``None`` when it cannot be read)."""
+    if isinstance(item, bytes):
+        return item
     try:
-        return _read_bytes(path)
+        return _read_bytes(item)
     except DataError:
         return None
 

@@ -6,8 +6,9 @@ first decode is saved as a ``.npy`` file under the user's cache folder; later lo
 (``numpy.load(mmap_mode="c")``), which takes milliseconds and reads pages only as they are used.
 
 An entry is keyed by the SHA-256 of everything that decides its contents: each file's path, size
-and modification time, the labels, ``data.image_size`` and the cache format. A changed, added or
-removed file gives another key, so a stale entry is never used (it is simply left behind).
+and modification time (or a Hugging Face dataset's fingerprint), the labels, ``data.image_size``
+and the cache format. A changed, added or removed file gives another key, so a stale entry is
+never used (it is simply left behind).
 
 The cache folder is ``$FINETUNE_CACHE_DIR``, else ``$XDG_CACHE_HOME/finetune``, else
 ``~/.cache/finetune``; ``data.cache: false`` turns the cache off. A cache that cannot be written
@@ -39,8 +40,8 @@ def cache_dir() -> Path:
     return Path(base) / "finetune"
 
 
-def cache_key(files: Sequence[str], labels: Sequence[int], image_size: int | None) -> str:
-    """SHA-256 of the file list (path, size, mtime), the labels and the image size."""
+def files_key(files: Sequence[str], labels: Sequence[int], image_size: int | None) -> str:
+    """Cache key of image files: SHA-256 of each file's path, size and mtime, the labels and the image size."""
     digest = hashlib.sha256(f"finetune-decoded/{FORMAT}\nimage_size={image_size}\n".encode())
     for path, label in zip(files, labels):
         info = os.stat(path)
@@ -48,28 +49,29 @@ def cache_key(files: Sequence[str], labels: Sequence[int], image_size: int | Non
     return digest.hexdigest()
 
 
+def dataset_key(fingerprint: str, split: str, image_size: int | None) -> str:
+    """Cache key of a Hugging Face dataset's split: its fingerprint (which changes with its data),
+    the split and the image size."""
+    text = f"finetune-decoded/{FORMAT}\nimage_size={image_size}\nhf={fingerprint}\nsplit={split}\n"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def cached(
-    files: Sequence[str],
-    labels: Sequence[int],
-    image_size: int | None,
-    decode: Callable[[], tuple[torch.Tensor, list[int], list[str]]],
+    key: str, decode: Callable[[], tuple[torch.Tensor, list[int], list[str]]]
 ) -> tuple[torch.Tensor, list[int], list[str]]:
-    """The decoded images of ``files``, from the cache when it has them, else from ``decode()``
-    (whose result is then stored).
+    """The decoded images for ``key`` (:func:`files_key`, :func:`dataset_key`), from the cache when
+    it has them, else from ``decode()`` (whose result is then stored).
 
     Args:
-        files: image files, in order.
-        labels: their labels (part of the key: relabelled classes are another entry).
-        image_size: the size images are resized to while decoding (part of the key).
-        decode: returns ``(images, kept, unreadable)``: ``uint8 (K, 3, H, W)``, the indices into
-            ``files`` of its K images, and the files that could not be read.
+        key: what the images are decoded from.
+        decode: returns ``(images, kept, unreadable)``: ``uint8 (K, 3, H, W)``, the indices of its
+            K images among the inputs, and the names of inputs that could not be read.
 
     Returns:
         The same triple. Images from the cache are memory-mapped (copy-on-write: changing them
         never touches the file).
     """
     folder = cache_dir() / "decoded"
-    key = cache_key(files, labels, image_size)
     data, meta = folder / f"{key}.npy", folder / f"{key}.json"
     if meta.is_file() and data.is_file():
         try:
@@ -85,8 +87,7 @@ def cached(
         write_atomically(data, lambda tmp: _save_npy(tmp, images.numpy()))
         # Written last: an entry without its .json (a crash in between) is never read.
         write_text_atomically(meta, json.dumps(
-            {"format": FORMAT, "shape": list(images.shape), "kept": kept, "unreadable": unreadable,
-             "files": len(files), "image_size": image_size}))
+            {"format": FORMAT, "shape": list(images.shape), "kept": kept, "unreadable": unreadable}))
     except OSError as exc:
         warnings.warn(f"could not write the decode cache in {folder} ({exc.strerror or exc}); "
                       "the next start decodes the images again", stacklevel=2)

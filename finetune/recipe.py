@@ -197,13 +197,19 @@ class AugmentConfig(_Section):
 class DataConfig(_Section):
     """The dataset and how it is fed."""
 
-    name: Literal["cifar10", "cifar100", "imagefolder", "synthetic"] = Field(
-        "cifar10", description="Dataset."
+    name: Literal["cifar10", "cifar100", "imagefolder", "hf", "synthetic"] = Field(
+        "cifar10", description="Dataset: hf is a Hugging Face dataset (data.path)."
     )
     root: str = Field(
         "data",
         description="Download/cache folder; for imagefolder the folder holding train/ and test/ (or val/).",
     )
+    path: str | None = Field(
+        None,
+        description="For hf: a hub id (uoft-cs/cifar10), a save_to_disk folder, or parquet files named by split.",
+    )
+    image_column: str | None = Field(None, description="For hf: the image column; null finds the Image feature.")
+    label_column: str | None = Field(None, description="For hf: the label column; null finds the ClassLabel feature.")
     download: bool = Field(True, description="Download the dataset when it is not under root.")
     batch_size: int = Field(128, ge=1, description="Training images per micro-batch.")
     eval_batch_size: int | None = Field(None, ge=1, description="Evaluation batch size; null: 2x batch_size.")
@@ -342,6 +348,11 @@ class Recipe(_Section):
             problems.append(
                 f"train.last_k: train.mode 'last_k' needs train.last_k >= 1 (how many final blocks to "
                 f"train), got {train.last_k}"
+            )
+        if data.name == "hf" and not data.path:
+            problems.append(
+                "data.path: data.name 'hf' needs data.path, a hub id (uoft-cs/cifar10), a save_to_disk folder "
+                "or parquet files"
             )
         if data.name == "imagefolder" and "root" not in data.model_fields_set:
             problems.append(
