@@ -65,13 +65,51 @@ class ImageTensors:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def take(self, index: torch.Tensor | slice) -> ImageTensors:
+        """The images at ``index`` (a tensor of indices or booleans, or a slice), in that order."""
+        return ImageTensors(self.images[index], self.labels[index])
 
-def shard(split: ImageTensors, rank: int, world_size: int) -> ImageTensors:
+
+@dataclass
+class EncodedImages:
+    """One split kept encoded, for streaming: images are decoded when a batch needs them.
+
+    Attributes:
+        items: per image, its file path or its encoded bytes (for a Hugging Face dataset, a lazy
+            sequence that reads them from the memory-mapped dataset).
+        labels: ``int64 (N,)``.
+        names: how messages name each image.
+        image_size: what each image is resized to (shorter side, centre crop) when it is decoded,
+            before any augmentation; ``None``: the model's input size. Random resized crops are cut
+            from the full image instead.
+    """
+
+    items: Sequence[str | bytes]
+    labels: torch.Tensor
+    names: Sequence[str]
+    image_size: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, index: torch.Tensor | slice) -> EncodedImages:
+        positions = range(len(self))[index] if isinstance(index, slice) else _positions(index)
+        return EncodedImages([self.items[i] for i in positions], self.labels[index],
+                             [self.names[i] for i in positions], self.image_size)
+
+
+def _positions(index: torch.Tensor) -> list[int]:
+    return (index.nonzero().flatten() if index.dtype == torch.bool else index).tolist()
+
+
+Split = ImageTensors | EncodedImages
+
+
+def shard(split: Split, rank: int, world_size: int) -> Split:
     """Process ``rank``'s contiguous part of a split, for evaluation: the parts cover every image
     exactly once (their sizes differ by at most one, nothing is padded or repeated)."""
     n = len(split)
-    start, stop = rank * n // world_size, (rank + 1) * n // world_size
-    return ImageTensors(split.images[start:stop], split.labels[start:stop])
+    return split.take(slice(rank * n // world_size, (rank + 1) * n // world_size))
 
 
 @dataclass
@@ -148,12 +186,12 @@ def load_splits(cfg, *, seed: int) -> DatasetSplits:
         (train, test), classes = _load_cifar(cfg.name, Path(cfg.root).expanduser(), download=cfg.download)
     elif cfg.name == "hf":
         hf = _load_hf(cfg)
-        train, test = _decode_hf(cfg, hf, "train", skipped), _decode_hf(cfg, hf, "test", skipped)
-        given_val = _decode_hf(cfg, hf, "val", skipped) if hf.val is not None else None
+        stream = _keep_encoded(cfg, len(hf.train.items) + len(hf.test.items), hf.train.items[0])
+        train, test = _decode_hf(cfg, hf, "train", skipped, stream), _decode_hf(cfg, hf, "test", skipped, stream)
+        given_val = _decode_hf(cfg, hf, "val", skipped, stream) if hf.val is not None else None
         classes = hf.classes
     elif cfg.name == "imagefolder":
-        train, test, classes = _load_imagefolder(
-            Path(cfg.root).expanduser(), image_size=cfg.image_size, skipped=skipped, cache=getattr(cfg, "cache", False))
+        train, test, classes = _load_imagefolder(cfg, skipped)
     elif cfg.name == "synthetic":
         train, test, classes = _make_synthetic(
             num_train=cfg.synthetic_train,
@@ -176,9 +214,10 @@ def load_splits(cfg, *, seed: int) -> DatasetSplits:
         )
     train, val = split_train(train, train_subset=cfg.train_subset, val_split=cfg.val_split, seed=seed)
     val = given_val if given_val is not None else val
-    if cfg.image_size is not None:
+    if cfg.image_size is not None and isinstance(train, ImageTensors):
         # ImageFolder files were resized while decoding (a no-op here); CIFAR and synthetic tensors
         # are resized after the subset is taken, so images that will not be used are not resized.
+        # Streamed images are resized as each batch is decoded.
         train, test = _resize_split(train, cfg.image_size), _resize_split(test, cfg.image_size)
         val = _resize_split(val, cfg.image_size) if val is not None else None
     return DatasetSplits(train=train, val=val, test=test, classes=classes, name=cfg.name, skipped=skipped)
@@ -203,10 +242,12 @@ def select_classes(
     for new, name in enumerate(keep):
         lookup[classes.index(name)] = new
 
-    def subset(split: ImageTensors) -> ImageTensors:
+    def subset(split: Split) -> Split:
         labels = lookup[split.labels]  # old label -> new label, -1 for dropped classes
         kept = labels >= 0
-        return ImageTensors(split.images[kept], labels[kept])
+        chosen = split.take(kept)
+        chosen.labels = labels[kept]
+        return chosen
 
     return subset(train), subset(test), list(keep)
 
@@ -249,11 +290,10 @@ def split_train(
 
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     train_idx = perm[:n_train].sort().values
-    subset = ImageTensors(train.images[train_idx], train.labels[train_idx])
+    subset = train.take(train_idx)
     if n_val == 0:
         return subset, None
-    val_idx = perm[n - n_val :].sort().values
-    return subset, ImageTensors(train.images[val_idx], train.labels[val_idx])
+    return subset, train.take(perm[n - n_val :].sort().values)
 
 
 def _count_images(amount: int | float | None, total: int, *, field: str) -> int:
@@ -357,10 +397,10 @@ def _cifar_missing_error(name: str, dataset_cls: type, root: Path, *, reason: st
 # ---- ImageFolder ---------------------------------------------------------------------------------
 
 
-def _load_imagefolder(
-    root: Path, *, image_size: int | None, skipped: SkippedFiles, cache: bool = False
-) -> tuple[ImageTensors, ImageTensors, list[str]]:
-    """Decode ``root/train`` and ``root/test`` (or ``root/val``) ImageFolder trees."""
+def _load_imagefolder(cfg, skipped: SkippedFiles) -> tuple[Split, Split, list[str]]:
+    """Decode ``root/train`` and ``root/test`` (or ``root/val``) ImageFolder trees, or keep them
+    encoded for streaming (see :func:`_keep_encoded`)."""
+    root, image_size = Path(cfg.root).expanduser(), cfg.image_size
     if not root.is_dir():
         raise DataError(
             f"data.root {root} is not a folder.",
@@ -387,10 +427,40 @@ def _load_imagefolder(
     class_to_idx = {c: i for i, c in enumerate(classes)}
     test_labels = [class_to_idx[test_classes[i]] for i in test_names]
 
-    key = (lambda files, labels: decode_cache.files_key(files, labels, image_size)) if cache else (lambda *_: None)
-    train = _decode_files(train_files, train_labels, image_size, skipped, cache_key=key(train_files, train_labels))
-    test = _decode_files(test_files, test_labels, image_size, skipped, cache_key=key(test_files, test_labels))
+    if _keep_encoded(cfg, len(train_files) + len(test_files), train_files[0]):
+        return _encoded(train_files, train_labels, image_size), _encoded(test_files, test_labels, image_size), classes
+    train = _decode_files(train_files, train_labels, image_size, skipped, cache_key=_folder_key(cfg, train_files, train_labels))
+    test = _decode_files(test_files, test_labels, image_size, skipped, cache_key=_folder_key(cfg, test_files, test_labels))
     return train, test, classes
+
+
+def _encoded(files: Sequence[str], labels: Sequence[int], image_size: int | None) -> EncodedImages:
+    return EncodedImages(list(files), torch.tensor(list(labels), dtype=torch.int64), list(files), image_size)
+
+
+def host_memory_budget() -> int:
+    """Bytes of decoded images this machine can hold: half its available memory."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - platforms without sysconf
+        return 1 << 62
+
+
+def _keep_encoded(cfg, count: int, first: str | bytes) -> bool:
+    """Whether to stream a data set (keep it encoded) instead of decoding it into memory:
+    ``data.in_memory`` false, or ``auto`` and the decoded set would take more than
+    :func:`host_memory_budget` (estimated from ``data.image_size``, else from the first image)."""
+    mode = getattr(cfg, "in_memory", True)
+    if mode != "auto":
+        return not mode
+    if cfg.image_size:
+        per_image = 3 * cfg.image_size**2
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_TV_CODEC_DEPRECATION, category=DeprecationWarning)
+            blob = _read_bytes_or_none(first)
+            per_image = _decode_bytes(blob, "the first image").numel() if blob else 0
+    return count * per_image > host_memory_budget()
 
 
 def load_eval_split(
@@ -440,6 +510,8 @@ def load_eval_split(
             )
         labels = [index[folder_classes[label]] for label in labels]
         folder_classes = list(classes)
+    if _keep_encoded(cfg, len(files), files[0]):
+        return _encoded(files, labels, cfg.image_size), folder_classes, skipped
     return _decode_files(files, labels, cfg.image_size, skipped, cache_key=_folder_key(cfg, files, labels)), folder_classes, skipped
 
 
@@ -449,9 +521,12 @@ def _load_hf(cfg, only_test: bool = False):
     return load_hf(cfg.path, image_column=cfg.image_column, label_column=cfg.label_column, only_test=only_test)
 
 
-def _decode_hf(cfg, hf, split: str, skipped: SkippedFiles) -> ImageTensors:
-    """Decode one split of a Hugging Face dataset (through the decode cache, by its fingerprint)."""
+def _decode_hf(cfg, hf, split: str, skipped: SkippedFiles, stream: bool = False) -> Split:
+    """Decode one split of a Hugging Face dataset (through the decode cache, by its fingerprint),
+    or keep it encoded for streaming."""
     encoded = getattr(hf, split)
+    if stream:
+        return EncodedImages(encoded.items, torch.tensor(encoded.labels, dtype=torch.int64), encoded.names, cfg.image_size)
     key = decode_cache.dataset_key(hf.fingerprint, split, cfg.image_size) if getattr(cfg, "cache", False) else None
     return _decode_files(encoded.items, encoded.labels, cfg.image_size, skipped, names=encoded.names, cache_key=key)
 
@@ -463,7 +538,8 @@ def _load_test_split(cfg, *, seed: int) -> tuple[ImageTensors, list[str]]:
         (test,), classes = _load_cifar(cfg.name, Path(cfg.root).expanduser(), download=cfg.download, splits=("test",))
     elif cfg.name == "hf":
         hf = _load_hf(cfg, only_test=True)
-        test, classes = _decode_hf(cfg, hf, "test", SkippedFiles()), hf.classes
+        stream = _keep_encoded(cfg, len(hf.test.items), hf.test.items[0])
+        test, classes = _decode_hf(cfg, hf, "test", SkippedFiles(), stream), hf.classes
     elif cfg.name == "synthetic":
         # The test images come from their own stream, so no train images need to be made.
         _, test, classes = _make_synthetic(
@@ -472,7 +548,7 @@ def _load_test_split(cfg, *, seed: int) -> tuple[ImageTensors, list[str]]:
         )
     else:
         raise _unknown_dataset(cfg.name)
-    if cfg.image_size is not None:
+    if cfg.image_size is not None and isinstance(test, ImageTensors):
         test = _resize_split(test, cfg.image_size)
     return test, classes
 
@@ -703,6 +779,36 @@ def _decode_chunk(files: Sequence[str | bytes], image_size: int | None) -> list[
             except DataError:
                 image = None
         images[i] = resize_center_crop(image, (image_size, image_size)) if image is not None and image_size else image
+    return images
+
+
+def decode_on_device(blobs: Sequence[bytes | None], names: Sequence[str], device: torch.device) -> list[torch.Tensor]:
+    """Decode encoded images to ``uint8 (3, H, W)`` tensors on ``device``: the JPEGs in one batched
+    ``torchvision.io.decode_jpeg`` call on that device (nvJPEG on a GPU), the other formats (and
+    JPEGs it cannot read) on the CPU, then moved.
+
+    Raises:
+        DataError: an image that cannot be read, named.
+    """
+    images: list[torch.Tensor | None] = [None] * len(blobs)
+    jpegs = [i for i, blob in enumerate(blobs) if blob is not None and blob.startswith(_JPEG_MAGIC)]
+    if jpegs:
+        try:
+            decoded = torchvision.io.decode_jpeg([_as_tensor(blobs[i]) for i in jpegs], mode=ImageReadMode.RGB,
+                                                 device=device)
+            for i, image in zip(jpegs, decoded):
+                images[i] = image
+        except RuntimeError:
+            pass  # one bad JPEG fails the call: decode them one by one below
+    for i, image in enumerate(images):
+        if image is None:
+            try:
+                images[i] = _decode_bytes(blobs[i] or b"", names[i]).to(device)
+            except DataError:
+                raise DataError(
+                    f"{names[i]} cannot be read as an image (found while streaming the data).",
+                    "Remove or replace it; or set data.in_memory=true, which leaves unreadable images out.",
+                ) from None
     return images
 
 
@@ -960,19 +1066,42 @@ def random_resized_crop(
     batch, channels = images.shape[:2]
     device = images.device
     total, mine = _draw_rows(images, rows)
-    rand = torch.rand(4, total, device=device, generator=generator)[:, mine]
-    area = scale[0] + (scale[1] - scale[0]) * rand[0]
-    log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * rand[1]
-    # Box half-extents in affine_grid's normalised coordinates, where the image spans [-1, 1].
-    box_w = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)
-    box_h = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
+    box_w, box_h, centre_x, centre_y = crop_boxes(torch.rand(4, total, device=device, generator=generator)[:, mine], scale, ratio)
     theta = torch.zeros(batch, 2, 3, device=device)
     theta[:, 0, 0] = box_w
     theta[:, 1, 1] = box_h
-    theta[:, 0, 2] = (2 * rand[2] - 1) * (1 - box_w)  # box centre, kept inside the image
-    theta[:, 1, 2] = (2 * rand[3] - 1) * (1 - box_h)
+    theta[:, 0, 2] = centre_x
+    theta[:, 1, 2] = centre_y
     grid = F.affine_grid(theta, [batch, channels, *out_size], align_corners=False)  # (B, H', W', 2)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def crop_boxes(
+    rand: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)
+) -> torch.Tensor:
+    """Random-resized-crop boxes from uniform draws ``rand (4, B)``: ``(4, B)`` rows of half-width,
+    half-height, centre x and centre y in normalised coordinates, where an image spans [-1, 1].
+
+    Area is uniform in ``scale`` (a fraction of the image) and width/height log-uniform in
+    ``ratio``; sides are clipped to the image and the centre keeps the box inside it.
+    """
+    area = scale[0] + (scale[1] - scale[0]) * rand[0]
+    log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * rand[1]
+    box_w = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)
+    box_h = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
+    return torch.stack([box_w, box_h, (2 * rand[2] - 1) * (1 - box_w), (2 * rand[3] - 1) * (1 - box_h)])
+
+
+def boxes_in_pixels(boxes: torch.Tensor, images: Sequence[torch.Tensor]) -> list[tuple[int, int, int, int]]:
+    """:func:`crop_boxes` as ``(top, left, height, width)`` in each image's own pixels."""
+    out = []
+    for (box_w, box_h, cx, cy), image in zip(boxes.t().tolist(), images):
+        height, width = image.shape[-2:]
+        crop_h, crop_w = max(1, round(box_h * height)), max(1, round(box_w * width))
+        top = min(height - crop_h, max(0, round((cy + 1) / 2 * height - crop_h / 2)))
+        left = min(width - crop_w, max(0, round((cx + 1) / 2 * width - crop_w / 2)))
+        out.append((top, left, crop_h, crop_w))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1034,6 +1163,7 @@ class BatchLoader:
         dtype: torch.dtype = torch.float32,
         rank: int = 0,
         world_size: int = 1,
+        workers: int = 4,
     ):
         """Stage one split for batching.
 
@@ -1058,6 +1188,7 @@ class BatchLoader:
                 every process draws the same shuffle and takes its own ``batch_size / world_size``
                 images of each batch, augmented exactly as one process would augment them. An
                 evaluation loader is given each process's own part of the split instead.
+            workers: threads decoding the images of a streamed split (:class:`EncodedImages`).
 
         Raises:
             DataError: a training split smaller than one batch when the last partial one is dropped.
@@ -1065,7 +1196,9 @@ class BatchLoader:
         device = torch.device(device)
         assert batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"
         assert dtype.is_floating_point, f"dtype must be a floating type, got {dtype}"
-        assert data.images.dtype == torch.uint8 and data.images.dim() == 4, "images must be uint8 (N, 3, H, W)"
+        self.streaming = isinstance(data, EncodedImages)
+        if not self.streaming:
+            assert data.images.dtype == torch.uint8 and data.images.dim() == 4, "images must be uint8 (N, 3, H, W)"
         if train:
             check_global_batch(batch_size, world_size)
         self.batch_size = batch_size
@@ -1089,10 +1222,16 @@ class BatchLoader:
             )
 
         # Where the index permutation lives: beside the images, so indexing never crosses devices.
-        self._index_device = device if in_memory else torch.device("cpu")
-        self._images = data.images.to(self._index_device)
+        self._index_device = device if in_memory and not self.streaming else torch.device("cpu")
+        if self.streaming:
+            self._encoded = data
+            size = data.image_size
+            self._stored_size = (size, size) if size else self.out_size  # decoded images are resized to this
+            self._workers = workers
+        else:
+            self._images = data.images.to(self._index_device)
         self._labels = data.labels.to(self._index_device)
-        self._pin = not in_memory and device.type == "cuda"
+        self._pin = (not in_memory or self.streaming) and device.type == "cuda"
         self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
 
@@ -1122,12 +1261,19 @@ class BatchLoader:
             aug_seed = stream_seed(self.seed, self.epoch, AUGMENT_STREAM)
         local = self.batch_size // self.world_size if self.train else self.batch_size
         rows = (self.rank * local, self.batch_size) if self.train else None  # this process's part of a batch
-        for i in range(start_batch, len(self)):
+
+        def positions(i: int) -> torch.Tensor | slice:
             start, stop = i * self.batch_size, min((i + 1) * self.batch_size, self.num_images)
+            return slice(start, stop) if order is None else order[start + rows[0] : start + rows[0] + local]
+
+        if self.streaming:
+            yield from self._stream(start_batch, positions, rows, aug_gen, aug_seed if self.train else 0)
+            return
+        for i in range(start_batch, len(self)):
+            idx = positions(i)
             if order is None:
-                images, labels = self._images[start:stop], self._labels[start:stop]  # views, no copy
+                images, labels = self._images[idx], self._labels[idx]  # views, no copy
             else:
-                idx = order[start + rows[0] : start + rows[0] + local]
                 images, labels = self._images.index_select(0, idx), self._labels.index_select(0, idx)
                 # Re-seeded per batch, so batch i's augmentation does not depend on where iteration
                 # started; setting a seed is host-side bookkeeping, with no device sync.
@@ -1136,7 +1282,75 @@ class BatchLoader:
                 images, labels = self._to_device(images), self._to_device(labels)
             yield self._prepare(images, aug_gen, rows), labels
 
+    def _stream(self, start_batch, positions, rows, aug_gen, aug_seed) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of a streamed split: a background thread decodes the next batch (in
+        ``workers`` threads) while this one trains, so only about two batches are ever decoded."""
+        rrc = self.augment is not None and self.augment.random_resized_crop
+        with ThreadPoolExecutor(1) as loader, ThreadPoolExecutor(self._workers) as decoders, \
+                warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_TV_CODEC_DEPRECATION, category=DeprecationWarning)
+
+            def load(i: int):
+                idx = positions(i)
+                labels = self._labels[idx]
+                where = range(self.num_images)[idx] if isinstance(idx, slice) else idx.tolist()
+                return self._decode_batch(list(where), decoders, i, aug_seed, rows if rrc else None), labels
+
+            pending = loader.submit(load, start_batch) if start_batch < len(self) else None
+            for i in range(start_batch, len(self)):
+                images, labels = pending.result()
+                pending = loader.submit(load, i + 1) if i + 1 < len(self) else None
+                images, labels = self._to_device(images), self._to_device(labels)
+                if rrc:  # cropped, resized and flipped while decoding: only normalise here
+                    yield self._prepare(images, None, rows, augment=False), labels
+                    continue
+                if self.train:
+                    aug_gen.manual_seed((aug_seed + i) % 2**63)
+                yield self._prepare(images, aug_gen, rows), labels
+
+    def _decode_batch(
+        self, where: list[int], decoders: ThreadPoolExecutor, batch: int, aug_seed: int, rrc_rows: tuple[int, int] | None
+    ) -> torch.Tensor:
+        """Decode one batch of a streamed split into ``uint8 (B, 3, H, W)`` on the CPU.
+
+        Each image is resized to the stored size (``image_size``, else the model's), or, for a
+        random resized crop (``rrc_rows`` given), cut from the full decoded image and resized
+        straight to the model's size, then flipped: as timm's training transforms, large photos
+        are never squashed to one size first. The random numbers are drawn for the whole batch in
+        the order :meth:`_prepare` draws them, from the batch's own seed.
+        """
+        encoded = self._encoded
+
+        def decode(j: int) -> torch.Tensor:
+            blob = _read_bytes_or_none(encoded.items[j])
+            try:
+                return _decode_bytes(blob if blob is not None else b"", encoded.names[j])
+            except DataError:
+                raise DataError(
+                    f"{encoded.names[j]} cannot be read as an image (found while streaming the data).",
+                    "Remove or replace it; or set data.in_memory=true, which leaves unreadable images out.",
+                ) from None
+
+        if self.device.type == "cuda":  # JPEGs decoded on the GPU, in one call for the batch
+            images = decode_on_device([_read_bytes_or_none(encoded.items[j]) for j in where],
+                                      [encoded.names[j] for j in where], self.device)
+        else:
+            images = list(decoders.map(decode, where))
+        if rrc_rows is None:
+            return torch.stack([resize_center_crop(image, self._stored_size) for image in images])
+        gen = torch.Generator().manual_seed((aug_seed + batch) % 2**63)
+        total, mine = rrc_rows[1], slice(rrc_rows[0], rrc_rows[0] + len(images))
+        flips = torch.rand(total, generator=gen)[mine] < 0.5 if self.augment.hflip else torch.zeros(len(images), dtype=torch.bool)
+        boxes = crop_boxes(torch.rand(4, total, generator=gen)[:, mine], tuple(self.augment.rrc_scale))
+        out = torch.empty((len(images), 3, *self.out_size), dtype=torch.uint8, device=images[0].device)
+        for k, (image, (top, left, height, width)) in enumerate(zip(images, boxes_in_pixels(boxes, images))):
+            crop = TF.resized_crop(image, top, left, height, width, list(self.out_size), antialias=True)
+            out[k] = crop.flip(-1) if flips[k] else crop
+        return out
+
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.device == self.device:  # decoded on the GPU already
+            return batch
         if self._pin:
             # A fresh pinned buffer per batch: the caching host allocator will not reuse it until
             # the asynchronous copy from it has finished.
@@ -1146,10 +1360,11 @@ class BatchLoader:
         return batch.to(self.device)
 
     def _prepare(
-        self, images: torch.Tensor, gen: torch.Generator | None, rows: tuple[int, int] | None = None
+        self, images: torch.Tensor, gen: torch.Generator | None, rows: tuple[int, int] | None = None,
+        *, augment: bool = True,
     ) -> torch.Tensor:
         """uint8 ``(B, 3, H, W)`` -> augmented, normalised, resized ``(B, 3, *out_size)``."""
-        aug = self.augment
+        aug = self.augment if augment else None
         rrc = aug is not None and aug.random_resized_crop
         if aug is not None and not rrc and aug.crop_padding > 0:
             images = random_crop(images, aug.crop_padding, gen, rows)  # still uint8: a quarter of the bytes

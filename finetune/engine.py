@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import BatchLoader, DatasetSplits, load_splits, normalisation, shard
+from .data import BatchLoader, DatasetSplits, ImageTensors, load_splits, normalisation, shard
 from .distributed import SINGLE, Processes, check_global_batch
 from .device import autocast, autocast_dtype, resolve_device, synchronize
 from .errors import DivergedError, FinetuneError
@@ -236,6 +236,16 @@ def build_loss(recipe: Recipe) -> Callable[[torch.Tensor, torch.Tensor], torch.T
         return lambda logits, target: soft(logits.float(), target)
     smoothing = recipe.train.label_smoothing
     return lambda logits, target: F.cross_entropy(logits.float(), target, label_smoothing=smoothing)
+
+
+def _on_device(in_memory: bool | str, data: DatasetSplits, device: torch.device) -> bool:
+    """Whether decoded images live on the device (``data.in_memory`` true, or ``auto`` when they
+    take at most half its free memory) rather than in host memory, copied over per batch."""
+    if in_memory != "auto" or device.type != "cuda":
+        return bool(in_memory) or device.type != "cuda"
+    splits = [s for s in (data.train, data.val, data.test) if s is not None and isinstance(s, ImageTensors)]
+    decoded = sum(s.images.numel() for s in splits)
+    return decoded <= torch.cuda.mem_get_info(device)[0] // 2
 
 
 def build_clipper(
@@ -461,7 +471,7 @@ def build(prepared: Prepared, processes: Processes = SINGLE) -> TrainState:
 
     loader_args = dict(
         device=device, out_size=p.out_size, mean=p.mean, std=p.std, channels_last=r.train.channels_last,
-        in_memory=r.data.in_memory, seed=r.seed,
+        in_memory=_on_device(r.data.in_memory, p.data, device), seed=r.seed, workers=r.data.workers,
         dtype=amp_dtype or torch.float32,  # autocast casts the input anyway; half the bytes at 224 px
     )
     train_loader = BatchLoader(p.data.train, batch_size=r.data.batch_size, train=True, augment=r.data.augment,

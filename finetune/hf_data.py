@@ -13,6 +13,7 @@ the cache, as for hub models.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,31 @@ from .errors import DataError
 VAL_NAMES = ("validation", "valid", "val", "dev")
 
 
+class ArrowImages(Sequence):
+    """The encoded images of an ``Image`` column, read from the (memory-mapped) dataset only when
+    indexed: bytes, or a file path when the dataset keeps only paths."""
+
+    def __init__(self, column: Any):
+        self._column = column  # a pyarrow ChunkedArray of struct<bytes, path>
+
+    def __len__(self) -> int:
+        return len(self._column)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            rows = self._column.slice(start, max(0, stop - start)).to_pylist()[::step]
+            return [r["bytes"] if r["bytes"] is not None else r["path"] for r in rows]
+        row = self._column[index].as_py()
+        return row["bytes"] if row["bytes"] is not None else row["path"]
+
+
 @dataclass
 class EncodedSplit:
     """One split as stored: encoded images (bytes, or a file path when the dataset keeps only
     paths) and integer labels."""
 
-    items: list[bytes | str]
+    items: Sequence[bytes | str]
     labels: list[int]
     names: list[str]  # how messages name each item, e.g. "train[17]"
 
@@ -85,11 +105,10 @@ def load_hf(path: str, *, image_column: str | None = None, label_column: str | N
 
     def encoded(split: str) -> EncodedSplit:
         table = dataset[split].with_format("arrow")[:]  # respects any selection, without decoding
-        images = table.column(image_col).combine_chunks()
-        if not hasattr(images, "field"):
+        images = table.column(image_col)
+        if getattr(images.type, "num_fields", 0) < 2 or images.type.get_field_index("bytes") < 0:
             raise DataError(f"{path}: the column {image_col!r} does not hold images.", "Set data.image_column.")
-        blobs, paths = images.field("bytes").to_pylist(), images.field("path").to_pylist()
-        items = [b if b is not None else p for b, p in zip(blobs, paths)]
+        items = ArrowImages(images)
         labels = table.column(label_col).to_pylist()
         if not all(isinstance(label, int) and not isinstance(label, bool) for label in labels):
             raise DataError(f"{path}: the column {label_col!r} does not hold class numbers.", "Set data.label_column.")

@@ -229,7 +229,13 @@ class DataConfig(_Section):
         None, description="Normalisation mean; null: the model's."
     )
     std: tuple[float, float, float] | None = Field(None, description="Normalisation std; null: the model's.")
-    in_memory: bool = Field(True, description="Keep the whole dataset on the device as uint8.")
+    in_memory: bool | Literal["auto"] = Field(
+        "auto",
+        description="true: decode the whole dataset into memory and keep it on the device as uint8; false: "
+        "stream it (image folders and hf), decoding each batch from the files; auto: in memory when it fits "
+        "(on the device when it fits there too), else streamed.",
+    )
+    workers: int = Field(4, ge=1, le=64, description="Threads decoding images while streaming.")
     cache: bool = Field(
         True, description="Keep decoded image folders in the decode cache (~/.cache/finetune) and memory-map "
         "them at the next start instead of decoding again."

@@ -153,3 +153,16 @@ def test_a_recipe_with_hf_needs_a_path():
 
     with pytest.raises(RecipeError, match="data.path: data.name 'hf' needs data.path"):
         load_recipe(REPO_ROOT / "recipes" / "quick_cpu.yaml", ["data.name=hf"])
+
+
+def test_a_dataset_can_be_streamed_from_its_memory_mapped_arrow_files(tmp_path, cifar_jpegs):
+    from finetune.data import BatchLoader, EncodedImages
+
+    build(cifar_jpegs).save_to_disk(str(tmp_path / "ds"))
+    in_memory = load_splits(cfg(tmp_path / "ds", in_memory=True), seed=0)
+    streamed = load_splits(cfg(tmp_path / "ds", in_memory=False), seed=0)
+    assert isinstance(streamed.train, EncodedImages) and len(streamed.train) == 60
+    assert type(streamed.train.items).__name__ == "ArrowImages"  # read per batch, not copied up front
+    args = dict(batch_size=20, train=False, device=torch.device("cpu"), out_size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)
+    for (xa, ya), (xb, yb) in zip(BatchLoader(in_memory.train, **args), BatchLoader(streamed.train, **args)):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
