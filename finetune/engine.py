@@ -37,7 +37,7 @@ from .device import autocast, autocast_dtype, resolve_device, synchronize
 from .errors import DivergedError, FinetuneError
 from .evaluate import evaluate
 from .models import create_model, load_model, model_config
-from .params import ParamCounts, param_groups, set_trainable
+from .params import ParamCounts, add_lora, param_groups, set_trainable
 from .recipe import Recipe, recipe_to_dict
 
 # --------------------------------------------------------------------------------------------
@@ -465,7 +465,10 @@ def build(prepared: Prepared, processes: Processes = SINGLE) -> TrainState:
     model = p.model.to(device)
     if r.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    counts = set_trainable(model, r.train.mode, last_k=r.train.last_k)
+    if r.train.mode == "lora":
+        lora = r.train.lora
+        model = add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    counts = set_trainable(model, r.train.mode, last_k=r.train.last_k, bitfit_norms=r.train.bitfit_norms)
     amp_dtype = autocast_dtype(r.train.precision, device)
     num_classes = model.num_classes
 

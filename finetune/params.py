@@ -37,15 +37,18 @@ def head_modules(model: nn.Module) -> list[nn.Module]:
     return [model.get_submodule(name) for name in head_names(model)]
 
 
-def set_trainable(model: nn.Module, mode: TrainMode, *, last_k: int = 0) -> ParamCounts:
+def set_trainable(model: nn.Module, mode: TrainMode, *, last_k: int = 0, bitfit_norms: bool = False) -> ParamCounts:
     """Freeze and unfreeze parameters for a training mode, in place.
 
     Args:
-        model: a timm ViT/DeiT.
+        model: a timm ViT/DeiT (for ``lora``, wrapped by :func:`add_lora`).
         mode: ``head`` trains only the classifier head(s) (a linear probe); ``full`` and
             ``scratch`` train everything; ``last_k`` trains the last ``last_k`` transformer blocks,
-            the final norm(s) and the head.
+            the final norm(s) and the head; ``bitfit`` every bias (and with ``bitfit_norms`` every
+            norm weight) and the head; ``attn`` the attention layers' weights and biases (``qkv``,
+            ``proj``) and the head; ``lora`` the adapters and the head.
         last_k: number of trailing blocks to train in ``last_k`` mode.
+        bitfit_norms: in ``bitfit`` mode, train the norm layers too.
 
     Returns:
         The trainable and total parameter counts after the change.
@@ -59,8 +62,18 @@ def set_trainable(model: nn.Module, mode: TrainMode, *, last_k: int = 0) -> Para
     if mode in ("full", "scratch"):
         model.requires_grad_(True)
         return count_parameters(model)
+    if mode == "lora":
+        if not hasattr(model, "peft_config"):
+            raise FinetuneError("train.mode lora needs the model wrapped with adapters.", "Call finetune.params.add_lora first.")
+        return count_parameters(model)  # peft marked the adapters and the saved head trainable
     model.requires_grad_(False)
     trained: list[nn.Module] = head_modules(model)
+    if mode == "bitfit":
+        for name, param in model.named_parameters():
+            if name.endswith(".bias") or (bitfit_norms and _in_norm(model, name)):
+                param.requires_grad_(True)
+    elif mode == "attn":
+        trained += [m for name, m in model.named_modules() if name.endswith((".attn.qkv", ".attn.proj"))]
     if mode == "last_k":
         blocks = getattr(model, "blocks", None)
         depth = len(blocks) if blocks is not None else 0
@@ -77,6 +90,48 @@ def set_trainable(model: nn.Module, mode: TrainMode, *, last_k: int = 0) -> Para
     return count_parameters(model)
 
 
+def _in_norm(model: nn.Module, name: str) -> bool:
+    """Whether parameter ``name`` belongs to a normalisation layer."""
+    owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    return isinstance(owner, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)) or "norm" in type(owner).__name__.lower()
+
+
+def add_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, target_modules: tuple[str, ...]) -> nn.Module:
+    """Wrap a timm ViT with low-rank adapters (Hugging Face peft) on ``target_modules``.
+
+    timm fuses q, k and v in one ``qkv`` Linear per block, so ``("qkv",)`` adapts all three; add
+    ``proj``, ``fc1``, ``fc2`` for the attention output and the MLP. The new head(s) train in full
+    (peft's ``modules_to_save``). The result is a ``peft.PeftModel``; unknown attributes
+    (``num_classes``, ``patch_embed``...) reach the timm model through it. :func:`merge_lora` turns
+    it back into a plain timm model.
+
+    Raises:
+        FinetuneError: no Linear layer of the model matches ``target_modules``.
+    """
+    import peft
+
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    missing = [t for t in target_modules if t not in names]
+    if missing:
+        raise FinetuneError(
+            f"train.lora.target_modules names {', '.join(missing)}, which are not Linear layers of this model.",
+            f"Its Linear layers are named: {', '.join(sorted(names))}.",
+        )
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                             modules_to_save=head_names(model))
+    return peft.get_peft_model(model, config)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """A plain timm model equal to ``model``: adapters merged into the weights they adapt (on a
+    copy), heads unwrapped. Any other model is returned as it is."""
+    if not hasattr(model, "merge_and_unload"):
+        return model
+    import copy
+
+    return copy.deepcopy(model).merge_and_unload()
+
+
 def param_groups(
     model: nn.Module, *, weight_decay: float, layer_decay: float | None = None
 ) -> list[dict]:
@@ -89,6 +144,8 @@ def param_groups(
     """
     from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
+    if hasattr(model, "get_base_model"):  # a peft model: its adapters live in the timm model's own names
+        model = model.get_base_model()
     no_decay = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     if layer_decay is not None:
         return param_groups_layer_decay(

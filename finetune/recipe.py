@@ -35,7 +35,7 @@ from finetune.errors import RecipeError
 SHIPPED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 """The recipes folder of the repository, next to the package."""
 
-TrainMode = Literal["head", "full", "last_k", "scratch"]
+TrainMode = Literal["head", "full", "last_k", "scratch", "lora", "bitfit", "attn"]
 """What a run trains (``train.mode``); ``finetune.params.set_trainable`` implements each."""
 TRAIN_MODES: tuple[str, ...] = get_args(TrainMode)
 
@@ -101,15 +101,29 @@ class ModelConfig(_Section):
         return value
 
 
+class LoraConfig(_Section):
+    """Low-rank adapters (train.mode lora), through Hugging Face peft."""
+
+    r: int = Field(8, ge=1, le=1024, description="Rank of each adapter.")
+    alpha: float = Field(16.0, gt=0.0, description="Scale of the adapters' update: alpha / r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapters' input.")
+    target_modules: tuple[str, ...] = Field(
+        ("qkv",), min_length=1, description="Linear layers that get adapters (timm ViT names: qkv, proj, fc1, fc2)."
+    )
+
+
 class TrainConfig(_Section):
     """What is trained, for how long and with which numerics."""
 
     mode: TrainMode = Field(
         "full",
         description="head: train only the classifier; full: all layers; last_k: the last k blocks and "
-        "the head; scratch: a new model from random weights.",
+        "the head; scratch: a new model from random weights; lora: low-rank adapters (train.lora) and the "
+        "head; bitfit: biases and the head; attn: attention weights (qkv, proj) and the head.",
     )
     last_k: int = Field(0, ge=0, description="Number of final blocks to train in last_k mode.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Adapters for train.mode lora.")
+    bitfit_norms: bool = Field(False, description="In bitfit mode, also train the norm layers' weights.")
     epochs: int = Field(1, ge=1, description="Passes over the training set.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     precision: Literal["bf16", "fp16", "fp32"] = Field(
@@ -584,13 +598,14 @@ def suggest_key(path: list[str]) -> str | None:
             else None
         )
     prefix = "".join(f"{p}." for p in parent)
+    # The same name in another section first (train.lr -> optim.lr), then a close one in this section.
+    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    if same_leaf:
+        return same_leaf[0]
     if model:
         siblings = difflib.get_close_matches(leaf, list(model.model_fields), n=1, cutoff=0.6)
         if siblings:
             return prefix + siblings[0]
-    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
-    if same_leaf:
-        return same_leaf[0]
     anywhere = difflib.get_close_matches(".".join(path), keys, n=1, cutoff=0.6)
     return anywhere[0] if anywhere else None
 

@@ -8,8 +8,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import torch
+
 from .engine import Callback, TrainState, check_finite, throughput
 from .errors import RunDirError
+from .params import merge_lora
 from .rundir import BEST_DIR, RunDir
 
 
@@ -41,6 +44,8 @@ def result_fields(state: TrainState) -> dict[str, Any]:
         fields.update(best_epoch=p.best["epoch"], best_val_acc1=p.best["val_acc1"], best_test_acc1=p.best["test_acc1"])
     if p.peak_test is not None:
         fields.update(peak_test_acc1=p.peak_test["test_acc1"], peak_test_epoch=p.peak_test["epoch"])
+    states = [t for st in state.optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
+    fields["optimizer_state_mb"] = sum(t.numel() * t.element_size() for t in states) / 2**20
     return fields
 
 
@@ -110,6 +115,8 @@ class RunRecorder(Callback):
             return
         if r.output.save_model:
             self.rundir.save_model(_with_normalisation(state), state.classes)
+            if hasattr(state.eval_model, "save_pretrained"):  # the adapters alone, in peft's format
+                self.rundir.save_adapter(state.eval_model)
         if r.output.plots:
             from .report import plot_confusion, plot_curves
 
@@ -141,8 +148,9 @@ class RunRecorder(Callback):
 
 
 def _with_normalisation(state: TrainState):
-    """The model to save, recording the normalisation it trained with (``data.mean``/``std`` may
-    override the model's own), so ``eval`` and ``predict`` feed it what it learned on."""
-    model = state.eval_model
+    """The model to save: a plain timm model (LoRA adapters merged, on a copy), recording the
+    normalisation it trained with (``data.mean``/``std`` may override the model's own), so ``eval``
+    and ``predict`` feed it what it learned on, with or without peft installed."""
+    model = merge_lora(state.eval_model)
     model.pretrained_cfg = dict(model.pretrained_cfg, mean=list(state.mean), std=list(state.std))
     return model

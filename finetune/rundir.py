@@ -399,6 +399,20 @@ class RunDir:
         except OSError as exc:
             raise _write_error(f"save the model to {target}", exc, self._checkpoint_note()) from None
 
+    def save_adapter(self, model: Any) -> None:
+        """Save a peft model's adapters alone as ``adapter/`` (peft's format), for keeping many
+        adapters of one backbone; written to a temporary folder and renamed into place."""
+        target = self.path / "adapter"
+        staging = self.path / f".adapter.{secrets.token_hex(4)}"
+        try:
+            model.save_pretrained(str(staging))
+            if target.exists():
+                shutil.rmtree(target)
+            os.rename(staging, target)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise _write_error(f"save the adapters to {target}", exc, self._checkpoint_note()) from None
+
     def discard_replaced(self) -> None:
         """Delete the earlier runs that ``output.overwrite`` moved aside; called once this run finished."""
         for folder in self.replaced:

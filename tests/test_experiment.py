@@ -482,10 +482,13 @@ def test_shipped_compare_file_validates(name, tmp_path):
 def test_compare_cifar_contrasts_head_full_and_scratch():
     variants = dict(load_experiment(SHIPPED_RECIPES / "compare_cifar.yaml").variants)
     assert [(n, r.train.mode) for n, r in variants.items()] == [
-        ("head", "head"), ("full", "full"), ("scratch", "scratch"), ("scratch_20ep", "scratch"),
+        ("head", "head"), ("bitfit", "bitfit"), ("attn", "attn"), ("lora_r8", "lora"), ("full", "full"),
+        ("scratch", "scratch"), ("scratch_20ep", "scratch"),
     ]
-    assert variants["head"].model == variants["full"].model  # same pretrained DeiT-tiny
-    assert variants["head"].optim == variants["full"].optim  # only the trained part differs
+    for name in ("head", "bitfit", "attn", "lora_r8"):
+        assert variants[name].model == variants["full"].model, name  # same pretrained DeiT-tiny
+    for name in ("head", "bitfit", "attn"):
+        assert variants[name].optim == variants["full"].optim, name  # only the trained part differs
     assert variants["scratch"].model.source is None and variants["scratch"].model.img_size == 32
     assert (variants["scratch"].train.epochs, variants["scratch_20ep"].train.epochs) == (2, 20)
 

@@ -285,7 +285,7 @@ def test_wrong_type_names_field_expected_type_and_value():
         ("data.batch_size=true", "data.batch_size: expected an integer, got True"),
         ("optim.lr=true", "optim.lr: expected a number, got True"),
         ("train.ema=maybe", "train.ema: expected true or false, got 'maybe'"),
-        ("train.mode=probe", "train.mode: expected one of 'head', 'full', 'last_k', 'scratch', got 'probe'"),
+        ("train.mode=probe", "train.mode: expected one of 'head', 'full', 'last_k', 'scratch', 'lora', 'bitfit', 'attn', got 'probe'"),
         ("train.precision=fp8", "expected one of 'bf16', 'fp16', 'fp32', got 'fp8'"),
         ("optim.betas=[0.9]", "optim.betas: expected a list of 2 numbers, got [0.9]"),
         (
