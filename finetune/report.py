@@ -672,6 +672,57 @@ def plot_sweep(records: Sequence[RunRecord], keys: Sequence[str], out_png: str |
     return _save(fig, out_png)
 
 
+def training_state_mb(record: RunRecord) -> float | None:
+    """Memory that grows with what trains: the trainable weights' fp32 gradients plus the
+    optimizer's state (``optimizer_state_mb``). Measured the same way on every device."""
+    optimizer = _number(record.summary.get("optimizer_state_mb"))
+    if optimizer is None or record.params_trainable is None:
+        return None
+    return optimizer + 4 * record.params_trainable / 2**20
+
+
+def plot_tradeoff(records: Sequence[RunRecord], out_png: str | Path) -> Path:
+    """What each way of fine-tuning costs for what it gets: accuracy against trainable parameters
+    (log scale), training time, and training-state memory (gradients + optimizer state; log scale).
+
+    Runs with the same name (one variant trained with several seeds, from several experiments)
+    are one point at their mean, with a bar over their range; points are labelled with the name.
+    The accuracy is the one runs are ranked by (:func:`selection_basis`).
+    """
+    basis = selection_basis(records)
+    groups: dict[str, list[RunRecord]] = {}
+    for r in records:
+        if r.score(basis) is not None:
+            groups.setdefault(r.name, []).append(r)
+    fig = _figure(16, 5)
+    axes = fig.subplots(1, 3)
+    xs = (("params_trainable", "trainable parameters", True), ("train_time_s", "training time (s)", False),
+          ("state", "gradients + optimizer state (MB)", True))
+    modes = sorted({str(r.recipe.get("train.mode")) for rs in groups.values() for r in rs})
+    colours = {mode: f"C{i % 10}" for i, mode in enumerate(modes)}
+    for ax, (key, label, log) in zip(axes, xs):
+        for name, rs in groups.items():
+            values = [training_state_mb(r) if key == "state" else getattr(r, key) for r in rs]
+            if any(v is None for v in values):
+                continue
+            accs = [100 * r.score(basis) for r in rs]
+            x, y = sum(values) / len(values), sum(accs) / len(accs)
+            mode = str(rs[0].recipe.get("train.mode"))
+            ax.errorbar([x], [y], yerr=[[y - min(accs)], [max(accs) - y]], fmt="o", color=colours[mode],
+                        markersize=7, capsize=3)
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.set(xlabel=label, ylabel=f"{_BASIS_LABEL[basis]} (%)")
+        if log:
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.margins(x=0.15, y=0.1)
+    handles = [axes[0].plot([], [], "o", color=c, label=m)[0] for m, c in colours.items()]
+    axes[0].legend(handles=handles, title="train.mode", fontsize=8, loc="lower right")
+    seeds = max(len(rs) for rs in groups.values()) if groups else 0
+    fig.suptitle(f"Accuracy against cost, per fine-tuning mode ({seeds} run(s) per point: mean, bar over the range)")
+    return _save(fig, out_png)
+
+
 # ---------------------------------------------------------------------------------------------
 # The report.
 # ---------------------------------------------------------------------------------------------
@@ -698,8 +749,8 @@ def write_report(
 
     Returns:
         The files written, by kind: ``markdown``, ``csv``, and, when any run has epochs to
-        plot, ``acc_vs_epoch`` and ``acc_vs_time``, and ``sweep`` when ``sweep_keys`` is given
-        and a run finished.
+        plot, ``acc_vs_epoch`` and ``acc_vs_time``, ``sweep`` when ``sweep_keys`` is given
+        and a run finished, and ``tradeoff`` when finished runs differ in ``train.mode``.
 
     Raises:
         FinetuneError: no run directories, or a sweep key that no run's recipe has.
@@ -730,6 +781,8 @@ def write_report(
     finished = [r for r in records if r.status == "finished" and r.final_acc1 is not None]
     if sweep_keys and finished:
         paths["sweep"] = plot_sweep(finished, sweep_keys, out_dir / "sweep.png")
+    if len({r.recipe.get("train.mode") for r in finished}) > 1:
+        paths["tradeoff"] = plot_tradeoff(finished, out_dir / "tradeoff.png")
 
     paths["csv"] = _write_csv(records, keys, out_dir / "report.csv")
     paths["markdown"] = out_dir / "report.md"
@@ -742,7 +795,7 @@ def _write_csv(records: Sequence[RunRecord], keys: Sequence[str], path: Path) ->
     columns = ["name", "status", *keys, "selection", "best_val_top1_pct", "best_epoch", "test_top1_at_best_val_pct",
                "final_top1_pct", "final_top5_pct", "peak_test_top1_pct_selected_on_test",
                "epochs", "epochs_done", "wall_time_s", "train_time_s", "images_per_s",
-               "params_trainable", "params_total", "peak_memory_mb", "error", "run_dir"]
+               "params_trainable", "params_total", "training_state_mb", "peak_memory_mb", "error", "run_dir"]
 
     def pct(acc: float | None) -> float | None:
         return None if acc is None else round(100 * acc, 4)
@@ -756,7 +809,7 @@ def _write_csv(records: Sequence[RunRecord], keys: Sequence[str], path: Path) ->
                 r.selection, pct(r.best_val_acc1), r.best_epoch, pct(r.best_test_acc1),
                 pct(r.final_acc1), pct(r.final_acc5), pct(r.peak_test_acc1), r.epochs,
                 r.epochs_done, r.wall_time_s, r.train_time_s, r.images_per_s, r.params_trainable,
-                r.params_total, r.peak_memory_mb, r.error, str(r.run_dir),
+                r.params_total, training_state_mb(r), r.peak_memory_mb, r.error, str(r.run_dir),
             ])  # csv writes None as an empty field
     return path
 
@@ -793,6 +846,9 @@ def _markdown(
                   "![Test top-1 against training time](acc_vs_time.png)"]
     if "sweep" in paths:
         lines += ["", "## Sweep", "", f"![{_BASIS_LABEL[basis].capitalize()} against the swept settings](sweep.png)"]
+    if "tradeoff" in paths:
+        lines += ["", "## Accuracy against cost", "",
+                  "![Accuracy against trainable parameters, training time and training-state memory](tradeoff.png)"]
     failed = [r for r in records if r.error]
     if failed:
         lines += ["", "## Errors", ""]

@@ -367,3 +367,22 @@ def test_sweep_key_not_in_recipes_is_a_message(tmp_path):
 def test_write_report_needs_runs(tmp_path):
     with pytest.raises(FinetuneError, match="No run directories"):
         write_report([], tmp_path / "out")
+
+
+def test_modes_get_a_tradeoff_plot_and_their_training_state(tmp_path):
+    runs = []
+    for name, mode, trainable, optimizer_mb, peak in (("head", "head", 1930, 0.015, 0.5), ("lora", "lora", 40000, 0.3, 0.7),
+                                                       ("full", "full", 5_526_346, 42.2, 0.8)):
+        for seed in (0, 1):
+            run = make_run(tmp_path / f"s{seed}", name, peak=peak + 0.02 * seed, train__mode=mode, seed=seed)
+            summary = json.loads((run / "summary.json").read_text())
+            summary.update(params_trainable=trainable, optimizer_state_mb=optimizer_mb)
+            (run / "summary.json").write_text(json.dumps(summary))
+            runs.append(run)
+    paths = write_report(runs, tmp_path / "out")
+    assert_png(paths["tradeoff"])
+    assert "tradeoff.png" in paths["markdown"].read_text()
+    rows = {(r["name"], r["seed"]): r for r in read_csv(paths["csv"])}
+    assert float(rows[("full", "0")]["training_state_mb"]) == pytest.approx(42.2 + 4 * 5_526_346 / 2**20)
+    # One mode only: no trade-off to show.
+    assert "tradeoff" not in write_report(runs[:2], tmp_path / "one")
