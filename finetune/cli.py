@@ -443,6 +443,123 @@ def report(
     out.print(f"report: {paths['markdown']}", highlight=False, markup=False)
 
 
+show_app = typer.Typer(
+    help="Pictures of what a ViT sees: its patch grid, its attention, its position embeddings.\n\n"
+    "Example: finetune show attention runs/deit_tiny_cifar cat.jpg",
+    no_args_is_help=True,
+)
+app.add_typer(show_app, name="show")
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="The PNG to write.")]
+
+
+@show_app.command("patches")
+@friendly_errors
+def show_patches(
+    image: Annotated[Path, typer.Argument(help="An image file.")],
+    model: Annotated[str | None, typer.Option(help="A model (run folder, file or timm name) whose input size and patch size to use.")] = None,
+    img_size: Annotated[int | None, typer.Option(help="Input size, instead of a model's.", min=1)] = None,
+    patch_size: Annotated[int | None, typer.Option(help="Patch size, instead of a model's.", min=1)] = None,
+    out: OutOpt = Path("patches.png"),
+) -> None:
+    """The image resized as the model sees it, cut into its numbered patch grid, beside the token
+    sequence the transformer reads (class token first), as in the lecture.
+
+    Example: finetune show patches cat.jpg --img-size 224 --patch-size 16
+    """
+    from .data import read_image, resize_center_crop
+    from .figures import draw_patches
+
+    decoded = read_image(image)
+    prefix = 1
+    if model is not None:
+        from .models import load_model
+
+        loaded = load_model(model)
+        img_size = img_size or loaded.patch_embed.img_size[0]
+        patch_size = patch_size or loaded.patch_embed.patch_size[0]
+        prefix = int(getattr(loaded, "num_prefix_tokens", 1))
+    if img_size is None or patch_size is None:
+        raise FinetuneError("Which grid? Give --model, or both --img-size and --patch-size.",
+                            "For example: finetune show patches cat.jpg --img-size 224 --patch-size 16")
+    resized = resize_center_crop(decoded, (img_size, img_size))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _wrote(draw_patches(resized, patch_size, out, prefix_tokens=prefix))
+
+
+@show_app.command("attention")
+@friendly_errors
+def show_attention(
+    model: Annotated[str, typer.Argument(help="A run folder, a saved model, or any load_model source.")],
+    images: Annotated[list[Path], typer.Argument(help="One or more image files.")],
+    out: OutOpt = Path("attention.png"),
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+) -> None:
+    """Attention rollout and the last layer's class-token attention per head, over each image.
+
+    Example: finetune show attention runs/deit_tiny_cifar cat.jpg dog.jpg
+    """
+    import torch
+
+    from .data import normalisation, preprocess_images, read_image, resize_center_crop
+    from .device import resolve_device
+    from .figures import draw_attention
+    from .models import load_model
+    from .visual import attention_rollout, last_layer_attention
+
+    decoded = [read_image(path) for path in images]
+    _refuse_unfinished_run(Path(model))
+    loaded = load_model(model)
+    dev = resolve_device(device)
+    loaded = loaded.to(dev).eval()
+    size = tuple(loaded.patch_embed.img_size)
+    x = preprocess_images(decoded, size, *normalisation(loaded.pretrained_cfg)).to(dev)
+    with torch.no_grad():
+        predicted = loaded(x).argmax(-1).tolist()
+    names = _class_names(loaded)
+    shown = torch.stack([resize_center_crop(image, size) for image in decoded])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _wrote(draw_attention(shown, attention_rollout(loaded, x).cpu(), last_layer_attention(loaded, x).cpu(), out,
+                             titles=[f"{p.name}: {names[c]}" for p, c in zip(images, predicted)]))
+
+
+@show_app.command("pos-embed")
+@friendly_errors
+def show_pos_embed(
+    model: Annotated[str, typer.Argument(help="A run folder, a saved model, or any load_model source.")],
+    img_size: Annotated[int | None, typer.Option(help="Also show the embedding resized for this input size.", min=1)] = None,
+    modes: Annotated[str, typer.Option(help="Resize modes to compare, comma-separated.")] = "truncate,crop,bicubic",
+    out: OutOpt = Path("pos_embed.png"),
+) -> None:
+    """Each position embedding's cosine similarity to all the others (ViT paper, figure 7), for the
+    model's own grid and, with --img-size, for each resize mode.
+
+    Example: finetune show pos-embed deit_tiny_patch16_224 --img-size 64 --modes truncate,crop,bicubic
+    """
+    from .figures import draw_pos_embed_similarity
+    from .models import load_model
+    from .pos_embed import POS_EMBED_MODES, pos_embed_prefix_tokens, resize_pos_embed, to_2tuple
+    from .visual import pos_embed_similarity
+
+    loaded = load_model(model)
+    prefix = pos_embed_prefix_tokens(loaded)
+    grid = to_2tuple(loaded.patch_embed.grid_size)
+    pe = loaded.pos_embed.detach()
+    maps = {f"{loaded.patch_embed.img_size[0]} px (as trained)": pos_embed_similarity(pe, grid, num_prefix_tokens=prefix)}
+    if img_size is not None:
+        new_grid = (img_size // loaded.patch_embed.patch_size[0],) * 2
+        for mode in [m.strip() for m in modes.split(",") if m.strip()]:
+            if mode not in POS_EMBED_MODES:
+                raise FinetuneError(f"Unknown resize mode {mode!r}.", f"Use some of: {', '.join(POS_EMBED_MODES)}.")
+            resized = resize_pos_embed(pe, new_grid, num_prefix_tokens=prefix, mode=mode)
+            maps[f"{img_size} px, {mode}"] = pos_embed_similarity(resized, new_grid, num_prefix_tokens=prefix)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _wrote(draw_pos_embed_similarity(maps, out))
+
+
+def _wrote(path: Path) -> None:
+    out.print(f"[green]wrote[/] {escape(str(path))}", highlight=False)
+
+
 def _class_names(model: Any) -> list[str]:
     """The model's class names: saved with it, ImageNet's for an ImageNet head, else numbers."""
     names = model.pretrained_cfg.get("label_names")

@@ -1232,6 +1232,7 @@ class BatchLoader:
             self._images = data.images.to(self._index_device)
         self._labels = data.labels.to(self._index_device)
         self._pin = (not in_memory or self.streaming) and device.type == "cuda"
+        self.mean, self.std = tuple(mean), tuple(std)
         self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
 

@@ -97,7 +97,8 @@ def _in_norm(model: nn.Module, name: str) -> bool:
 
 
 def add_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, target_modules: tuple[str, ...]) -> nn.Module:
-    """Wrap a timm ViT with low-rank adapters (Hugging Face peft) on ``target_modules``.
+    """Wrap a timm ViT with low-rank adapters (Hugging Face peft) on the Linear layers named
+    ``target_modules`` (by the last part of their name; the heads excepted).
 
     timm fuses q, k and v in one ``qkv`` Linear per block, so ``("qkv",)`` adapts all three; add
     ``proj``, ``fc1``, ``fc2`` for the attention output and the MLP. The new head(s) train in full
@@ -110,15 +111,20 @@ def add_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, target_m
     """
     import peft
 
-    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    missing = [t for t in target_modules if t not in names]
+    heads = set(head_names(model))
+    linears = {name: name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and name not in heads}
+    missing = [t for t in target_modules if t not in linears.values()]
     if missing:
         raise FinetuneError(
             f"train.lora.target_modules names {', '.join(missing)}, which are not Linear layers of this model.",
-            f"Its Linear layers are named: {', '.join(sorted(names))}.",
+            f"Its Linear layers are named: {', '.join(sorted(set(linears.values())))}.",
         )
-    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                             modules_to_save=head_names(model))
+    # Full names of the Linear layers only: peft matches by name suffix, and "proj" would also
+    # catch the patch embedding's convolution (patch_embed.proj).
+    targets = [name for name, short in linears.items() if short in target_modules]
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                             modules_to_save=sorted(heads))
     return peft.get_peft_model(model, config)
 
 

@@ -310,6 +310,9 @@ class OutputConfig(_Section):
     checkpoint_every_steps: int | None = Field(
         None, ge=1, description="Also checkpoint every this many optimizer steps, for long epochs; null: off."
     )
+    tensorboard: bool = Field(
+        False, description="Also write metrics and pictures for TensorBoard (RUN/tensorboard; needs the tensorboard extra)."
+    )
 
 
 class Recipe(_Section):

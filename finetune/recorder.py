@@ -118,10 +118,20 @@ class RunRecorder(Callback):
             if hasattr(state.eval_model, "save_pretrained"):  # the adapters alone, in peft's format
                 self.rundir.save_adapter(state.eval_model)
         if r.output.plots:
+            from .figures import draw_mistakes, draw_samples
             from .report import plot_confusion, plot_curves
+            from .visual import most_confident_mistakes, training_samples
 
-            plot_curves(self.rundir.path / "metrics.jsonl", self.rundir.path / "curves.png", title=r.name)
-            plot_confusion(state.progress.last_eval["confusion"], state.classes, self.rundir.path / "confusion_matrix.png")
+            folder = self.rundir.path
+            plot_curves(folder / "metrics.jsonl", folder / "curves.png", title=r.name)
+            plot_confusion(state.progress.last_eval["confusion"], state.classes, folder / "confusion_matrix.png")
+            images, labels = training_samples(state.train_loader)
+            draw_samples(images, labels.tolist(), state.classes, folder / "samples.png",
+                         title="Training inputs as the model receives them (epoch 1, first batch; de-normalised)")
+            images, true, predicted, confidence = most_confident_mistakes(state.eval_model, state.test_loader,
+                                                                         amp_dtype=state.amp_dtype)
+            draw_mistakes(images, true.tolist(), predicted.tolist(), confidence.tolist(), state.classes,
+                          folder / "mistakes.png")
         self.summary.pop("replaced_runs", None)
         self.summary.update(
             result_fields(state),

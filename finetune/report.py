@@ -717,7 +717,7 @@ def plot_tradeoff(records: Sequence[RunRecord], out_png: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.margins(x=0.15, y=0.1)
     handles = [axes[0].plot([], [], "o", color=c, label=m)[0] for m, c in colours.items()]
-    axes[0].legend(handles=handles, title="train.mode", fontsize=8, loc="lower right")
+    axes[0].legend(handles=handles, title="train.mode", fontsize=8, loc="upper left")
     seeds = max(len(rs) for rs in groups.values()) if groups else 0
     fig.suptitle(f"Accuracy against cost, per fine-tuning mode ({seeds} run(s) per point: mean, bar over the range)")
     return _save(fig, out_png)

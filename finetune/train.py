@@ -59,6 +59,10 @@ def run(
         folder = run_dir_for(recipe)
         if prepared is None:
             processes.on_main(lambda: check_run_dir(folder, recipe.output.overwrite))
+        if recipe.output.tensorboard:
+            from .tensorboard import require_tensorboard
+
+            require_tensorboard()  # before anything loads
         p = prepared or engine.prepare(recipe, processes=processes)
         quiet = quiet or not processes.is_main
         _warn_skipped(p, quiet)
@@ -174,10 +178,15 @@ def _train(
     r = state.recipe
     recorder = RunRecorder(rundir, summary, wall_before_s=wall_before_s)
     progress = TrainProgress(state.steps_per_epoch * r.train.epochs, completed=state.progress.step, quiet=quiet)
+    callbacks: list = [recorder, progress]
     reset_peak_memory(state.device)
     try:
+        if r.output.tensorboard and rundir is not None:
+            from .tensorboard import TensorBoardLogger
+
+            callbacks.append(TensorBoardLogger(folder / "tensorboard"))
         with progress, _stop_on_signals(state, progress):
-            fit(state, Callbacks([recorder, progress]))
+            fit(state, Callbacks(callbacks))
             recorder.finish(state)
     except StopRequested as stop:
         p = state.progress
@@ -203,6 +212,8 @@ def _train(
             ) from None
         raise
     finally:
+        for callback in callbacks[2:]:
+            callback.close()
         if rundir is not None:
             rundir.close()
     return recorder.summary

@@ -257,3 +257,17 @@ def test_compare_runs_each_variant_in_several_processes(tmp_path, one_process):
     assert "| one | finished |" in result.stdout and "| bigger_lr | finished |" in result.stdout
     # The variant equal to the reference recipe trained like it, in two processes.
     assert max_difference(weights(tmp_path / "exp" / "one"), weights(one_process)) < 1e-5
+
+
+def test_lora_and_bitfit_train_the_same_in_two_processes(tmp_path):
+    from finetune import create_model, save_model
+
+    torch.manual_seed(0)
+    toy = save_model(create_model("vit_tiny_test", num_classes=10), tmp_path / "toy")
+    for mode in ("lora", "bitfit"):
+        args = [str(QUICK), f"output.dir={tmp_path}", f"train.mode={mode}", f"model.source={toy}", "model.arch=null",
+                "train.epochs=1", "output.plots=false", "optim.lr=3e-3", "train.grad_accum=2"]
+        run(load_recipe(QUICK, args[1:] + [f"name={mode}_one"]), quiet=True)
+        result = finetune_cli("run", *args, f"name={mode}_two", "--nproc", "2")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert max_difference(weights(tmp_path / f"{mode}_two"), weights(tmp_path / f"{mode}_one")) < 1e-5, mode

@@ -99,7 +99,9 @@ def test_a_merged_lora_model_gives_the_adapted_outputs_and_loads_without_peft(tm
     folder = tmp_path / "lora"
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (folder / "adapter").iterdir()}
     adapter = json.loads((folder / "adapter" / "adapter_config.json").read_text())
-    assert adapter["r"] == 4 and sorted(adapter["target_modules"]) == ["fc1", "fc2", "proj", "qkv"]
+    assert adapter["r"] == 4
+    assert {name.rsplit(".", 1)[-1] for name in adapter["target_modules"]} == {"fc1", "fc2", "proj", "qkv"}
+    assert not any(name.startswith("patch_embed") for name in adapter["target_modules"])  # a conv, not a Linear
 
     # The adapted model (rebuilt from the checkpoint) and the merged one agree.
     from finetune.snapshot import load_state

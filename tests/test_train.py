@@ -80,7 +80,7 @@ def test_run_writes_a_complete_self_describing_run_directory(tmp_path):
     # Exactly these files: no temporary leftovers from the atomic writes.
     assert sorted(p.name for p in run_dir.iterdir()) == [
         ".lock", "best", "checkpoints", "config.json", "confusion_matrix.png", "curves.png", "metrics.jsonl",
-        "model.safetensors", "recipe.yaml", "summary.json",
+        "mistakes.png", "model.safetensors", "recipe.yaml", "samples.png", "summary.json",
     ]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.safetensors"]
     assert sorted(p.name for p in (run_dir / "best").iterdir()) == ["config.json", "model.safetensors"]
@@ -136,7 +136,7 @@ def test_run_writes_a_complete_self_describing_run_directory(tmp_path):
         assert torch.equal(value, trained[name]), name
     assert reloaded.pretrained_cfg["label_names"] == summary["classes"] == [f"class_{k}" for k in range(10)]
 
-    for png in ("curves.png", "confusion_matrix.png"):
+    for png in ("curves.png", "confusion_matrix.png", "samples.png", "mistakes.png"):
         data = (run_dir / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000, png
 

@@ -1,0 +1,219 @@
+"""What a ViT sees, as tensors: its patch grid, its attention, its position embeddings, and its
+inputs as they really arrive. ``finetune.figures`` draws them; ``finetune show`` is the command.
+
+Every function here returns tensors with documented shapes, so a notebook can use them without
+the pictures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import GridError
+from .pos_embed import to_2tuple
+
+
+def patch_grid(image: torch.Tensor, patch_size: int | tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Cut an image into the patches a ViT embeds, in the order it reads them (row by row).
+
+    Args:
+        image: ``(C, H, W)`` with ``H`` and ``W`` multiples of the patch size.
+        patch_size: ``p`` or ``(ph, pw)``.
+
+    Returns:
+        ``(patches, (gh, gw))``: ``patches`` is ``(gh * gw, C, ph, pw)``, patch ``i`` from grid row
+        ``i // gw`` and column ``i % gw``.
+
+    Raises:
+        GridError: the image does not split into whole patches.
+    """
+    ph, pw = to_2tuple(patch_size)
+    channels, height, width = image.shape
+    if height % ph or width % pw:
+        raise GridError(f"A {height}x{width} image does not split into {ph}x{pw} patches.",
+                        "Resize it to a multiple of the patch size first (as the model's input size is).")
+    gh, gw = height // ph, width // pw
+    patches = image.reshape(channels, gh, ph, gw, pw).permute(1, 3, 0, 2, 4).reshape(gh * gw, channels, ph, pw)
+    return patches, (gh, gw)
+
+
+@contextlib.contextmanager
+def _recording_attention(model: nn.Module):
+    """Record each block's attention probabilities ``(B, heads, N, N)`` during forward passes.
+
+    timm's fused attention kernel never materialises them, so the explicit path is used while
+    recording; the probabilities are what its ``attn_drop`` receives (the identity in eval mode).
+    """
+    modules = [m for m in model.modules() if hasattr(m, "attn_drop") and hasattr(m, "qkv")]
+    if not modules:
+        raise GridError("This model has no timm attention layers to read.", "Pass a timm ViT or DeiT.")
+    maps: list[torch.Tensor] = []
+    fused = [getattr(m, "fused_attn", False) for m in modules]
+    hooks = [m.attn_drop.register_forward_hook(lambda _m, _i, out: maps.append(out.detach())) for m in modules]
+    for m in modules:
+        m.fused_attn = False
+    try:
+        yield maps
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for m, was in zip(modules, fused):
+            m.fused_attn = was
+
+
+@torch.no_grad()
+def attention_maps(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Attention probabilities of every block for a batch: a list of ``(B, heads, N, N)``, one per
+    block, ``N`` = prefix tokens + patches. The model runs in eval mode; its mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with _recording_attention(model) as maps:
+            model(x)
+    finally:
+        model.train(was_training)
+    return [m.float() for m in maps]
+
+
+def _grid(model: nn.Module) -> tuple[int, int]:
+    return to_2tuple(model.patch_embed.grid_size)
+
+
+def attention_rollout_matrix(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Attention rollout (Abnar and Zuidema, 2020): how much each token's final representation
+    draws on each input token, through every block and its residual connection.
+
+    Each block's attention is averaged over heads, mixed half and half with the identity (the
+    residual path) and its rows renormalised; the blocks are multiplied in order.
+
+    Args:
+        maps: :func:`attention_maps`' output.
+
+    Returns:
+        ``(B, N, N)``; every row sums to 1.
+    """
+    rollout = None
+    for attention in maps:
+        mixed = 0.5 * attention.mean(dim=1) + 0.5 * torch.eye(attention.shape[-1], device=attention.device)
+        mixed = mixed / mixed.sum(dim=-1, keepdim=True)
+        rollout = mixed if rollout is None else mixed @ rollout
+    return rollout
+
+
+@torch.no_grad()
+def attention_rollout(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Where the model looks for its prediction: the rollout from the token its head reads, over
+    the patch grid.
+
+    The head reads the class token on DeiT and ViT (1 prefix token), the class and distillation
+    tokens on distilled DeiT (2: their two rollouts averaged), and the mean of the patch tokens
+    on mean-pooled models (the course lab's, or one with no prefix token at all).
+
+    Args:
+        model: a timm ViT, at any input size it was resized to.
+        x: ``(B, 3, H, W)`` normalised images of the model's input size.
+
+    Returns:
+        ``(B, gh, gw)`` on the patch grid; each map sums to at most 1 (the rest of the weight
+        sits on prefix tokens) and is >= 0.
+    """
+    rollout = attention_rollout_matrix(attention_maps(model, x))  # (B, N, N)
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    pooled = prefix == 0 or getattr(model, "global_pool", "token") == "avg"
+    sources = rollout[:, prefix:] if pooled else rollout[:, :prefix]  # the rows of the tokens the head reads
+    gh, gw = _grid(model)
+    return sources.mean(dim=1)[:, prefix:].reshape(-1, gh, gw)
+
+
+@torch.no_grad()
+def last_layer_attention(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The last block's attention from the first token (the class token) to each patch, per head.
+
+    Returns:
+        ``(B, heads, gh, gw)``; each head's map sums to at most 1. For a model with no prefix
+        token, the mean over the patch tokens' rows.
+    """
+    last = attention_maps(model, x)[-1]
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    rows = last[:, :, :1] if prefix else last
+    gh, gw = _grid(model)
+    return rows.mean(dim=2)[:, :, prefix:].reshape(last.shape[0], last.shape[1], gh, gw)
+
+
+def pos_embed_similarity(
+    pos_embed: torch.Tensor, grid: int | tuple[int, int], *, num_prefix_tokens: int = 1
+) -> torch.Tensor:
+    """Cosine similarity of each grid position's embedding to every other's (ViT paper, figure 7).
+
+    Args:
+        pos_embed: ``(1, P + gh * gw, D)``.
+        grid: ``(gh, gw)``.
+        num_prefix_tokens: ``P``, the leading slots that belong to no grid position.
+
+    Returns:
+        ``(gh * gw, gh, gw)``: map ``i`` is position ``i``'s similarity to each position; it is 1
+        at ``i`` itself.
+
+    Raises:
+        GridError: the grid does not match the embedding's slots.
+    """
+    gh, gw = to_2tuple(grid)
+    slots = pos_embed.shape[1] - num_prefix_tokens
+    if slots != gh * gw:
+        raise GridError(f"pos_embed has {slots} grid slots, not {gh}x{gw}.", "Pass the grid it was made for.")
+    grid_embed = F.normalize(pos_embed[0, num_prefix_tokens:].float(), dim=-1)  # (gh * gw, D)
+    return (grid_embed @ grid_embed.t()).reshape(gh * gw, gh, gw)
+
+
+def denormalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Normalised images back to ``uint8 (B, 3, H, W)`` pixels: ``round((x * std + mean) * 255)``."""
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    return ((x.float() * std_t + mean_t) * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+@torch.no_grad()
+def training_samples(loader, count: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``count`` images of epoch 1's first training batch, exactly as the model receives
+    them (augmented, resized), de-normalised: ``(uint8 (B, 3, H, W), labels (B,))``."""
+    loader.set_epoch(1)
+    x, y = next(iter(loader))
+    return denormalise(x[:count], loader.mean, loader.std).cpu(), y[:count].cpu()
+
+
+@torch.no_grad()
+def most_confident_mistakes(
+    model: nn.Module, loader, count: int = 12, *, amp_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The test images the model gets wrong with the highest confidence.
+
+    Returns:
+        ``(images, true, predicted, confidence)``: ``uint8 (K, 3, H, W)`` as the model saw them,
+        the true and predicted labels and the predicted class's probability, most confident first
+        (``K <= count``).
+    """
+    from .device import autocast
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    kept: list[tuple[float, torch.Tensor, int, int]] = []
+    for x, y in loader:
+        with autocast(device, amp_dtype):
+            probs = model(x).float().softmax(dim=-1)
+        confidence, predicted = probs.max(dim=-1)
+        wrong = (predicted != y).nonzero().flatten()
+        for i in wrong[confidence[wrong].argsort(descending=True)[:count]].tolist():
+            kept.append((float(confidence[i]), x[i].cpu(), int(y[i]), int(predicted[i])))
+        kept = sorted(kept, key=lambda item: -item[0])[:count]
+    model.train(was_training)
+    if not kept:
+        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0)
+    images = denormalise(torch.stack([item[1] for item in kept]), loader.mean, loader.std)
+    return (images, torch.tensor([item[2] for item in kept]), torch.tensor([item[3] for item in kept]),
+            torch.tensor([item[0] for item in kept]))
