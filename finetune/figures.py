@@ -67,7 +67,7 @@ def draw_attention(
     *, titles: Sequence[str] | None = None,
 ) -> Path:
     """Per image: the image, the attention rollout over it, and each head's last-layer attention
-    from the class token, each map upsampled to the image and laid over it.
+    from the token(s) the head reads, each map upsampled to the image and laid over it.
 
     Args:
         images: ``uint8 (B, 3, H, W)``.
@@ -96,7 +96,7 @@ def draw_attention(
             overlay(axes[b, 2 + h], images[b], heads[b, h], f"last layer, head {h}")
         for ax in axes[b]:
             ax.axis("off")
-    fig.suptitle("Attention rollout (Abnar and Zuidema, 2020) and the last layer's class-token attention per head")
+    fig.suptitle("Attention rollout (Abnar and Zuidema, 2020) and each head's last-layer attention, from the token(s) the head reads")
     return _save(fig, out_png)
 
 

@@ -123,8 +123,7 @@ def attention_rollout(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         sits on prefix tokens) and is >= 0.
     """
     rollout = attention_rollout_matrix(attention_maps(model, x))  # (B, N, N)
-    prefix = int(getattr(model, "num_prefix_tokens", 1))
-    pooled = prefix == 0 or getattr(model, "global_pool", "token") == "avg"
+    prefix, pooled = _read_tokens(model)
     sources = rollout[:, prefix:] if pooled else rollout[:, :prefix]  # the rows of the tokens the head reads
     gh, gw = _grid(model)
     return sources.mean(dim=1)[:, prefix:].reshape(-1, gh, gw)
@@ -132,17 +131,24 @@ def attention_rollout(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def last_layer_attention(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The last block's attention from the first token (the class token) to each patch, per head.
+    """The last block's attention to each patch, per head, from the token(s) the head reads: the
+    class token (and distillation token) on DeiT/ViT, the patch tokens (averaged) on mean-pooled
+    models, as in :func:`attention_rollout`.
 
     Returns:
-        ``(B, heads, gh, gw)``; each head's map sums to at most 1. For a model with no prefix
-        token, the mean over the patch tokens' rows.
+        ``(B, heads, gh, gw)``; each head's map sums to at most 1.
     """
-    last = attention_maps(model, x)[-1]
-    prefix = int(getattr(model, "num_prefix_tokens", 1))
-    rows = last[:, :, :1] if prefix else last
+    last = attention_maps(model, x)[-1]  # (B, heads, N, N)
+    prefix, pooled = _read_tokens(model)
+    rows = last[:, :, prefix:] if pooled else last[:, :, :prefix]
     gh, gw = _grid(model)
     return rows.mean(dim=2)[:, :, prefix:].reshape(last.shape[0], last.shape[1], gh, gw)
+
+
+def _read_tokens(model: nn.Module) -> tuple[int, bool]:
+    """``(prefix tokens, whether the head pools the patch tokens rather than reading prefix ones)``."""
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    return prefix, prefix == 0 or getattr(model, "global_pool", "token") == "avg"
 
 
 def pos_embed_similarity(

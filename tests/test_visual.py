@@ -65,13 +65,22 @@ def test_rollout_rows_sum_to_one_and_maps_fit_the_grid(kwargs, prefix):
     assert all(b.attn.fused_attn == model.blocks[0].attn.fused_attn for b in model.blocks)
 
 
-def test_rollout_of_identity_attention_is_uniform_over_what_the_head_reads():
-    # Every block attends only to itself: the rollout is the identity, so a mean-pooled head's map is
-    # uniform over the patches.
-    model = toy()
+def test_rollout_on_a_distilled_deit_reads_both_prefix_tokens():
+    torch.manual_seed(0)
+    model = create_model("deit_tiny_distilled_patch16_224", num_classes=3, img_size=64).eval()  # a 4x4 grid
+    assert model.num_prefix_tokens == 2
+    grid = attention_rollout(model, torch.randn(1, 3, 64, 64))
+    assert grid.shape == (1, 4, 4) and 0 < float(grid.sum()) <= 1 + 1e-5
+    assert last_layer_attention(model, torch.randn(1, 3, 64, 64)).shape == (1, 3, 4, 4)
+
+
+def test_rollout_of_known_attention():
+    # Every block attends only to itself: the rollout is the identity (each token draws on itself).
     maps = [torch.eye(17).expand(1, 2, 17, 17) for _ in range(2)]
     torch.testing.assert_close(attention_rollout_matrix(maps), torch.eye(17)[None])
-    assert model.global_pool == "avg"
+    # Uniform attention: after mixing with the residual, each row is half itself, half uniform.
+    uniform = [torch.full((1, 2, 4, 4), 0.25)]
+    torch.testing.assert_close(attention_rollout_matrix(uniform)[0], 0.5 * torch.eye(4) + 0.125)
 
 
 def test_each_position_is_most_similar_to_itself():
