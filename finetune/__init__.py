@@ -46,6 +46,15 @@ _EXPORTS = {
     "resize_model_input": "pos_embed",
     "resize_pos_embed": "pos_embed",
     "PRESETS": "presets",
+    "attention_maps": "visual",
+    "attention_rollout": "visual",
+    "attention_rollout_matrix": "visual",
+    "denormalise": "visual",
+    "last_layer_attention": "visual",
+    "most_confident_mistakes": "visual",
+    "patch_grid": "visual",
+    "pos_embed_similarity": "visual",
+    "training_samples": "visual",
 }
 
 __all__ = sorted(_EXPORTS)

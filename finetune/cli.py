@@ -514,12 +514,14 @@ def show_attention(
     size = tuple(loaded.patch_embed.img_size)
     x = preprocess_images(decoded, size, *normalisation(loaded.pretrained_cfg)).to(dev)
     with torch.no_grad():
-        predicted = loaded(x).argmax(-1).tolist()
+        confidence, predicted = loaded(x).softmax(-1).max(-1)
     names = _class_names(loaded)
+    titles = [f"{p.parent.name}/{p.name}\npredicted: {names[c]} ({100 * float(q):.0f}%)"
+              for p, c, q in zip(images, predicted.tolist(), confidence)]
     shown = torch.stack([resize_center_crop(image, size) for image in decoded])
     out.parent.mkdir(parents=True, exist_ok=True)
     _wrote(draw_attention(shown, attention_rollout(loaded, x).cpu(), last_layer_attention(loaded, x).cpu(), out,
-                             titles=[f"{p.name}: {names[c]}" for p, c in zip(images, predicted)]))
+                             titles=titles))
 
 
 @show_app.command("pos-embed")
