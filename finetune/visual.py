@@ -84,6 +84,20 @@ def _grid(model: nn.Module) -> tuple[int, int]:
     return to_2tuple(model.patch_embed.grid_size)
 
 
+def _global_maps(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """:func:`attention_maps`, checked to be global attention over prefix tokens + the patch grid
+    (windowed attention, as in Swin, attends within windows and has no such map)."""
+    maps = attention_maps(model, x)
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    prefix, _ = _read_tokens(model)
+    if grid is None or any(m.shape[-1] != prefix + to_2tuple(grid)[0] * to_2tuple(grid)[1] for m in maps):
+        raise GridError(
+            "This model's attention is not global attention over its patch grid (e.g. windowed attention).",
+            "Pass a ViT or DeiT: attention rollout is defined for models whose every block attends over all tokens.",
+        )
+    return maps
+
+
 def attention_rollout_matrix(maps: Sequence[torch.Tensor]) -> torch.Tensor:
     """Attention rollout (Abnar and Zuidema, 2020): how much each token's final representation
     draws on each input token, through every block and its residual connection.
@@ -122,7 +136,7 @@ def attention_rollout(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         ``(B, gh, gw)`` on the patch grid; each map sums to at most 1 (the rest of the weight
         sits on prefix tokens) and is >= 0.
     """
-    rollout = attention_rollout_matrix(attention_maps(model, x))  # (B, N, N)
+    rollout = attention_rollout_matrix(_global_maps(model, x))  # (B, N, N)
     prefix, pooled = _read_tokens(model)
     sources = rollout[:, prefix:] if pooled else rollout[:, :prefix]  # the rows of the tokens the head reads
     gh, gw = _grid(model)
@@ -138,7 +152,7 @@ def last_layer_attention(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(B, heads, gh, gw)``; each head's map sums to at most 1.
     """
-    last = attention_maps(model, x)[-1]  # (B, heads, N, N)
+    last = _global_maps(model, x)[-1]  # (B, heads, N, N)
     prefix, pooled = _read_tokens(model)
     rows = last[:, :, prefix:] if pooled else last[:, :, :prefix]
     gh, gw = _grid(model)

@@ -83,6 +83,18 @@ def test_rollout_of_known_attention():
     torch.testing.assert_close(attention_rollout_matrix(uniform)[0], 0.5 * torch.eye(4) + 0.125)
 
 
+def test_a_model_without_attention_layers_is_refused_clearly():
+    convnet = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    with pytest.raises(GridError, match="no timm attention layers"):
+        attention_maps(convnet, torch.zeros(1, 3, 8, 8))
+    import timm
+
+    swin = timm.create_model("swin_tiny_patch4_window7_224", num_classes=3, img_size=56, embed_dim=8,
+                             depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)).eval()
+    with pytest.raises(GridError, match="not global attention"):
+        attention_rollout(swin, torch.zeros(1, 3, 56, 56))
+
+
 def test_each_position_is_most_similar_to_itself():
     torch.manual_seed(1)
     pos_embed = torch.randn(1, 1 + 7 * 7, 16)
