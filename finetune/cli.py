@@ -104,12 +104,9 @@ def run(
         check_global_batch(parsed.data.batch_size, nproc)
         check_run_dir(run_dir_for(parsed), parsed.output.overwrite)
         _launch(["run", str(path), *(overrides or []), *(["-q"] if quiet else [])], nproc)
-    from .train import describe
     from .train import run as run_recipe
 
-    summary = run_recipe(parsed, recipe_path=str(path), quiet=quiet)
-    if _is_main_process():
-        out.print(f"[bold green]done[/] {escape(describe(summary, run_dir_for(parsed)))}", highlight=False)
+    _done(run_recipe(parsed, recipe_path=str(path), quiet=quiet), run_dir_for(parsed))
 
 
 @app.command()
@@ -131,12 +128,17 @@ def resume(
 
         RunDir.reopen(run_dir).close()  # the common mistakes (finished, in use...), before launching
         _launch(["resume", str(run_dir), *(["-q"] if quiet else [])], nproc)
-    from .train import describe
     from .train import resume as resume_run
 
-    summary = resume_run(run_dir, quiet=quiet)
+    _done(resume_run(run_dir, quiet=quiet), run_dir)
+
+
+def _done(summary: dict, folder: Path) -> None:
+    """The closing line of a run, printed by the main process only."""
+    from .train import describe
+
     if _is_main_process():
-        out.print(f"[bold green]done[/] {escape(describe(summary, run_dir))}", highlight=False)
+        out.print(f"[bold green]done[/] {escape(describe(summary, folder))}", highlight=False)
 
 
 @app.command()

@@ -10,6 +10,7 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,22 @@ def one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def send_at_step(monkeypatch, step: int, *, sig: int = signal.SIGTERM, times: int = 1, run: str | None = None) -> None:
+    """Send ``sig`` to this process right after optimizer step ``step`` (of the run named ``run``,
+    when given), as `kill PID` or Ctrl-C would."""
+    import finetune.engine as engine
+
+    real = engine._optimizer_step
+
+    def step_then_signal(state):
+        real(state)
+        if state.progress.step == step and run in (None, state.recipe.name):
+            for _ in range(times):
+                os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(engine, "_optimizer_step", step_then_signal)
 
 
 def random_state_dict(arch: str, seed: int = 0, **kwargs) -> dict[str, torch.Tensor]:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, send_at_step
 from finetune import train
 from finetune.cli import app
 from finetune.experiment import (
@@ -238,21 +236,13 @@ def test_rerun_reuses_finished_runs_resumes_interrupted_ones_and_replaces_the_re
 
 
 def test_an_experiment_stopped_mid_variant_resumes_it_exactly(tmp_path, monkeypatch):
-    import finetune.engine as engine
     from safetensors.torch import load_file
 
     from finetune.errors import RunInterrupted
     from finetune.rundir import CHECKPOINT
 
     path = write_experiment(tmp_path, {"a": {}, "b": {"train.epochs": 3}, "c": {}})
-    real_step = engine._optimizer_step
-
-    def stop_b_at_step_5(state):
-        real_step(state)
-        if state.recipe.name == "b" and state.progress.step == 5:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(engine, "_optimizer_step", stop_b_at_step_5)
+    send_at_step(monkeypatch, 5, run="b")
     with pytest.raises(RunInterrupted):
         run_experiment(load_experiment(path), quiet=True)
     exp_dir = tmp_path / "runs" / "exp"

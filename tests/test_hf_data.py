@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import tarfile
 import time
-from pathlib import Path
 
 import pytest
 import torch

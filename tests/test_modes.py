@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -18,8 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import finetune.engine as engine
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, send_at_step
 from finetune import create_model, load_model, save_model
 from finetune.errors import FinetuneError, RunInterrupted
 from finetune.params import add_lora, merge_lora, set_trainable
@@ -145,14 +143,7 @@ def _accuracy(model, tmp_path) -> float:
 
 def test_lora_with_layer_decay_and_ema_resumes_exactly(tmp_path, toy, monkeypatch):
     extra = ("optim.layer_decay=0.7", "train.ema=true", "train.ema_decay=0.9", "train.log_every=1", "data.val_split=32")
-    real = engine._optimizer_step
-
-    def stop_at_step_5(state):
-        real(state)
-        if state.progress.step == 5:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(engine, "_optimizer_step", stop_at_step_5)
+    send_at_step(monkeypatch, 5)
     stopped = recipe(tmp_path, toy, "lora", *extra)
     with pytest.raises(RunInterrupted):
         run(stopped, quiet=True)

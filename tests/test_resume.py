@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import finetune.engine as engine
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, send_at_step
 from finetune.cli import app
 from finetune.errors import CheckpointError, DivergedError, RunDirError, RunInterrupted
 from finetune.recipe import load_recipe
@@ -191,19 +191,6 @@ def test_kill_9_from_outside_at_any_moment_then_resume(tmp_path):
 # Signals
 
 
-def send_at_step(monkeypatch, step: int, times: int = 1) -> None:
-    """Send SIGTERM to this process right after optimizer step ``step``, as `kill PID` would."""
-    real = engine._optimizer_step
-
-    def step_then_signal(state):
-        real(state)
-        if state.progress.step == step:
-            for _ in range(times):
-                os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(engine, "_optimizer_step", step_then_signal)
-
-
 def test_sigterm_checkpoints_at_the_next_step_and_resume_finishes_the_same(tmp_path, monkeypatch):
     send_at_step(monkeypatch, 6)
     recipe = quick(tmp_path, "name=stopped", *FULL_STATE)
@@ -235,14 +222,7 @@ def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, m
 
 
 def test_ctrl_c_on_the_command_line_says_how_to_resume(tmp_path, monkeypatch):
-    real = engine._optimizer_step
-
-    def step_then_ctrl_c(state):
-        real(state)
-        if state.progress.step == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(engine, "_optimizer_step", step_then_ctrl_c)
+    send_at_step(monkeypatch, 3, sig=signal.SIGINT)
     result = runner.invoke(app, ["run", *quick_args(tmp_path, "output.plots=false"), "-q"])
     assert result.exit_code == 130
     assert "SIGINT" in result.output and "finetune resume" in result.output and "Traceback" not in result.output

@@ -23,9 +23,8 @@ from typer.testing import CliRunner
 from conftest import REPO_ROOT
 from finetune import GridError, create_model, load_model, resize_pos_embed, save_model
 from finetune.cli import app
-from finetune.data import load_eval_split, load_splits
-from finetune.errors import CheckpointError, FinetuneError, RecipeError
-from finetune.recipe import load_recipe
+from finetune.data import load_splits
+from finetune.errors import CheckpointError, FinetuneError
 
 QUICK = REPO_ROOT / "recipes" / "quick_cpu.yaml"
 runner = CliRunner()
