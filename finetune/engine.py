@@ -316,6 +316,8 @@ class Progress:
         step: optimizer steps taken.
         images_seen: training images seen.
         train_time_s: seconds spent training (not evaluating) up to the last epoch boundary or checkpoint.
+        interval_mark_s: ``train_time_s`` when the current log interval began (intervals run across
+            epoch boundaries and resumes, so their images/s counts training time only).
         warmup_mark: ``(train_time_s, images_seen)`` at the end of the first step, from which
             throughput is measured (the first step carries compilation and allocator warm-up).
         lr: the base learning rate of the last step.
@@ -334,6 +336,7 @@ class Progress:
     step: int = 0
     images_seen: int = 0
     train_time_s: float = 0.0
+    interval_mark_s: float = 0.0
     warmup_mark: tuple[float, int] = (0.0, 0)
     lr: float = 0.0
     best: dict[str, Any] | None = None
@@ -596,7 +599,7 @@ def train_one_epoch(state: TrainState, callbacks: Callback) -> None:
     n = len(loader)
     loader.set_epoch(p.epoch)
     state.model.train()
-    state.segment_start = interval_start = time.perf_counter()
+    state.segment_start = time.perf_counter()
     world = state.processes.world_size
     for i, (x, y) in enumerate(loader.iter_from(p.batch), start=p.batch):
         x, target = state.mixup(x, y)
@@ -624,9 +627,7 @@ def train_one_epoch(state: TrainState, callbacks: Callback) -> None:
             p.warmup_mark = (state.train_time(), p.images_seen)
         logged = p.step % r.train.log_every == 0
         if logged:
-            now = time.perf_counter()
-            callbacks.on_log(state, _interval_row(state, now - interval_start))  # the one host sync
-            interval_start = now
+            callbacks.on_log(state, _interval_row(state))  # the one host sync
         state.stopping = state.agree_to_stop(synced=logged)
         callbacks.on_step_end(state)
         if state.stopping:
@@ -652,17 +653,19 @@ def _optimizer_step(state: TrainState) -> None:
     state.ema.update(state.model, step=p.step)
 
 
-def _interval_row(state: TrainState, seconds: float) -> dict[str, Any]:
+def _interval_row(state: TrainState) -> dict[str, Any]:
     """The metrics line of the log interval that just ended, over every process; reads the loss
     (one host sync)."""
     p, g = state.progress, state.global_meters()
     first = p.step - state.recipe.train.log_every + 1
     mean_loss = _finite_mean(state, g.interval_loss, g.interval_images, f"the mean training loss over steps {first}-{p.step}")
+    now = state.train_time()
     row = {
-        "kind": "step", "epoch": p.epoch, "step": p.step, "time_s": round(state.train_time(), 4),
-        "loss": mean_loss, "lr": p.lr, "images_per_s": g.interval_images / max(seconds, 1e-9),
+        "kind": "step", "epoch": p.epoch, "step": p.step, "time_s": round(now, 4),
+        "loss": mean_loss, "lr": p.lr, "images_per_s": g.interval_images / max(now - p.interval_mark_s, 1e-9),
     }
     state.meters.reset_interval()
+    p.interval_mark_s = now
     return row
 
 

@@ -24,13 +24,13 @@ def result_fields(state: TrainState) -> dict[str, Any]:
     the test accuracy after the last epoch, ``final_acc1``). ``peak_test_acc1`` is the best test
     accuracy over epochs, selected on the test set itself: optimistic, shown only as such.
     """
-    p = state.progress
+    p, seconds = state.progress, state.train_time()  # mid-epoch too: the stretch in progress counts
     fields: dict[str, Any] = {
         "selection": "val" if state.val_loader is not None else "final",
         "epochs_done": min(p.epoch - 1, state.recipe.train.epochs),
         "steps": p.step,
-        "train_time_s": p.train_time_s,
-        "images_per_s": throughput(p, p.train_time_s),
+        "train_time_s": seconds,
+        "images_per_s": throughput(p, seconds),
     }
     if p.last_eval is not None:
         e = p.last_eval
@@ -101,8 +101,7 @@ class RunRecorder(Callback):
         tree["metrics_offset"] = self.rundir.metrics_offset()
         tree["wall_time_s"] = self.wall_time()
         self.rundir.save_checkpoint(tree)
-        self.summary.update(result_fields(state), train_time_s=tree["progress"]["train_time_s"],
-                            wall_time_s=tree["wall_time_s"])
+        self.summary.update(result_fields(state), wall_time_s=tree["wall_time_s"])
         self.rundir.write_summary(self.summary)
 
     def finish(self, state: TrainState) -> None:

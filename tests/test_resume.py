@@ -500,3 +500,31 @@ def test_state_file_round_trips_nested_state_without_pickle(tmp_path):
         import numpy as np
 
         pack({"x": np.zeros(2)})
+
+
+def test_a_run_stopped_mid_epoch_reports_the_time_it_trained(tmp_path, monkeypatch):
+    send_at_step(monkeypatch, 3)
+    recipe = quick(tmp_path, "output.plots=false", "train.log_every=1")
+    with pytest.raises(RunInterrupted):
+        run(recipe, quiet=True)
+    folder = run_dir_for(recipe)
+    summary = json.loads((folder / "summary.json").read_text())
+    steps = [row for row in strict_json_lines(folder / "metrics.jsonl") if row["kind"] == "step"]
+    assert summary["epochs_done"] == 0 and summary["steps"] == 3
+    # the stretch of epoch 1 that ran counts: training time at least that of the last log line,
+    # and a throughput of images over that time (not over the zero seconds of finished epochs)
+    assert summary["train_time_s"] >= steps[-1]["time_s"] > 0
+    seen = load_state(folder / CHECKPOINT)["progress"]["images_seen"]
+    assert summary["images_per_s"] < seen / steps[0]["time_s"]
+
+
+def test_log_intervals_across_epochs_count_their_own_training_time(tmp_path):
+    # 8 steps per epoch, a line every 3: the line at step 9 covers steps 7-8 of epoch 1 and step 9
+    # of epoch 2, and its images/s must count the time of all three (evaluation excluded).
+    recipe = quick(tmp_path, "output.plots=false", "train.log_every=3", "train.epochs=2")
+    run(recipe, quiet=True)
+    steps = [row for row in strict_json_lines(run_dir_for(recipe) / "metrics.jsonl") if row["kind"] == "step"]
+    assert [row["step"] for row in steps] == [3, 6, 9, 12, 15]
+    times = [0.0] + [row["time_s"] for row in steps]
+    images = [row["images_per_s"] * (times[i + 1] - times[i]) for i, row in enumerate(steps)]
+    assert images == pytest.approx([96] * 5, rel=0.05)
