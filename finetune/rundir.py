@@ -24,12 +24,12 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, RunDirError
-from .recipe import Recipe, computed_settings, dump_recipe_yaml, load_recipe
+from .recipe import Recipe, computed_settings, dump_recipe_yaml
 from .snapshot import load_state, save_state, write_text_atomically
 
 try:
@@ -337,9 +337,6 @@ class RunDir:
 
     # ---- files ---------------------------------------------------------------------------
 
-    def read_recipe(self) -> Recipe:
-        return load_recipe(self.path / "recipe.yaml")
-
     def read_summary(self) -> dict[str, Any]:
         return read_summary(self.path) or {}
 
@@ -384,34 +381,43 @@ class RunDir:
             raise _write_error(f"write the checkpoint {path}", exc, self._checkpoint_note()) from None
         self.last_checkpoint = (state["progress"]["epoch"], state["progress"]["step"])
 
-    def load_checkpoint(self, recipe: Recipe) -> dict[str, Any]:
-        """:func:`read_checkpoint` of this folder, remembered as the checkpoint on disk."""
-        state = read_checkpoint(self.path, recipe)
-        self.last_checkpoint = (state["progress"]["epoch"], state["progress"]["step"])
-        return state
-
     def save_model(self, model: Any, classes: list[str], subfolder: str | None = None) -> None:
+        """Save a plain model folder (``config.json`` + ``model.safetensors``): into the run folder
+        itself, or as ``subfolder`` (``best/``), which is written aside and swapped in whole so that
+        a stop while saving never leaves weights that disagree with their ``config.json``."""
         from .models import save_model
 
-        target = self.path / subfolder if subfolder else self.path
-        try:
-            save_model(model, target, class_names=classes)
-        except OSError as exc:
-            raise _write_error(f"save the model to {target}", exc, self._checkpoint_note()) from None
+        if subfolder is None:  # the final model: the folder says "finished" only once it is written
+            try:
+                save_model(model, self.path, class_names=classes)
+            except OSError as exc:
+                raise _write_error(f"save the model to {self.path}", exc, self._checkpoint_note()) from None
+            return
+        self._swap_in(subfolder, lambda staging: save_model(model, staging, class_names=classes), "the model")
 
     def save_adapter(self, model: Any) -> None:
         """Save a peft model's adapters alone as ``adapter/`` (peft's format), for keeping many
-        adapters of one backbone; written to a temporary folder and renamed into place."""
-        target = self.path / "adapter"
-        staging = self.path / f".adapter.{secrets.token_hex(4)}"
+        adapters of one backbone."""
+        self._swap_in("adapter", lambda staging: model.save_pretrained(str(staging)), "the adapters")
+
+    def _swap_in(self, name: str, write: Callable[[Path], None], what: str) -> None:
+        """Write a subfolder through ``write(staging)`` into a hidden sibling, then rename it into
+        place, moving any earlier one aside first: ``name`` is always whole (or, if the process is
+        killed between the two renames, absent, with the earlier one kept as ``.name.old.*``)."""
+        target = self.path / name
+        tag = secrets.token_hex(4)
+        staging, old = self.path / f".{name}.{tag}", self.path / f".{name}.old.{tag}"
         try:
-            model.save_pretrained(str(staging))
+            write(staging)
             if target.exists():
-                shutil.rmtree(target)
+                os.rename(target, old)
             os.rename(staging, target)
-        except OSError as exc:
+        except BaseException as exc:  # a failed write or a second Ctrl-C: no half-written folder left
             shutil.rmtree(staging, ignore_errors=True)
-            raise _write_error(f"save the adapters to {target}", exc, self._checkpoint_note()) from None
+            if isinstance(exc, OSError):
+                raise _write_error(f"save {what} to {target}", exc, self._checkpoint_note()) from None
+            raise
+        shutil.rmtree(old, ignore_errors=True)
 
     def discard_replaced(self) -> None:
         """Delete the earlier runs that ``output.overwrite`` moved aside; called once this run finished."""

@@ -528,3 +528,28 @@ def test_log_intervals_across_epochs_count_their_own_training_time(tmp_path):
     times = [0.0] + [row["time_s"] for row in steps]
     images = [row["images_per_s"] * (times[i + 1] - times[i]) for i, row in enumerate(steps)]
     assert images == pytest.approx([96] * 5, rel=0.05)
+
+
+def test_a_stop_while_saving_the_best_model_keeps_the_earlier_one_whole(tmp_path, monkeypatch):
+    import finetune.models as models
+    from finetune import load_model
+
+    recipe = quick(tmp_path, "output.plots=false", "data.val_split=32")
+    run(recipe, quiet=True)
+    folder = run_dir_for(recipe)
+    before = load_file(folder / "best" / "model.safetensors")
+    changed = load_model(folder / "best")
+    with torch.no_grad():
+        for q in changed.parameters():
+            q.add_(1.0)
+
+    def second_ctrl_c(path):  # the weights are written, config.json (with their hash) is not yet
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "file_sha256", second_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        RunDir(folder, None).save_model(changed, ["c"] * 10, "best")
+    monkeypatch.undo()
+    reloaded = load_model(folder / "best")  # checks the weights against config.json's SHA-256
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in before.items())
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".best")) == []
