@@ -379,6 +379,7 @@ class TrainState:
     stop_requested: str | None = None  # set (to the signal's name) by a signal handler
     stopping: bool = False  # every process agreed to stop at this step or epoch boundary
     segment_start: float | None = None  # perf_counter() when the current stretch of training began
+    pictures: Any = None  # visual.RunPictures, made once at the end for the run folder and TensorBoard
 
     @property
     def eval_model(self) -> nn.Module:

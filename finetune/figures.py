@@ -144,9 +144,9 @@ def draw_samples(
 
 def draw_mistakes(
     images: torch.Tensor, true: Sequence[int], predicted: Sequence[int], confidence: Sequence[float],
-    classes: Sequence[str], out_png: str | Path,
+    classes: Sequence[str], out_png: str | Path, *, where: str = "the test set",
 ) -> Path:
-    """The most confident test errors: each image with its true class and the class predicted."""
+    """The most confident errors on ``where``: each image with its true class and the class predicted."""
     count = images.shape[0]
     cols = min(6, max(count, 1))
     rows = max(1, -(-count // cols))
@@ -157,5 +157,5 @@ def draw_mistakes(
     for ax, image, t, p, c in zip(axes, images, true, predicted, confidence):
         ax.imshow(_hwc(image))
         ax.set_title(f"true: {classes[t]}\npred: {classes[p]} ({100 * c:.0f}%)", fontsize=8, color="darkred")
-    fig.suptitle("Most confident mistakes on the test set" if count else "No mistakes on the test set", fontsize=10)
+    fig.suptitle(f"Most confident mistakes on {where}" if count else f"No mistakes on {where}", fontsize=10)
     return _save(fig, out_png)

@@ -119,18 +119,17 @@ class RunRecorder(Callback):
         if r.output.plots:
             from .figures import draw_mistakes, draw_samples
             from .report import plot_confusion, plot_curves
-            from .visual import most_confident_mistakes, training_samples
+            from .visual import run_pictures
 
             folder = self.rundir.path
             plot_curves(folder / "metrics.jsonl", folder / "curves.png", title=r.name)
             plot_confusion(state.progress.last_eval["confusion"], state.classes, folder / "confusion_matrix.png")
-            images, labels = training_samples(state.train_loader)
-            draw_samples(images, labels.tolist(), state.classes, folder / "samples.png",
+            pictures = run_pictures(state)
+            draw_samples(pictures.samples, pictures.sample_labels.tolist(), state.classes, folder / "samples.png",
                          title="Training inputs as the model receives them (epoch 1, first batch; de-normalised)")
-            images, true, predicted, confidence = most_confident_mistakes(state.eval_model, state.test_loader,
-                                                                         amp_dtype=state.amp_dtype)
+            images, true, predicted, confidence = pictures.mistakes
             draw_mistakes(images, true.tolist(), predicted.tolist(), confidence.tolist(), state.classes,
-                          folder / "mistakes.png")
+                          folder / "mistakes.png", where=pictures.where)
         self.summary.pop("replaced_runs", None)
         self.summary.update(
             result_fields(state),

@@ -58,11 +58,11 @@ class TensorBoardLogger(Callback):
             if row.get(key) is not None:
                 self.writer.add_scalar(tag, row[key], row["epoch"])
         if state.progress.epoch > state.recipe.train.epochs:  # the last epoch: the pictures too
-            from .visual import most_confident_mistakes, training_samples
+            from .visual import run_pictures
 
-            images, _ = training_samples(state.train_loader)
-            self.writer.add_images("samples/training_inputs", images, row["epoch"], dataformats="NCHW")
-            mistakes = most_confident_mistakes(state.eval_model, state.test_loader, amp_dtype=state.amp_dtype)[0]
+            pictures = run_pictures(state)
+            self.writer.add_images("samples/training_inputs", pictures.samples, row["epoch"], dataformats="NCHW")
+            mistakes = pictures.mistakes[0]
             if len(mistakes):
                 self.writer.add_images("test/most_confident_mistakes", mistakes, row["epoch"], dataformats="NCHW")
         self.writer.flush()

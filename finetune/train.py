@@ -59,10 +59,7 @@ def run(
         folder = run_dir_for(recipe)
         if prepared is None:
             processes.on_main(lambda: check_run_dir(folder, recipe.output.overwrite))
-        if recipe.output.tensorboard:
-            from .tensorboard import require_tensorboard
-
-            require_tensorboard()  # before anything loads
+        _require_extras(recipe)
         p = prepared or engine.prepare(recipe, processes=processes)
         quiet = quiet or not processes.is_main
         _warn_skipped(p, quiet)
@@ -74,6 +71,14 @@ def run(
         return summary
     finally:
         distributed.shutdown(processes)
+
+
+def _require_extras(recipe: Recipe) -> None:
+    """Check, before anything loads, that the optional packages the recipe asks for are installed."""
+    if recipe.output.tensorboard:
+        from .tensorboard import require_tensorboard
+
+        require_tensorboard()
 
 
 def resume(run_dir: str | Path, *, quiet: bool = False) -> dict[str, Any]:
@@ -95,6 +100,7 @@ def resume(run_dir: str | Path, *, quiet: bool = False) -> dict[str, Any]:
     except FinetuneError:
         RunDir.reopen(run_dir).close()  # the folder's own problem (not a run, in use...) comes first
         raise
+    _require_extras(recipe)
     processes = distributed.from_environment(recipe.train.dist_timeout, resolve_device(recipe.device).type)
     rundir = None
     try:

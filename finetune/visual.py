@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -237,3 +238,27 @@ def most_confident_mistakes(
     images = denormalise(torch.stack([item[1] for item in kept]), loader.mean, loader.std)
     return (images, torch.tensor([item[2] for item in kept]), torch.tensor([item[3] for item in kept]),
             torch.tensor([item[0] for item in kept]))
+
+
+@dataclass
+class RunPictures:
+    """What a finished run shows of itself: its first training batch and its most confident test
+    errors (see :func:`training_samples`, :func:`most_confident_mistakes`). ``where`` names the
+    images the mistakes were sought in: under several processes, this process's share of the test set."""
+
+    samples: torch.Tensor
+    sample_labels: torch.Tensor
+    mistakes: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+    where: str
+
+
+def run_pictures(state) -> RunPictures:
+    """The pictures of a run at its end (a ``TrainState``), made on first use and kept on the state,
+    so the run folder and TensorBoard share one pass over the test set."""
+    if state.pictures is None:
+        samples, labels = training_samples(state.train_loader)
+        mistakes = most_confident_mistakes(state.eval_model, state.test_loader, amp_dtype=state.amp_dtype)
+        world = state.processes.world_size
+        where = "the test set" if world == 1 else f"process 0's 1/{world} share of the test set"
+        state.pictures = RunPictures(samples, labels, mistakes, where)
+    return state.pictures

@@ -148,10 +148,15 @@ def test_show_commands_draw_their_pictures(tmp_path):
     assert result.exit_code == 1 and "does not split" in result.output
 
 
-def test_a_run_folder_gets_samples_and_mistakes_and_tensorboard(tmp_path):
+def test_a_run_folder_gets_samples_and_mistakes_and_tensorboard(tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    import finetune.visual as visual
+
+    passes = []
+    real = visual.most_confident_mistakes
+    monkeypatch.setattr(visual, "most_confident_mistakes", lambda *a, **k: passes.append(1) or real(*a, **k))
     result = runner.invoke(app, ["run", str(REPO_ROOT / "recipes" / "quick_cpu.yaml"), f"output.dir={tmp_path}",
                                  "train.epochs=2", "output.tensorboard=true", "-q"])
     assert result.exit_code == 0, result.output
@@ -166,3 +171,31 @@ def test_a_run_folder_gets_samples_and_mistakes_and_tensorboard(tmp_path):
     assert acc == [(row["epoch"], pytest.approx(row["test_acc1"])) for row in epochs]
     assert len(events.Scalars("train/loss")) == 8  # a log line every 2 of 16 steps
     assert {"samples/training_inputs", "test/most_confident_mistakes"} <= set(events.Tags()["images"])
+    assert len(passes) == 1  # the run folder and TensorBoard share one pass over the test set
+
+
+def test_resuming_without_tensorboard_fails_before_touching_the_run(tmp_path, monkeypatch):
+    import finetune.tensorboard as tensorboard
+    from conftest import send_at_step
+    from finetune.errors import FinetuneError, RunInterrupted
+    from finetune.recipe import load_recipe
+    from finetune.train import resume, run, run_dir_for
+
+    pytest.importorskip("tensorboard")
+    recipe = load_recipe(REPO_ROOT / "recipes" / "quick_cpu.yaml",
+                         [f"output.dir={tmp_path}", "output.tensorboard=true", "output.plots=false"])
+    send_at_step(monkeypatch, 3)
+    with pytest.raises(RunInterrupted):
+        run(recipe, quiet=True)
+    monkeypatch.undo()
+    folder = run_dir_for(recipe)
+    checkpoint = (folder / "checkpoints" / "last.safetensors").read_bytes()
+
+    def missing():
+        raise FinetuneError("output.tensorboard is true, but the tensorboard package is not installed.", "Install it.")
+
+    monkeypatch.setattr(tensorboard, "require_tensorboard", missing)
+    with pytest.raises(FinetuneError, match="not installed"):
+        resume(folder, quiet=True)
+    assert json.loads((folder / "summary.json").read_text())["status"] == "interrupted"
+    assert (folder / "checkpoints" / "last.safetensors").read_bytes() == checkpoint
