@@ -17,7 +17,8 @@ from .rundir import BEST_DIR, RunDir
 
 
 def result_fields(state: TrainState) -> dict[str, Any]:
-    """What a run has found so far, for ``summary.json``.
+    """What a run has found so far, for ``summary.json`` (the confusion matrix, C x C numbers, is
+    added once, when the run finishes, not at every checkpoint).
 
     ``selection`` says how the headline figure was chosen: ``val`` (the best epoch on the
     validation split; its test accuracy is ``best_test_acc1``) or ``final`` (no validation split:
@@ -36,7 +37,7 @@ def result_fields(state: TrainState) -> dict[str, Any]:
         e = p.last_eval
         fields.update(
             final_acc1=e["acc1"], final_acc5=e["acc5"], final_loss=e["loss"],
-            per_class_acc=e["per_class_acc"], confusion_matrix=e["confusion"],
+            per_class_acc=e["per_class_acc"],
         )
     if p.last_val_acc1 is not None:
         fields["final_val_acc1"] = p.last_val_acc1
@@ -133,6 +134,7 @@ class RunRecorder(Callback):
         self.summary.pop("replaced_runs", None)
         self.summary.update(
             result_fields(state),
+            confusion_matrix=state.progress.last_eval["confusion"],
             status="finished",
             error=None,
             wall_time_s=self.wall_time(),

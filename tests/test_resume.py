@@ -511,6 +511,7 @@ def test_a_run_stopped_mid_epoch_reports_the_time_it_trained(tmp_path, monkeypat
     summary = json.loads((folder / "summary.json").read_text())
     steps = [row for row in strict_json_lines(folder / "metrics.jsonl") if row["kind"] == "step"]
     assert summary["epochs_done"] == 0 and summary["steps"] == 3
+    assert "confusion_matrix" not in summary  # C x C numbers: written once, when the run finishes
     # the stretch of epoch 1 that ran counts: training time at least that of the last log line,
     # and a throughput of images over that time (not over the zero seconds of finished epochs)
     assert summary["train_time_s"] >= steps[-1]["time_s"] > 0
