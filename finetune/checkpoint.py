@@ -279,8 +279,11 @@ _NAME_ARGS = ("global_pool", "pos_embed", "weight_init", "act_layer", "norm_laye
 ALLOWED_MODEL_ARGS = (*_FLAG_ARGS, *_INT_ARGS, *_SIZE_ARGS, *_RATE_ARGS, *_NAME_ARGS, "mlp_ratio", "init_values", "fc_norm")
 
 
-def check_model_args(args: dict[str, Any], state_dict: dict[str, torch.Tensor], origin: str) -> None:
-    """Check a model folder's ``model_args`` before anything is built from them.
+def check_model_args(
+    args: dict[str, Any], state_dict: dict[str, torch.Tensor], origin: str, *, keywords: bool = False
+) -> None:
+    """Check a model folder's ``model_args`` (or ``load_model``'s keyword arguments, with
+    ``keywords``) before anything is built from them.
 
     Only :data:`ALLOWED_MODEL_ARGS` are accepted, each of its type and within bounds, and the
     ones the weights pin down (``depth``, ``embed_dim``, ``patch_size``, ``num_heads`` dividing
@@ -288,7 +291,8 @@ def check_model_args(args: dict[str, Any], state_dict: dict[str, torch.Tensor], 
     another file nor build a model far larger than its weights.
 
     Raises:
-        CheckpointError: naming the argument, what it should be, and the file.
+        CheckpointError: naming the argument, what it should be, and the file (or, with
+            ``keywords``, the keyword argument).
     """
     problems = []
 
@@ -317,6 +321,12 @@ def check_model_args(args: dict[str, Any], state_dict: dict[str, torch.Tensor], 
             bad(key, "should be null or a number in [0, 10]")
     if not problems:
         problems = _disagreements(args, state_dict)
+    if problems and keywords:
+        raise CheckpointError(
+            f"load_model({origin!r}, ...): keyword arguments that cannot be used: {'; '.join(problems)}.",
+            "Pass only ViT constructor arguments within their bounds (e.g. drop_path_rate=0.1); the architecture's "
+            "shape comes from the weights.",
+        )
     if problems:
         raise CheckpointError(f"{origin}: config.json's model_args cannot be used: {'; '.join(problems)}.", _CONFIG_FIX)
 

@@ -7,8 +7,10 @@ exit code 1, with no traceback. Heavy imports (torch, timm) happen inside the co
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Callable
 
@@ -42,7 +44,8 @@ def friendly_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with _plain_warnings():
+                return fn(*args, **kwargs)
         except FinetuneError as exc:
             err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(1) from None
@@ -54,6 +57,23 @@ def friendly_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+@contextlib.contextmanager
+def _plain_warnings():
+    """Print finetune's own warnings (``engine.TrainingWarning``: a setting that does less than it
+    says) as one ``warning:`` line, by the main process only; other warnings keep Python's format."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if getattr(category, "__module__", "").split(".")[0] != "finetune":
+            return previous(message, category, filename, lineno, file, line)
+        if _is_main_process():
+            err.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False)
+
+    with warnings.catch_warnings():  # also forgets which warnings an earlier command showed
+        warnings.showwarning = show
+        yield
+
+
 NprocOpt = Annotated[
     int,
     typer.Option("--nproc", min=1, help="Processes to train with on this machine, through torchrun (one per GPU; "
@@ -61,15 +81,30 @@ NprocOpt = Annotated[
 ]
 
 
-def _launch(command: list[str], nproc: int) -> None:
-    """Start ``finetune COMMAND`` in ``nproc`` processes (torchrun) and exit with its code."""
-    from .distributed import launch
+def _launch(command: list[str], nproc: int, run_dir: Path) -> None:
+    """Start ``finetune COMMAND`` in ``nproc`` processes (torchrun) and exit with its code; a
+    failure gets one paragraph (which process died, and how to resume), not torchrun's report."""
+    from .distributed import run_processes
 
-    code = launch(command, nproc)
-    if code not in (0, 130):  # 130: interrupted, and the processes said so
-        err.print(f"[bold red]error:[/] the {nproc}-process run failed (exit code {code}); its processes' "
-                  "errors are above.", highlight=False)
-    raise typer.Exit(code)
+    launched = run_processes(command, nproc)
+    problem = launched.error(nproc, run_dir)
+    if problem is not None:
+        err.print(f"[bold red]error:[/] {escape(str(problem))}", highlight=False)
+    raise typer.Exit(launched.code)
+
+
+@contextlib.contextmanager
+def _peer_failures_as_messages(run_dir: Path):
+    """Under torchrun, a collective that fails because another process died (gloo's or NCCL's
+    RuntimeError) becomes one paragraph: what happened and how to resume."""
+    try:
+        yield
+    except Exception as exc:
+        from .distributed import is_peer_failure, peer_failure_error
+
+        if is_peer_failure(exc):
+            raise peer_failure_error(exc, run_dir) from None
+        raise
 
 
 def _is_main_process() -> bool:
@@ -99,14 +134,16 @@ def run(
     path = find_recipe(recipe)
     parsed = load_recipe(path, overrides or [])
     if nproc > 1:  # the common mistakes, before launching
-        from .distributed import check_global_batch
+        from .distributed import check_batch_split
 
-        check_global_batch(parsed.data.batch_size, nproc)
+        check_batch_split(parsed.data.batch_size, nproc, pairs=parsed.train.mixing)
         check_run_dir(run_dir_for(parsed), parsed.output.overwrite)
-        _launch(["run", str(path), *(overrides or []), *(["-q"] if quiet else [])], nproc)
+        _launch(["run", str(path), *(overrides or []), *(["-q"] if quiet else [])], nproc, run_dir_for(parsed))
     from .train import run as run_recipe
 
-    _done(run_recipe(parsed, recipe_path=str(path), quiet=quiet), run_dir_for(parsed))
+    with _peer_failures_as_messages(run_dir_for(parsed)):
+        summary = run_recipe(parsed, recipe_path=str(path), quiet=quiet)
+    _done(summary, run_dir_for(parsed))
 
 
 @app.command()
@@ -124,13 +161,19 @@ def resume(
     Example: finetune resume runs/deit_tiny_cifar
     """
     if nproc > 1:
+        from .distributed import check_batch_split
+        from .recipe import load_recipe
         from .rundir import RunDir
 
         RunDir.reopen(run_dir).close()  # the common mistakes (finished, in use...), before launching
-        _launch(["resume", str(run_dir), *(["-q"] if quiet else [])], nproc)
+        stored = load_recipe(run_dir / "recipe.yaml")
+        check_batch_split(stored.data.batch_size, nproc, pairs=stored.train.mixing)
+        _launch(["resume", str(run_dir), *(["-q"] if quiet else [])], nproc, run_dir)
     from .train import resume as resume_run
 
-    _done(resume_run(run_dir, quiet=quiet), run_dir)
+    with _peer_failures_as_messages(run_dir):
+        summary = resume_run(run_dir, quiet=quiet)
+    _done(summary, run_dir)
 
 
 def _done(summary: dict, folder: Path) -> None:
@@ -332,6 +375,7 @@ def _run_and_report(experiment: Any, dry_run: bool, quiet: bool, nproc: int = 1)
 
     if dry_run:
         _print_plan(plan_experiment(experiment))
+        out.print(experiment.describe_ranking(), highlight=False, markup=False)
         out.print(f"[green]ok[/] {len(experiment.variants)} variants validate -> {escape(str(experiment.dir))}", highlight=False)
         return
     result = run_experiment(experiment, quiet=quiet, nproc=nproc)
@@ -440,6 +484,7 @@ def report(
     single = experiments[0] if len(experiments) == 1 and len(run_dirs) == 1 else None
     keys = [k.strip() for k in sweep_keys.split(",") if k.strip()] if sweep_keys else (single[2] if single else [])
     target = out_dir or (single[0] if single else Path("report"))
+    _check_writable_folder(target, "--out")
     paths, table = write_experiment_report(dirs, target, title=title or (single[3] if single else None), sweep_keys=keys)
     out.print(table, markup=False, highlight=False, soft_wrap=True)
     out.print(f"report: {paths['markdown']}", highlight=False, markup=False)
@@ -470,7 +515,11 @@ def show_patches(
     """
     from .data import read_image, resize_center_crop
     from .figures import draw_patches
+    from .visual import check_patch_picture
 
+    _check_output_file(out)
+    if img_size is not None and patch_size is not None:
+        check_patch_picture(img_size, patch_size)  # before the image is read
     decoded = read_image(image)
     prefix = 1
     if model is not None:
@@ -483,9 +532,9 @@ def show_patches(
     if img_size is None or patch_size is None:
         raise FinetuneError("Which grid? Give --model, or both --img-size and --patch-size.",
                             "For example: finetune show patches cat.jpg --img-size 224 --patch-size 16")
+    check_patch_picture(img_size, patch_size)
     resized = resize_center_crop(decoded, (img_size, img_size))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _wrote(draw_patches(resized, patch_size, out, prefix_tokens=prefix))
+    _write_figure(out, lambda: draw_patches(resized, patch_size, out, prefix_tokens=prefix))
 
 
 @show_app.command("attention")
@@ -508,6 +557,7 @@ def show_attention(
     from .models import load_model
     from .visual import attention_rollout, last_layer_attention
 
+    _check_output_file(out)
     decoded = [read_image(path) for path in images]
     _refuse_unfinished_run(Path(model))
     loaded = load_model(model)
@@ -521,9 +571,8 @@ def show_attention(
     titles = [f"{p.parent.name}/{p.name}\npredicted: {names[c]} ({100 * float(q):.0f}%)"
               for p, c, q in zip(images, predicted.tolist(), confidence)]
     shown = torch.stack([resize_center_crop(image, size) for image in decoded])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _wrote(draw_attention(shown, attention_rollout(loaded, x).cpu(), last_layer_attention(loaded, x).cpu(), out,
-                             titles=titles))
+    rollout, last = attention_rollout(loaded, x).cpu(), last_layer_attention(loaded, x).cpu()
+    _write_figure(out, lambda: draw_attention(shown, rollout, last, out, titles=titles))
 
 
 @show_app.command("pos-embed")
@@ -542,11 +591,15 @@ def show_pos_embed(
     from .figures import draw_pos_embed_similarity
     from .models import load_model
     from .pos_embed import POS_EMBED_MODES, pos_embed_prefix_tokens, resize_pos_embed, to_2tuple
-    from .visual import pos_embed_similarity
+    from .visual import check_similarity_picture, pos_embed_similarity
 
+    _check_output_file(out)
     loaded = load_model(model)
     prefix = pos_embed_prefix_tokens(loaded)
     grid = to_2tuple(loaded.patch_embed.grid_size)
+    check_similarity_picture(grid, f"The model's {loaded.patch_embed.img_size[0]} px input")
+    if img_size is not None:
+        check_similarity_picture((img_size // loaded.patch_embed.patch_size[0],) * 2, f"--img-size {img_size}")
     pe = loaded.pos_embed.detach()
     maps = {f"{loaded.patch_embed.img_size[0]} px (as trained)": pos_embed_similarity(pe, grid, num_prefix_tokens=prefix)}
     if img_size is not None:
@@ -556,8 +609,44 @@ def show_pos_embed(
                 raise FinetuneError(f"Unknown resize mode {mode!r}.", f"Use some of: {', '.join(POS_EMBED_MODES)}.")
             resized = resize_pos_embed(pe, new_grid, num_prefix_tokens=prefix, mode=mode)
             maps[f"{img_size} px, {mode}"] = pos_embed_similarity(resized, new_grid, num_prefix_tokens=prefix)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _wrote(draw_pos_embed_similarity(maps, out))
+    _write_figure(out, lambda: draw_pos_embed_similarity(maps, out))
+
+
+def _check_writable_folder(folder: Path, option: str) -> None:
+    """Refuse, before any work, a folder that cannot be made or written: one under a file, a file
+    itself, or one without write permission."""
+    import os
+
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "it is a file" if existing == folder else f"{existing} is a file, not a folder"
+        raise FinetuneError(f"Cannot write to {folder} ({option}): {where}.",
+                            f"Pass {option} a path in a folder, or the name of a new folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FinetuneError(f"Cannot write to {folder} ({option}): {existing} is not writable (permissions, or a "
+                            "read-only file system).", f"Pass {option} a path in a folder you can write to.")
+
+
+def _check_output_file(path: Path) -> None:
+    """:func:`_check_writable_folder` for the folder of an output file; the file must not be a folder."""
+    if path.is_dir():
+        raise FinetuneError(f"--out {path} is a folder; it names the PNG to write.",
+                            f"Pass a file name, e.g. --out {path / 'figure.png'}.")
+    _check_writable_folder(path.parent, "--out")
+
+
+def _write_figure(path: Path, draw: Callable[[], Path]) -> None:
+    """Make the folder and draw the figure into it; a disk that refuses the file is a message."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _wrote(draw())
+    except OSError as exc:
+        raise FinetuneError(
+            f"Cannot write {path}: {exc.strerror or exc}.",
+            "Pass --out a path in a folder you can write to (not under a file, nor on a full disk).",
+        ) from None
 
 
 def _wrote(path: Path) -> None:

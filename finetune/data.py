@@ -19,6 +19,7 @@ import math
 import os
 import socket
 import stat
+import struct
 import urllib.parse
 import warnings
 from collections.abc import Iterator, Sequence
@@ -105,6 +106,18 @@ def _positions(index: torch.Tensor) -> list[int]:
 Split = ImageTensors | EncodedImages
 
 
+def printable(path: str | Path) -> str:
+    """A path as messages and ``summary.json`` show it. A file name that is not UTF-8 (``b"\\xff.png"``
+    on Linux, which Python holds with a lone surrogate) shows its bytes escaped: ``\\xff.png``;
+    printing or encoding the raw string would fail."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
 def shard(split: Split, rank: int, world_size: int) -> Split:
     """Process ``rank``'s contiguous part of a split, for evaluation: the parts cover every image
     exactly once (their sizes differ by at most one, nothing is padded or repeated)."""
@@ -123,7 +136,7 @@ class SkippedFiles:
     reasons: dict[str, list[str]] = field(default_factory=dict)
 
     def add(self, reason: str, path: str | Path) -> None:
-        self.reasons.setdefault(reason, []).append(str(path))
+        self.reasons.setdefault(reason, []).append(printable(path))
 
     def __len__(self) -> int:
         return sum(len(paths) for paths in self.reasons.values())
@@ -178,7 +191,9 @@ def load_splits(cfg, *, seed: int) -> DatasetSplits:
 
     Raises:
         DataError: the data is missing and cannot be downloaded, a file is not an image, images
-            differ in size with no ``image_size``, or the subset and validation sizes do not fit.
+            differ in size with no ``image_size``, a training class folder holds no readable image,
+            a Hugging Face label or image cell does not fit, the subset and validation sizes do not
+            fit, or the decoded images would not fit in memory.
     """
     skipped = SkippedFiles()
     given_val = None  # a validation split the dataset brings with it
@@ -318,6 +333,8 @@ def _resize_split(split: ImageTensors, size: int) -> ImageTensors:
     images = split.images
     if images.shape[-2:] == (size, size):
         return split
+    check_memory(images.shape[0] * 3 * size * size, f"Resizing {images.shape[0]} images to {size}x{size} (data.image_size)",
+                 "Lower data.image_size or use fewer images (data.train_subset).")
     out = torch.empty((images.shape[0], 3, size, size), dtype=torch.uint8)
     for start in range(0, images.shape[0], _RESIZE_CHUNK):
         # Chunks bound the intermediates that resizing a whole split at once would need.
@@ -416,6 +433,8 @@ def _load_imagefolder(cfg, skipped: SkippedFiles) -> tuple[Split, Split, list[st
         )
 
     train_files, train_labels, classes = _list_imagefolder(train_dir, skipped, exclude=[test_dir])
+    used = getattr(cfg, "classes", None) or classes  # data.classes may leave some class folders out
+    _refuse_empty_classes(train_dir, classes, used, torch.bincount(torch.tensor(train_labels), minlength=len(classes)))
     test_files, test_names, test_classes = _list_imagefolder(test_dir, skipped, exclude=[train_dir])
     unknown = sorted(set(test_classes) - set(classes))
     if unknown:
@@ -430,20 +449,85 @@ def _load_imagefolder(cfg, skipped: SkippedFiles) -> tuple[Split, Split, list[st
     if _keep_encoded(cfg, len(train_files) + len(test_files), train_files[0]):
         return _encoded(train_files, train_labels, image_size), _encoded(test_files, test_labels, image_size), classes
     train = _decode_files(train_files, train_labels, image_size, skipped, cache_key=_folder_key(cfg, train_files, train_labels))
+    _refuse_empty_classes(train_dir, classes, used, torch.bincount(train.labels, minlength=len(classes)), skipped)
     test = _decode_files(test_files, test_labels, image_size, skipped, cache_key=_folder_key(cfg, test_files, test_labels))
     return train, test, classes
+
+
+def _refuse_empty_classes(
+    folder: Path, classes: list[str], used: Sequence[str], counts: torch.Tensor, skipped: SkippedFiles | None = None
+) -> None:
+    """Refuse a training class folder without images: it would add an output the model can never
+    learn, and lower the accuracy. ``counts``: images per class, listed (``skipped`` ``None``) or
+    decoded (then the images that could not be read are why)."""
+    empty = [name for name, n in zip(classes, counts.tolist()) if n == 0 and name in used]
+    if not empty:
+        return
+    where = ", ".join(printable(folder / name) for name in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+    plural = len(empty) > 1
+    why = "image files" if skipped is None else "image that can be read"
+    raise DataError(
+        f"The class folder{'s' if plural else ''} {where} hold{'' if plural else 's'} no {why}, so "
+        f"{'these classes' if plural else 'its class'} would have no training images (an output the model can "
+        "never learn, which lowers its accuracy).",
+        f"Remove the folder{'s' if plural else ''} or add images (JPEG, PNG, GIF, BMP, TIFF, WebP), or leave "
+        f"{'them' if plural else 'it'} out with data.classes.",
+    )
 
 
 def _encoded(files: Sequence[str], labels: Sequence[int], image_size: int | None) -> EncodedImages:
     return EncodedImages(list(files), torch.tensor(list(labels), dtype=torch.int64), list(files), image_size)
 
 
+def available_memory() -> int:
+    """Bytes of memory this process can allocate now: Linux's ``MemAvailable`` (free memory plus
+    the page cache it can drop; else the free pages), and at most what is left under the memory
+    limit of the process's control group (a container's limit)."""
+    available = None
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # pragma: no cover - platforms without sysconf
+            available = 1 << 63
+    for limit, usage in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:  # cgroup v2, then v1; "max" (no limit) is not a number
+            left = int(Path("/sys/fs/cgroup", limit).read_text()) - int(Path("/sys/fs/cgroup", usage).read_text())
+        except (OSError, ValueError):
+            continue
+        return max(0, min(available, left))
+    return available
+
+
 def host_memory_budget() -> int:
     """Bytes of decoded images this machine can hold: half its available memory."""
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - platforms without sysconf
-        return 1 << 62
+    return available_memory() // 2
+
+
+def check_memory(nbytes: int, what: str, fix: str) -> None:
+    """Refuse, before allocating, ``nbytes`` of images that the available memory cannot hold: the
+    allocator's own failure is a traceback, and Linux may instead kill the process later.
+
+    Raises:
+        DataError: ``"{what} needs about N GB of memory ..."`` followed by ``fix``.
+    """
+    available = available_memory()
+    if nbytes > available:
+        raise DataError(
+            f"{what} needs about {_gigabytes(nbytes)} of memory, and this machine has {_gigabytes(available)} available.",
+            fix,
+        )
+
+
+def _gigabytes(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.3g} GB"
 
 
 def _keep_encoded(cfg, count: int, first: str | bytes) -> bool:
@@ -527,7 +611,8 @@ def _decode_hf(cfg, hf, split: str, skipped: SkippedFiles, stream: bool = False)
     encoded = getattr(hf, split)
     if stream:
         return EncodedImages(encoded.items, torch.tensor(encoded.labels, dtype=torch.int64), encoded.names, cfg.image_size)
-    key = decode_cache.dataset_key(hf.fingerprint, split, cfg.image_size) if getattr(cfg, "cache", False) else None
+    key = (decode_cache.dataset_key(hf.fingerprint, split, cfg.image_size, hf.image_column)
+           if getattr(cfg, "cache", False) else None)
     return _decode_files(encoded.items, encoded.labels, cfg.image_size, skipped, names=encoded.names, cache_key=key)
 
 
@@ -560,6 +645,9 @@ def _unknown_dataset(name: str) -> DataError:
     )
 
 
+_MACOS_FOLDER = "__MACOSX"  # what macOS's Archive Utility adds to a zip: AppleDouble copies of each file
+_MACOS_METADATA = "macOS metadata (__MACOSX, ._*)"
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 """File extensions read as images (any case); torchvision decodes JPEG, PNG, GIF and WebP, Pillow the rest."""
 
@@ -569,13 +657,14 @@ def _list_imagefolder(
 ) -> tuple[list[str], list[int], list[str]]:
     """Files, labels and classes of an ImageFolder tree ``folder/<class>/.../<image>``.
 
-    Hidden entries (names starting with ``.``, such as ``.ipynb_checkpoints``) are ignored.
-    Symbolic links are followed, but no folder is read twice and no file is listed twice, so a
-    link that loops back (``cat/loop -> ..``) cannot multiply the images or hang the listing. A link
-    to a folder that holds ``folder`` (the dataset root, say) or to one of ``exclude`` (the other
-    split) is not followed either: it would mislabel images or leak test images into training.
-    Every entry left out is recorded in ``skipped`` with its reason. Files are listed per class in
-    sorted path order, as torchvision's ``ImageFolder`` lists them.
+    Hidden entries (names starting with ``.``, such as ``.ipynb_checkpoints``) and the metadata
+    macOS adds to archives (``__MACOSX/``, AppleDouble ``._*`` files) are ignored. Symbolic links
+    are followed, but no folder is read twice and no file is listed twice, so a link that loops
+    back (``cat/loop -> ..``) cannot multiply the images or hang the listing. A link to a folder
+    that holds ``folder`` (the dataset root, say), or a folder or file link into one of ``exclude``
+    (the other split), is not followed either: it would mislabel images or leak test images into
+    training. Every entry left out is recorded in ``skipped`` with its reason. Files are listed per
+    class in sorted path order, as torchvision's ``ImageFolder`` lists them.
 
     Raises:
         DataError: no class folders, or no image files at all.
@@ -592,7 +681,9 @@ def _list_imagefolder(
 
     for entry in _entries(folder, skipped):
         path = folder / entry
-        if entry.startswith("."):
+        if entry == _MACOS_FOLDER or entry.startswith("._"):
+            skipped.add(_MACOS_METADATA, path)
+        elif entry.startswith("."):
             skipped.add("hidden entry", path)
         elif not path.is_dir():
             skipped.add("file outside the class folders", path)
@@ -616,6 +707,9 @@ def _list_imagefolder(
         while stack:
             current, device = stack.pop()
             for entry in _scan(current, skipped):
+                if entry.name == _MACOS_FOLDER or entry.name.startswith("._"):
+                    skipped.add(_MACOS_METADATA, entry.path)
+                    continue
                 if entry.name.startswith("."):
                     skipped.add("hidden entry", entry.path)
                     continue
@@ -641,6 +735,8 @@ def _list_imagefolder(
                     skipped.add("not a regular file", entry.path)
                 elif (suffix := os.path.splitext(entry.name)[1].lower()) not in IMAGE_EXTENSIONS:
                     skipped.add(f"not an image file ({suffix or 'no extension'})", entry.path)
+                elif entry.is_symlink() and any(Path(entry.path).resolve().is_relative_to(o) for o in others):
+                    skipped.add("link to a file in the dataset's other split", entry.path)
                 elif key in seen:
                     skipped.add("the same file reached twice through links", entry.path)
                 else:
@@ -696,9 +792,11 @@ def _decode_files(
     """
     names = list(names) if names is not None else [str(f) for f in files]
     decode = lambda: _decode_all(files, image_size, names)  # noqa: E731
-    images, kept, unreadable = decode_cache.cached(cache_key, decode) if cache_key else decode()
-    for name in unreadable:
-        skipped.add("unreadable image", name)
+    images, kept = decode_cache.cached(cache_key, len(files), decode) if cache_key else decode()
+    unreadable = np.ones(len(files), dtype=bool)
+    unreadable[kept] = False
+    for i in np.flatnonzero(unreadable).tolist():  # named from our own listing, never from the cache
+        skipped.add("unreadable image", names[i])
     return ImageTensors(images, torch.tensor([labels[i] for i in kept], dtype=torch.int64))
 
 
@@ -709,13 +807,17 @@ def _folder_key(cfg, files: list[str], labels: list[int]) -> str | None:
 
 def _decode_all(
     files: Sequence[str | bytes], image_size: int | None, names: Sequence[str]
-) -> tuple[torch.Tensor, list[int], list[str]]:
-    """:func:`_decode_files`' work: ``(images, indices of the inputs they come from, names of unreadable ones)``."""
+) -> tuple[torch.Tensor, list[int]]:
+    """:func:`_decode_files`' work: ``(images, increasing indices of the inputs they come from)``.
+
+    Raises:
+        DataError: images of different sizes without ``image_size``, no readable image, or more
+            images than memory can hold.
+    """
     chunks = [files[i : i + _DECODE_CHUNK] for i in range(0, len(files), _DECODE_CHUNK)]
     threads = min(len(chunks), os.cpu_count() or 1, 16)
     out: torch.Tensor | None = None
     kept: list[int] = []  # indices into files of the images in out, in order
-    unreadable: list[str] = []
     with warnings.catch_warnings(), ThreadPoolExecutor(threads) as pool:
         warnings.filterwarnings("ignore", message=_TV_CODEC_DEPRECATION, category=DeprecationWarning)
         start = 0
@@ -726,14 +828,19 @@ def _decode_all(
                 for offset, image in enumerate(decoded):
                     index = start + offset
                     if image is None:
-                        unreadable.append(names[index])
                         continue
                     if out is None:
+                        check_memory(
+                            len(files) * image.numel(),
+                            f"Decoding {len(files)} images of {_size(image)} (the size of {printable(names[index])})",
+                            "Set data.image_size to keep them smaller, or data.in_memory=auto (or false) to stream "
+                            "them from the files instead.",
+                        )
                         out = torch.empty((len(files), *image.shape), dtype=torch.uint8)
                     if image.shape != out.shape[1:]:
                         raise DataError(
-                            f"Images differ in size: {names[kept[0]]} is {_size(out[0])} but "
-                            f"{names[index]} is {_size(image)}, and data.image_size is not set.",
+                            f"Images differ in size: {printable(names[kept[0]])} is {_size(out[0])} but "
+                            f"{printable(names[index])} is {_size(image)}, and data.image_size is not set.",
                             "Set data.image_size (e.g. data.image_size=224; for finetune eval: --image-size) "
                             "to resize every image to one size when it is loaded.",
                         )
@@ -745,10 +852,10 @@ def _decode_all(
             raise
     if out is None:
         raise DataError(
-            f"None of the {len(files)} images could be read (e.g. {names[0]}).",
+            f"None of the {len(files)} images could be read (e.g. {printable(names[0])}).",
             "Check that the files are images (JPEG, PNG, GIF, BMP, TIFF, WebP) and not damaged.",
         )
-    return out[: len(kept)], kept, unreadable
+    return out[: len(kept)], kept
 
 
 def _size(image: torch.Tensor) -> str:
@@ -764,11 +871,9 @@ def _decode_chunk(files: Sequence[str | bytes], image_size: int | None) -> list[
     if jpegs:
         try:
             # One call for the chunk's JPEGs: per-call overhead dominates for small (CIFAR) images.
-            decoded = torchvision.io.decode_jpeg(
-                [_as_tensor(blobs[i]) for i in jpegs], mode=ImageReadMode.RGB, apply_exif_orientation=True
-            )
+            decoded = torchvision.io.decode_jpeg([_as_tensor(blobs[i]) for i in jpegs], mode=ImageReadMode.RGB)
             for i, image in zip(jpegs, decoded):
-                images[i] = image
+                images[i] = orient(image, exif_orientation(blobs[i]))
         except RuntimeError:
             pass  # a corrupt JPEG: decode one by one below to find out which
     for i, path in enumerate(files):
@@ -784,8 +889,9 @@ def _decode_chunk(files: Sequence[str | bytes], image_size: int | None) -> list[
 
 def decode_on_device(blobs: Sequence[bytes | None], names: Sequence[str], device: torch.device) -> list[torch.Tensor]:
     """Decode encoded images to ``uint8 (3, H, W)`` tensors on ``device``: the JPEGs in one batched
-    ``torchvision.io.decode_jpeg`` call on that device (nvJPEG on a GPU), the other formats (and
-    JPEGs it cannot read) on the CPU, then moved.
+    ``torchvision.io.decode_jpeg`` call on that device (nvJPEG on a GPU, which ignores EXIF: the
+    orientation is read from the bytes on the CPU and applied on the device after decoding), the
+    other formats (and JPEGs it cannot read) on the CPU, then moved.
 
     Raises:
         DataError: an image that cannot be read, named.
@@ -797,7 +903,7 @@ def decode_on_device(blobs: Sequence[bytes | None], names: Sequence[str], device
             decoded = torchvision.io.decode_jpeg([_as_tensor(blobs[i]) for i in jpegs], mode=ImageReadMode.RGB,
                                                  device=device)
             for i, image in zip(jpegs, decoded):
-                images[i] = image
+                images[i] = orient(image, exif_orientation(blobs[i]))
         except RuntimeError:
             pass  # one bad JPEG fails the call: decode them one by one below
     for i, image in enumerate(images):
@@ -806,7 +912,7 @@ def decode_on_device(blobs: Sequence[bytes | None], names: Sequence[str], device
                 images[i] = _decode_bytes(blobs[i] or b"", names[i]).to(device)
             except DataError:
                 raise DataError(
-                    f"{names[i]} cannot be read as an image (found while streaming the data).",
+                    f"{printable(names[i])} cannot be read as an image (found while streaming the data).",
                     "Remove or replace it; or set data.in_memory=true, which leaves unreadable images out.",
                 ) from None
     return images
@@ -840,14 +946,17 @@ def _as_tensor(blob: bytes) -> torch.Tensor:
 
 
 def _decode_bytes(blob: bytes, path: str | Path) -> torch.Tensor:
-    """Decode one encoded image to ``uint8 (3, H, W)`` RGB: torchvision first, then Pillow."""
+    """Decode one encoded image to ``uint8 (3, H, W)`` RGB, upright (EXIF orientation applied):
+    torchvision first, then Pillow."""
     if blob:
         try:
-            image = torchvision.io.decode_image(_as_tensor(blob), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+            image = torchvision.io.decode_image(_as_tensor(blob), mode=ImageReadMode.RGB)
             if image.ndim == 4:  # an animated GIF: (frames, 3, H, W); its first frame is the picture
                 image = image[0]
             # 16-bit PNGs decode to uint16: rescale to 0-255 rather than truncate.
-            return image if image.dtype == torch.uint8 else TF.to_dtype(image, torch.uint8, scale=True)
+            image = image if image.dtype == torch.uint8 else TF.to_dtype(image, torch.uint8, scale=True)
+            # Not torchvision's apply_exif_orientation: it skips WebP, and its GPU decoder skips EXIF.
+            return orient(image, exif_orientation(blob))
         except RuntimeError:
             pass  # not JPEG/PNG/GIF/WEBP (e.g. BMP, TIFF) or corrupt: Pillow knows more formats
     try:
@@ -856,9 +965,87 @@ def _decode_bytes(blob: bytes, path: str | Path) -> torch.Tensor:
             return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise DataError(
-            f"{path} is not an image that can be read ({type(err).__name__}: {err}).",
+            f"{printable(path)} is not an image that can be read ({type(err).__name__}: {err}).",
             "Delete or replace the file, or move it out of the dataset folder.",
         ) from None
+
+
+def exif_orientation(blob: bytes) -> int:
+    """The EXIF orientation (1-8; 1: upright) stored in a JPEG (APP1), PNG (eXIf) or WebP (EXIF
+    chunk), read from the bytes without decoding: cheap enough for every file, and on the CPU
+    for images a GPU decodes. 1 for other formats, no EXIF or damaged EXIF."""
+    try:
+        tiff = _exif_block(blob)
+        if not tiff:
+            return 1
+        order = {b"II": "<", b"MM": ">"}[tiff[:2]]
+        ifd = struct.unpack_from(order + "I", tiff, 4)[0]  # the first image file directory (IFD0)
+        for n in range(struct.unpack_from(order + "H", tiff, ifd)[0]):
+            tag, kind = struct.unpack_from(order + "HH", tiff, ifd + 2 + 12 * n)
+            if tag == 0x0112:  # Orientation: a SHORT (type 3), though some writers use a LONG (4)
+                value = struct.unpack_from(order + ("H" if kind == 3 else "I"), tiff, ifd + 10 + 12 * n)[0]
+                return value if kind in (3, 4) and 1 <= value <= 8 else 1
+    except (KeyError, struct.error, IndexError):
+        pass
+    return 1
+
+
+def _exif_block(blob: bytes) -> bytes | None:
+    """The TIFF-structured EXIF data of a JPEG, PNG or WebP file, or ``None``."""
+    if blob.startswith(_JPEG_MAGIC):
+        pos = 2
+        while pos + 4 <= len(blob) and blob[pos] == 0xFF:
+            marker = blob[pos + 1]
+            if marker == 0xFF:  # a fill byte
+                pos += 1
+                continue
+            if marker in (0xDA, 0xD9):  # start of scan, end of image: EXIF comes before either
+                return None
+            length = int.from_bytes(blob[pos + 2 : pos + 4], "big")
+            if marker == 0xE1 and blob[pos + 4 : pos + 10] == b"Exif\0\0":
+                return blob[pos + 10 : pos + 2 + length]
+            pos += 2 + length
+        return None
+    if blob.startswith(b"\x89PNG\r\n\x1a\n"):
+        pos = 8
+        while pos + 8 <= len(blob):  # chunks: length, type, data, CRC; eXIf may follow IDAT
+            length, kind = int.from_bytes(blob[pos : pos + 4], "big"), blob[pos + 4 : pos + 8]
+            if kind == b"eXIf":
+                data = blob[pos + 8 : pos + 8 + length]
+                return data[6:] if data.startswith(b"Exif\0\0") else data
+            if kind == b"IEND":
+                return None
+            pos += 12 + length
+        return None
+    if blob[:4] == b"RIFF" and blob[8:12] == b"WEBP":
+        pos = 12
+        while pos + 8 <= len(blob):  # chunks: type, little-endian size, data padded to even
+            kind, size = blob[pos : pos + 4], int.from_bytes(blob[pos + 4 : pos + 8], "little")
+            if kind == b"EXIF":
+                data = blob[pos + 8 : pos + 8 + size]
+                return data[6:] if data.startswith(b"Exif\0\0") else data
+            pos += 8 + size + (size & 1)
+    return None
+
+
+def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Turn a decoded ``(..., H, W)`` image upright for its EXIF ``orientation`` (1-8), as Pillow's
+    ``ImageOps.exif_transpose`` does; on the image's own device."""
+    if orientation == 2:
+        return image.flip(-1)
+    if orientation == 3:
+        return image.flip(-1, -2)
+    if orientation == 4:
+        return image.flip(-2)
+    if orientation == 5:  # transpose: mirror across the main diagonal
+        return image.transpose(-1, -2).contiguous()
+    if orientation == 6:  # stored turned 90 degrees anticlockwise: turn it clockwise
+        return torch.rot90(image, -1, (-2, -1)).contiguous()
+    if orientation == 7:  # transverse: mirror across the other diagonal
+        return image.transpose(-1, -2).flip(-1, -2).contiguous()
+    if orientation == 8:
+        return torch.rot90(image, 1, (-2, -1)).contiguous()
+    return image
 
 
 # ---- synthetic -----------------------------------------------------------------------------------
@@ -872,7 +1059,19 @@ def _make_synthetic(
     Each class has a colour and a disc centre; an image is grey noise with that disc (jittered,
     noisy) painted on it. A tiny model's loss falls within a few steps, which is what smoke tests
     and ``finetune`` dry runs need; nothing here resembles natural images.
+
+    Raises:
+        DataError: the images, with the float work space of one chunk, would not fit in memory.
     """
+    pixels = 3 * size * size
+    # uint8 images, plus about six float32 (chunk, 3, size, size) intermediates for one chunk.
+    check_memory(
+        (num_train + num_test) * pixels + min(num_train + num_test, _RESIZE_CHUNK) * pixels * 4 * 6,
+        f"The synthetic dataset (data.synthetic_train={num_train} and data.synthetic_test={num_test} images of "
+        f"{size}x{size})",
+        f"Lower data.synthetic_train, data.synthetic_test or data.synthetic_size: about "
+        f"{max(1, available_memory() // (2 * pixels)):,} images of {size}x{size} fill half the available memory.",
+    )
     gen = torch.Generator().manual_seed(seed)
     colours = torch.rand(num_classes, 3, generator=gen) * 195 + 30  # (K, 3) in [30, 225]
     centres = torch.rand(num_classes, 2, generator=gen) * size * 0.5 + size * 0.25  # (K, 2), inner half
@@ -1328,7 +1527,7 @@ class BatchLoader:
                 return _decode_bytes(blob if blob is not None else b"", encoded.names[j])
             except DataError:
                 raise DataError(
-                    f"{encoded.names[j]} cannot be read as an image (found while streaming the data).",
+                    f"{printable(encoded.names[j])} cannot be read as an image (found while streaming the data).",
                     "Remove or replace it; or set data.in_memory=true, which leaves unreadable images out.",
                 ) from None
 

@@ -47,6 +47,15 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
+def precision_fallback(precision: str, device: torch.device) -> str | None:
+    """Why ``precision`` does not apply on ``device`` (a sentence), or ``None`` when it does."""
+    if precision == "fp32" or autocast_dtype(precision, device) is not None:
+        return None
+    return (f"train.precision is {precision}, but this run trains on the {device.type.upper()}, where half-precision "
+            "matrix products are slow or missing, so it trains in fp32 (summary.json records precision fp32). "
+            "Set train.precision=fp32 to say so, or train on a GPU.")
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """``torch.autocast`` for ``dtype``, or a context that does nothing for fp32 (``None``)."""
     if dtype is None:
@@ -75,6 +84,41 @@ def peak_memory_mb(device: torch.device) -> float | None:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     except ImportError:  # pragma: no cover - Windows
         return None
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation can take on ``device`` now: free GPU memory on CUDA, the memory the
+    operating system can give without swapping (``MemAvailable``) on a CPU, the recommended working
+    set on Apple MPS; ``None`` when unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "mps":
+        recommended = getattr(getattr(torch, "mps", None), "recommended_max_memory", None)
+        return int(recommended()) if recommended is not None else None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import os
+
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - neither Linux nor POSIX
+        return None
+
+
+def format_bytes(count: float) -> str:
+    """``3.84e12 -> '3.8 TB'`` (powers of 1000, as memory is sold)."""
+    if count < 1000:
+        return f"{int(count)} B"
+    for unit in ("kB", "MB", "GB", "TB"):
+        count /= 1000
+        if count < 1000 or unit == "TB":
+            break
+    return f"{count:.1f} {unit}"
 
 
 def environment(device: torch.device) -> dict[str, Any]:

@@ -100,6 +100,43 @@ def check_global_batch(batch_size: int, world_size: int) -> None:
         )
 
 
+def check_batch_split(batch_size: int, world_size: int, *, pairs: bool = False) -> None:
+    """:func:`check_global_batch`, and with ``pairs`` (Mixup/CutMix, which mix each image with
+    another of the same batch) that each process's share of the batch is even.
+
+    Raises:
+        FinetuneError: either does not hold; raised before anything loads.
+    """
+    check_global_batch(batch_size, world_size)
+    local = batch_size // world_size
+    if not pairs or local % 2 == 0:
+        return
+    if world_size == 1:
+        problem = f"Mixup/CutMix pair images within a batch, so data.batch_size must be even (got {batch_size})."
+    else:
+        problem = (f"Mixup/CutMix pair images within each process's batch, so it must be even: data.batch_size "
+                   f"{batch_size} among {world_size} processes is {local} images each.")
+    good = max(2 * world_size, (batch_size // (2 * world_size)) * 2 * world_size)
+    raise FinetuneError(
+        problem,
+        f"Use a data.batch_size that is a multiple of {2 * world_size} (e.g. {good}), or set train.mixup_alpha "
+        "and train.cutmix_alpha to 0.",
+    )
+
+
+def model_rng_seed(seed: int, rank: int) -> int:
+    """The seed of process ``rank``'s torch random state while it trains: ``seed + rank``.
+
+    That state draws dropout and drop-path masks, which must differ between processes: with one
+    seed everywhere each process would drop the same units of its own images, and N processes
+    would regularise like one. What must not depend on the number of processes draws from its own
+    generators instead: the data order and the augmentation (``data.BatchLoader``, from the seed,
+    the epoch and the batch), the model's initial weights (built before this seeding, the same on
+    every process) and Mixup/CutMix (NumPy's state, seeded with ``seed`` everywhere).
+    """
+    return seed + rank
+
+
 def from_environment(timeout_s: float, device_type: str) -> Processes:
     """Join the process group torchrun describes in the environment; one process without it.
 
@@ -131,14 +168,149 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def launch(command: Sequence[str], nproc: int) -> int:
+# ---------------------------------------------------------------------------------------------
+# A peer that died
+
+
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "ProcessGroupNCCL",
+              "ProcessGroupGloo")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another process of the run stopped
+    answering (killed, out of memory, its machine lost), as gloo and NCCL report it. Only under
+    torchrun: a lone process has no peers, and its errors keep their traceback."""
+    if not launched_by_torchrun():
+        return False
+    if isinstance(exc, getattr(torch.distributed, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "gloo" in text.lower() or "nccl" in text.lower() or any(marker in text for marker in _PEER_LOST))
+
+
+def peer_failure_error(exc: BaseException, run_dir: Any) -> FinetuneError:
+    """The one-paragraph error of a process whose peer died, in place of gloo's or NCCL's traceback."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    reason = reason.split("] ", 1)[-1].split(". ")[0][:160]  # gloo prefixes its source file and line
+    world = int(os.environ.get("WORLD_SIZE", "2"))
+    return FinetuneError(
+        f"Another process of this {world}-process run stopped answering, so this one stopped too ({reason}). "
+        "A process dies like this when it is killed, runs out of memory or loses its machine; its own "
+        f"output, above, may say which. The run folder {run_dir} keeps its last checkpoint.",
+        f"Continue from it with `finetune resume {run_dir} --nproc {world}` (any number of processes works).",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Launching
+
+
+@dataclass(frozen=True)
+class ProcessExit:
+    """How one process of a launch ended badly: its exit code, or the signal that killed it."""
+
+    rank: int
+    exitcode: int
+    signal: str | None  # "SIGKILL" when killed by a signal (exitcode -9), else None
+
+
+@dataclass(frozen=True)
+class Launch:
+    """The outcome of :func:`run_processes`: torchrun's exit code and the processes that failed,
+    the first failure first."""
+
+    code: int
+    failures: tuple[ProcessExit, ...] = ()
+
+    def error(self, nproc: int, run_dir: Any) -> FinetuneError | None:
+        """One paragraph on how the run failed, or ``None`` when it did not (or was interrupted)."""
+        if self.code in (0, 130):  # 130: interrupted, and the processes said so
+            return None
+        resume = f"Continue with `finetune resume {run_dir} --nproc {nproc}`."
+        first = self.failures[0] if self.failures else None
+        if first is not None and first.signal is not None:
+            cause = " (sent by hand, or by the system when memory runs out)" if first.signal == "SIGKILL" else ""
+            return FinetuneError(
+                f"Process {first.rank} of the {nproc}-process run was killed by {first.signal}{cause}, and the run "
+                f"stopped. The run folder {run_dir} keeps its last checkpoint.",
+                resume,
+            )
+        exitcode = first.exitcode if first is not None else self.code
+        return FinetuneError(
+            f"The {nproc}-process run failed (process {first.rank if first else '?'} exited with code {exitcode}); "
+            "its processes' errors are above.",
+            f"Fix what they say; if the run had started, continue it with `finetune resume {run_dir} --nproc {nproc}`.",
+        )
+
+
+def run_processes(command: Sequence[str], nproc: int) -> Launch:
     """Run ``python -m finetune COMMAND ...`` in ``nproc`` processes on this machine through torchrun
-    (``torch.distributed.run --standalone``); return its exit code. For several machines, call
-    torchrun yourself with its ``--nnodes`` and ``--rdzv-*`` options (see the README).
+    (``torch.distributed.run --standalone``). For several machines, call torchrun yourself with its
+    ``--nnodes`` and ``--rdzv-*`` options (see the README).
+
+    torchrun runs in a child process that keeps its own report to itself (a traceback and a
+    failure table): the processes print their errors, and :meth:`Launch.error` words the rest.
 
     Args:
         command: the finetune command and its arguments, e.g. ``["run", "recipe.yaml", "optim.lr=1e-3"]``.
         nproc: processes to start (one per GPU; any number on a CPU).
     """
-    return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                            f"--nproc-per-node={nproc}", "-m", "finetune", *command])
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="finetune-launch-") as tmp:
+        report = os.path.join(tmp, "failures.json")
+        code = subprocess.call([sys.executable, "-c", _LAUNCHER, report, str(nproc), *command])
+        try:
+            with open(report) as f:
+                failures = tuple(ProcessExit(**entry) for entry in json.load(f))
+        except (OSError, ValueError, TypeError):
+            failures = ()
+    return Launch(code, failures)
+
+
+def launch(command: Sequence[str], nproc: int) -> int:
+    """:func:`run_processes`, returning only the exit code."""
+    return run_processes(command, nproc).code
+
+
+_LAUNCHER = "import sys; from finetune.distributed import _torchrun_quietly; sys.exit(_torchrun_quietly(sys.argv[1:]))"
+
+
+def _torchrun_quietly(argv: Sequence[str]) -> int:
+    """torchrun (``torch.distributed.run``), with its failure report written as JSON to ``argv[0]``
+    instead of printed with a traceback. ``argv``: the report file, ``nproc``, then the finetune
+    command."""
+    import json
+    import logging
+    import signal as signals
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    report, nproc, command = argv[0], int(argv[1]), list(argv[2:])
+    # The agent logs each process it stops and each failure; the processes and the parent say it better.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # One machine needs only its loopback address; by default torchrun looks its hostname up, and
+    # where that does not resolve (many containers) the processes wait for each other until killed.
+    args = get_args_parser().parse_args(["--standalone", "--local-addr=127.0.0.1", f"--nproc-per-node={nproc}",
+                                         "-m", "finetune", *command])
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        def order(item):  # the earliest first; at the same second, a SIGTERM the agent sent comes last
+            rank, failure = item
+            return failure.timestamp, failure.exitcode == -signals.SIGTERM, rank
+
+        failures = [
+            {"rank": rank, "exitcode": f.exitcode, "signal": f.signal_name() if f.exitcode < 0 else None}
+            for rank, f in sorted(exc.failures.items(), key=order)
+        ]
+        with open(report, "w") as out:
+            json.dump(failures, out)
+        return 1
+    except SignalException as exc:  # torchrun was interrupted (Ctrl-C, SIGTERM) and stopped the processes
+        return 128 + int(exc.sigval)
+    return 0

@@ -22,6 +22,7 @@ import dataclasses
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,12 +32,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import ResolvedSource
 from .data import BatchLoader, DatasetSplits, ImageTensors, load_splits, normalisation, shard
-from .distributed import SINGLE, Processes, check_global_batch
-from .device import autocast, autocast_dtype, resolve_device, synchronize
+from .distributed import SINGLE, Processes, check_batch_split, model_rng_seed
+from .device import (
+    autocast,
+    autocast_dtype,
+    available_memory,
+    format_bytes,
+    precision_fallback,
+    resolve_device,
+    synchronize,
+)
 from .errors import DivergedError, FinetuneError
 from .evaluate import evaluate
-from .models import create_model, load_model, model_config
+from .models import (
+    ModelShape,
+    create_model,
+    load_model,
+    model_config,
+    model_shape,
+    planned_shape,
+    resolve_source,
+)
 from .params import ParamCounts, add_lora, param_groups, set_trainable
 from .recipe import Recipe, recipe_to_dict
 
@@ -114,13 +132,13 @@ def prepare(recipe: Recipe, *, model: nn.Module | None = None, processes: Proces
     device = resolve_device(recipe.device)
     if device.type == "cuda" and processes.distributed:
         device = torch.device("cuda", processes.local_rank)
-    check_global_batch(recipe.data.batch_size, processes.world_size)
-    if (recipe.train.mixup_alpha or recipe.train.cutmix_alpha) and recipe.data.batch_size % 2:
-        raise FinetuneError(
-            f"Mixup/CutMix pair images within a batch, so data.batch_size must be even (got {recipe.data.batch_size}).",
-            "Use an even batch size, or set train.mixup_alpha and train.cutmix_alpha to 0.",
-        )
+    # Mixup pairs the images of each process's batch: that share must be even, not just the whole.
+    check_batch_split(recipe.data.batch_size, processes.world_size, pairs=recipe.train.mixing)
     seed_everything(recipe.seed)
+    # The weights are read before the data: a wrong source, or a size that cannot fit, fails at once.
+    source = resolve_model_source(recipe) if model is None else None
+    check_memory(recipe, planned_model_shape(recipe, source) if model is None else model_shape(model), device,
+                 processes)
     data = load_splits(recipe.data, seed=recipe.seed)
     num_classes = recipe.model.num_classes or len(data.classes)
     if num_classes != len(data.classes):
@@ -129,7 +147,7 @@ def prepare(recipe: Recipe, *, model: nn.Module | None = None, processes: Proces
             "Remove model.num_classes to use the dataset's count (or pick classes with data.classes).",
         )
     if model is None:
-        model = build_model(recipe, num_classes)
+        model = build_model(recipe, num_classes, source=source)
     cfg = model.pretrained_cfg
     mean, std = normalisation(cfg, recipe.data.mean, recipe.data.std)
     out_size = tuple(model.patch_embed.img_size) if hasattr(model, "patch_embed") else tuple(cfg["input_size"][1:])
@@ -142,13 +160,98 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class TrainingWarning(UserWarning):
+    """A recipe setting that does less than it says (a precision the device cannot use, an EMA
+    warm-up longer than the run). ``finetune run`` prints it as one line."""
+
+
+def memory_lower_bound(
+    shape: ModelShape, *, micro_batch: int, eval_batch: int, value_bytes: int, backward_blocks: int
+) -> int:
+    """Bytes one process needs at the least for its largest tensors, as ``shape`` runs.
+
+    Counted: a batch of images in floats (``B x 3 x H x W``), and the tokens (``B x N x D``) that a
+    training step keeps for its backward pass, one tensor per block it trains through, or that an
+    evaluation pass holds (its input and output). Not counted, though real: the weights, gradients and
+    optimizer state, attention scores, the MLP's wider hidden layer, and the data held in memory. So
+    the true need is several times more, and a run refused by this bound could never have run.
+
+    Args:
+        shape: the model's input and width.
+        micro_batch: training images per process and step.
+        eval_batch: evaluation images per process and batch.
+        value_bytes: bytes per activation (2 under bf16/fp16 autocast, 4 in fp32).
+        backward_blocks: blocks the backward pass goes through (0 when only the head trains).
+    """
+    pixels = 3 * shape.img_size[0] * shape.img_size[1] * value_bytes
+    tokens = shape.tokens * shape.width * value_bytes
+    train = micro_batch * (pixels + tokens * (1 + backward_blocks))
+    evaluate = eval_batch * (pixels + 2 * tokens)
+    return max(train, evaluate)
+
+
+def check_memory(
+    recipe: Recipe, shape: ModelShape | None, device: torch.device, processes: Processes = SINGLE
+) -> None:
+    """Refuse, before any data loads, a run whose largest tensors cannot fit in the memory there is
+    (see :func:`memory_lower_bound`): it would otherwise load its data and then fail in the
+    allocator with a traceback (``model.img_size=100000`` asked for 3.8 TB).
+
+    Raises:
+        FinetuneError: naming the size, the tokens, the memory needed and available, and what fits.
+    """
+    have = available_memory(device)
+    if shape is None or have is None:
+        return
+    if device.type == "cpu":
+        have //= processes.world_size  # the processes of a CPU run share the machine's memory
+    r = recipe
+    micro = r.data.batch_size // processes.world_size
+    evals = r.data.eval_batch_size or 2 * r.data.batch_size
+    mode = r.train.mode
+    blocks = 0 if mode == "head" else min(r.train.last_k, shape.depth) if mode == "last_k" else shape.depth
+    value_bytes = 4 if autocast_dtype(r.train.precision, device) is None else 2
+    need = memory_lower_bound(shape, micro_batch=micro, eval_batch=evals, value_bytes=value_bytes,
+                              backward_blocks=blocks)
+    if need <= have:
+        return
+    (h, w), (ph, pw) = shape.img_size, shape.patch_size
+    # The need grows with the image's area: this side would just meet the bound (the real limit is lower).
+    side = int(min(h, w) * math.sqrt(have / need)) // max(ph, pw) * max(ph, pw)
+    where = "per process " if processes.distributed else ""
+    raise FinetuneError(
+        f"An input of {h}x{w} px in {ph}x{pw}-px patches makes {shape.tokens:,} tokens per image; at "
+        f"{micro} training and {evals} evaluation images {where}per batch the run needs at least {format_bytes(need)} "
+        f"of memory on the {device.type.upper()} for its images and activations alone, and {format_bytes(have)} "
+        "is available. No data was loaded.",
+        (f"Use a smaller model.img_size (below {side} px, the size that meets this bound)" if side >= max(ph, pw)
+         else "Use a much smaller model.img_size")
+        + ", a smaller data.batch_size or data.eval_batch_size, or a larger model.patch_size.",
+    )
+
+
 def model_kwargs(recipe: Recipe) -> dict[str, Any]:
     """Constructor arguments that shape training but not the weights' layout (not in config.json)."""
     return {"drop_path_rate": recipe.model.drop_path_rate} if recipe.model.drop_path_rate else {}
 
 
-def build_model(recipe: Recipe, num_classes: int) -> nn.Module:
-    """The model a recipe asks for: a pretrained source adapted on load, or a from-scratch preset."""
+def resolve_model_source(recipe: Recipe) -> ResolvedSource | None:
+    """The weights and self-description of ``model.source`` (read once), or ``None`` from scratch."""
+    if recipe.train.mode == "scratch":
+        return None
+    return resolve_source(recipe.model.source, arch=recipe.model.arch)
+
+
+def planned_model_shape(recipe: Recipe, source: ResolvedSource | None) -> ModelShape | None:
+    """The shape of the model :func:`build_model` will make, from a meta-device build (nothing allocated)."""
+    m = recipe.model
+    arch = m.arch if source is None else source.arch
+    return planned_shape(arch, resolved=source, img_size=m.img_size, patch_size=m.patch_size, **model_kwargs(recipe))
+
+
+def build_model(recipe: Recipe, num_classes: int, *, source: ResolvedSource | None = None) -> nn.Module:
+    """The model a recipe asks for: a pretrained source adapted on load (``source``, when it has
+    been read already), or a from-scratch preset."""
     m = recipe.model
     extra = model_kwargs(recipe)
     if recipe.train.mode == "scratch":
@@ -156,7 +259,7 @@ def build_model(recipe: Recipe, num_classes: int) -> nn.Module:
             m.arch, num_classes=m.num_classes or num_classes, img_size=m.img_size, patch_size=m.patch_size, **extra
         )
     return load_model(
-        m.source,
+        source if source is not None else m.source,
         num_classes=m.num_classes or num_classes,
         img_size=m.img_size,
         patch_size=m.patch_size,
@@ -458,6 +561,10 @@ class TrainState:
             self.meters.interval_loss.copy_(m["interval_loss"])
             self.meters.epoch_images, self.meters.interval_images = m["epoch_images"], m["interval_images"]
         restore_rng(state["rng"], self.device)
+        if self.processes.rank:
+            # The checkpoint holds process 0's random state; the others draw masks of their own again,
+            # offset by the step so that a resumed process does not replay those of the run's start.
+            torch.manual_seed(model_rng_seed(self.recipe.seed, self.processes.rank) + self.progress.step * 1_000_003)
 
 
 def build(prepared: Prepared, processes: Processes = SINGLE) -> TrainState:
@@ -474,6 +581,9 @@ def build(prepared: Prepared, processes: Processes = SINGLE) -> TrainState:
         model = add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
     counts = set_trainable(model, r.train.mode, last_k=r.train.last_k, bitfit_norms=r.train.bitfit_norms)
     amp_dtype = autocast_dtype(r.train.precision, device)
+    fallback = precision_fallback(r.train.precision, device)
+    if fallback is not None:
+        warnings.warn(fallback, TrainingWarning, stacklevel=2)
     num_classes = model.num_classes
 
     loader_args = dict(
@@ -509,9 +619,13 @@ def build(prepared: Prepared, processes: Processes = SINGLE) -> TrainState:
     if r.train.ema:
         from timm.utils import ModelEmaV3
 
-        # Warm the decay up from 0 (timm's use_warmup): with a fixed 0.9998 from step 1 the average
-        # would stay close to the random or pretrained starting weights for thousands of steps.
-        ema = ModelEmaV3(model, decay=r.train.ema_decay, use_warmup=True)
+        # ema_decay from the second step on: timm's first update (step 1) copies the weights, so the
+        # average never leans on the starting weights. The warm-up is opt-in: its ramp reaches 0.9998
+        # only after 354,000 steps, so on by default it would make ema_decay mean almost nothing.
+        ema = ModelEmaV3(model, decay=r.train.ema_decay, use_warmup=r.train.ema_warmup)
+        if r.train.ema_warmup:
+            warnings.warn(ema_warmup_note(r.train.ema_decay, r.train.epochs * steps_per_epoch), TrainingWarning,
+                          stacklevel=2)
 
     forward: Any = model
     no_sync = contextlib.nullcontext
@@ -523,6 +637,9 @@ def build(prepared: Prepared, processes: Processes = SINGLE) -> TrainState:
         no_sync = forward.no_sync
     if r.train.compile:
         forward = torch.compile(forward)
+    # Everything random that must be equal on every process is built; from here torch's random state
+    # draws dropout and drop-path masks, which must differ between processes.
+    torch.manual_seed(model_rng_seed(r.seed, processes.rank))
     return TrainState(
         recipe=r, device=device, model=model, forward=forward,
         optimizer=optimizer, scheduler=scheduler, scaler=scaler, loss_fn=build_loss(r), mixup=mixup, ema=ema,
@@ -531,6 +648,25 @@ def build(prepared: Prepared, processes: Processes = SINGLE) -> TrainState:
         classes=list(p.data.classes), amp_dtype=amp_dtype, steps_per_epoch=steps_per_epoch, counts=counts,
         mean=p.mean, std=p.std, out_size=p.out_size, meters=Meters.on(device), processes=processes, no_sync=no_sync,
     )
+
+
+def ema_warmup_decay(decay: float, step: int) -> float:
+    """The decay timm's ModelEmaV3 warm-up uses at optimizer step ``step`` (from 1): 0 at step 1
+    (the average becomes the weights), then ``min(decay, 1 - step^(-2/3))``."""
+    return 0.0 if step <= 1 else min(decay, 1 - step ** (-2 / 3))
+
+
+def ema_warmup_note(decay: float, total_steps: int) -> str:
+    """What the EMA warm-up does to a run of ``total_steps`` optimizer steps, in one sentence."""
+    reached = math.ceil((1 - decay) ** -1.5)  # the first step whose warm-up decay is ``decay``
+    final = ema_warmup_decay(decay, total_steps)
+    if total_steps >= reached:
+        return (f"train.ema_warmup ramps the EMA decay up to train.ema_decay={decay:g} by step {reached:,} of this "
+                f"run's {total_steps:,}; before that the average spans fewer steps.")
+    return (f"train.ema_warmup ramps the EMA decay up from 0: this run's {total_steps:,} steps end at decay "
+            f"{final:.5f} (an average over about {1 / (1 - final):,.0f} steps), short of train.ema_decay={decay:g}, "
+            f"which the ramp reaches only at step {reached:,}. Set train.ema_warmup=false for ema_decay from the "
+            "start.")
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ An experiment file is a base recipe plus named variants, each a set of overrides
     overrides:                   # applied to every variant, before the variant's own settings
       - data.train_subset=10000
     sweep_keys: []               # optional: recipe keys to plot accuracy against (sweep.png)
+    val_split: 0.1               # optional: held out for validation where a variant leaves data.val_split at 0
     variants:                    # one run per variant, in this order
       head: {train.mode: head}
       full: {}                   # the base as it is
@@ -18,6 +19,14 @@ A variant's settings are dotted keys (``optim.lr: 1.0e-3``) or nested sections (
 Each variant's recipe is: the base, then ``overrides``, then the variant's settings, then the
 command-line overrides; every variant is validated before anything runs. All variants share the
 base's seed, and so its data split, unless a variant sets ``seed`` itself.
+
+Experiments choose on validation, never on test, unless told to. A variant whose recipe leaves
+``data.val_split`` at 0 (every shipped recipe does) and that nothing in the experiment sets
+``data.val_split`` for gets the experiment's ``val_split`` (default :data:`DEFAULT_VAL_SPLIT`, 10%
+of the train set: 5,000 CIFAR images), the same seeded images for every variant, written into its
+recipe like any other setting. The report then ranks runs by their best validation top-1 and gives
+test top-1 at that epoch. To rank on test, say so: ``val_split: 0`` in the experiment file, or the
+override ``data.val_split=0``; every table and plot of the report then says "ranked on test".
 
 The experiment owns three recipe keys: ``name`` (the variant's name), ``output.dir`` (the experiment
 folder) and ``output.overwrite``. Re-running an experiment reuses every run that finished with the
@@ -67,8 +76,8 @@ from .recipe import (
     recipe_to_dict,
     valid_keys,
 )
-from .report import flatten, format_table, read_run, varied_keys, write_report
-from .rundir import CHECKPOINT, is_run_folder, lock_held, run_dir_for, run_status, strict_json
+from .report import flatten, format_table, ranking_summary, read_run, varied_keys, write_report
+from .rundir import CHECKPOINT, is_run_folder, lock_held, run_dir_for, run_status, strict_json, write_marker
 from .snapshot import write_text_atomically
 
 console = Console(stderr=True)
@@ -76,7 +85,11 @@ console = Console(stderr=True)
 EXPERIMENT_FILE = "experiment.yaml"
 """Name of the resolved experiment written into the experiment folder."""
 
-_FILE_KEYS = ("description", "name", "base", "overrides", "sweep_keys", "variants")
+_FILE_KEYS = ("description", "name", "base", "overrides", "sweep_keys", "val_split", "variants")
+DEFAULT_VAL_SPLIT = 0.1
+"""Validation hold-out an experiment gives a variant that has none: 10% of the train set (5,000
+CIFAR images), taken from the end of the seeded permutation that also picks ``data.train_subset``."""
+_VAL_KEY = "data.val_split"
 # Keys the experiment sets itself; the value says what to do instead.
 _RESERVED = {
     "name": "the variant's name is the run name; rename the variant, or give the experiment another name",
@@ -115,6 +128,7 @@ class Experiment:
             and its ``output.dir`` is the experiment folder.
         sweep_keys: dotted recipe keys to plot accuracy against; empty for a plain comparison.
         source: the experiment file or swept recipe it was made from, for ``experiment.yaml``.
+        val_split: the validation hold-out given to variants that had none (0: none given).
     """
 
     name: str
@@ -122,11 +136,33 @@ class Experiment:
     variants: list[tuple[str, Recipe]]
     sweep_keys: list[str] = field(default_factory=list)
     source: str | None = None
+    val_split: int | float = DEFAULT_VAL_SPLIT
 
     @property
     def dir(self) -> Path:
         """The experiment folder: ``output.dir/<name>``, shared by every variant's recipe."""
         return Path(self.variants[0][1].output.dir).expanduser()
+
+    @property
+    def rank_on(self) -> Literal["val", "test"]:
+        """``val`` when every variant holds out a validation split, else ``test``.
+
+        The report reads the finished runs and has the last word: a Hugging Face dataset with its own
+        validation split validates at ``data.val_split=0`` too.
+        """
+        return "val" if all(r.data.val_split for _, r in self.variants) else "test"
+
+    def describe_ranking(self) -> str:
+        """One line for the plan: what the report will rank on, and each variant's hold-out."""
+        splits = {name: r.data.val_split for name, r in self.variants}
+        if self.rank_on == "val":
+            values = set(map(_value_text, splits.values()))
+            held = (f"data.val_split={values.pop()} for every variant" if len(values) == 1
+                    else ", ".join(f"{n}: data.val_split={_value_text(v)}" for n, v in splits.items()))
+            return f"ranked on validation ({held}); test top-1 is reported at the epoch chosen on validation"
+        bare = [n for n, v in splits.items() if not v]
+        return (f"ranked on test: no validation split in {', '.join(bare)} (data.val_split=0); every table and "
+                f"plot says so. Drop the opt-out to hold out {_value_text(DEFAULT_VAL_SPLIT)} of the train set")
 
 
 @dataclass(frozen=True)
@@ -169,7 +205,7 @@ class ExperimentResult:
         experiment: what was run.
         variants: one result per variant, in run order.
         report: the report files by kind (``markdown``, ``csv``, ``acc_vs_epoch``, ...).
-        table: the comparison table in Markdown, as in ``report.md``.
+        table: the comparison table in Markdown and its ranking line, as in ``report.md``.
     """
 
     experiment: Experiment
@@ -260,6 +296,7 @@ def _build_variants(
     shared: Sequence[str],
     variants: Sequence[tuple[str, list[tuple[str, str]], str]],
     cli_overrides: Sequence[str],
+    val_split: int | float = DEFAULT_VAL_SPLIT,
 ) -> list[tuple[str, Recipe]]:
     """Validate every variant; raise one error listing every variant that does not validate.
 
@@ -271,6 +308,8 @@ def _build_variants(
         shared: overrides applied to every variant before its own settings.
         variants: ``(name, [(dotted key, override)], where)`` per variant; ``where`` names it in messages.
         cli_overrides: overrides applied last, to every variant.
+        val_split: the validation hold-out for variants whose recipe leaves ``data.val_split`` at 0
+            and whose overrides do not set it (an explicit ``data.val_split=0`` is an opt-out).
     """
     if not _FOLDER_NAME.fullmatch(exp_name):
         raise ExperimentError(
@@ -282,6 +321,10 @@ def _build_variants(
         overrides = [*shared, *(o for _, o in settings), *cli_overrides]
         try:
             recipe = recipe_from_dict(base, base_label, overrides)
+            if val_split and not recipe.data.val_split and _VAL_KEY not in map(_override_key, overrides):
+                # Left at 0 by the recipe, not chosen by the experiment: hold out the default, so
+                # that the report ranks on validation. Written into the recipe, so it shows.
+                recipe = recipe_from_dict(base, base_label, [*overrides, f"{_VAL_KEY}={_value_text(val_split)}"])
         except RecipeError as err:
             problems.append(f"{where} does not validate:\n  " + str(err).replace("\n", "\n  "))
             continue
@@ -390,9 +433,17 @@ def load_experiment(
     if problems:
         raise ExperimentError("\n".join(problems))
 
+    val_split = raw.get("val_split", DEFAULT_VAL_SPLIT)
+    if not _is_image_count(val_split):
+        raise ExperimentError(
+            f"{label}: val_split must be a number of images (int) or a fraction of the train set "
+            f"(float in [0, 1)), got {val_split!r}.",
+            f"Write e.g. `val_split: {DEFAULT_VAL_SPLIT}` (the default), or `val_split: 0` to hold out nothing "
+            "and rank on test.",
+        )
     exp_name = str(name or raw.get("name") or file.stem)
     description = str(raw.get("description") or "")
-    built = _build_variants(exp_name, description, base, base_label, shared, variants, overrides)
+    built = _build_variants(exp_name, description, base, base_label, shared, variants, overrides, val_split)
     if file == given / EXPERIMENT_FILE:
         # Read back from an experiment folder: its runs are where the folder is now, whatever the
         # (possibly relative) output.dir recorded when it was written, and wherever this runs from.
@@ -404,7 +455,14 @@ def load_experiment(
     if not isinstance(sweep_keys, list):
         raise ExperimentError(f"{label}: sweep_keys must be a list of dotted recipe keys, got {sweep_keys!r}.")
     _check_keys([str(k) for k in sweep_keys], f"{label}: sweep_keys", (), leaf=True)
-    return Experiment(exp_name, description, built, [str(k) for k in sweep_keys], str(file))
+    return Experiment(exp_name, description, built, [str(k) for k in sweep_keys], str(file), val_split)
+
+
+def _is_image_count(value: Any) -> bool:
+    """True for what ``data.val_split`` accepts: an int >= 0, or a float in [0, 1)."""
+    if isinstance(value, bool):
+        return False
+    return (isinstance(value, int) and value >= 0) or (isinstance(value, float) and 0.0 <= value < 1.0)
 
 
 def _check_cli_overrides(overrides: Sequence[str]) -> None:
@@ -513,6 +571,7 @@ def sweep_experiment(
     grid: Sequence[str],
     overrides: Sequence[str] = (),
     name: str | None = None,
+    val_split: int | float = DEFAULT_VAL_SPLIT,
 ) -> Experiment:
     """The Cartesian product of ``--grid`` values over a recipe, as an experiment.
 
@@ -527,6 +586,9 @@ def sweep_experiment(
         overrides: ``dotted.key=value`` items applied to every run; a key cannot be both swept and
             overridden.
         name: the experiment's name; default ``<recipe name>_sweep_<labels>`` (``vit_lab_cifar_sweep_lr_bs``).
+        val_split: the validation hold-out for grid points whose recipe has none, as in an experiment
+            file; the override ``data.val_split=0`` (or 0 here) holds out nothing: the sweep then
+            ranks on test, and says so.
 
     Raises:
         ExperimentError: bad grid syntax, an unknown key, a key both swept and overridden, a value
@@ -581,8 +643,10 @@ def sweep_experiment(
     description = f"sweep of {', '.join(keys)} over {file.name}"
     # The sweep's overrides go last, after the grid values, like a compare's command-line ones;
     # a key cannot be in both, so the order does not change any value.
-    built = _build_variants(exp_name, description, base, file.name, [], variants, overrides)
-    return Experiment(exp_name, description, built, keys, str(file))
+    if not _is_image_count(val_split):
+        raise ExperimentError(f"val_split must be an int >= 0 or a float in [0, 1), got {val_split!r}.")
+    built = _build_variants(exp_name, description, base, file.name, [], variants, overrides, val_split)
+    return Experiment(exp_name, description, built, keys, str(file), val_split)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -602,7 +666,7 @@ def plan_experiment(exp: Experiment) -> list[PlannedRun]:
             differing keys), a variant folder that is not a run folder, or a run that another
             process is training; every such variant is named in one message, before anything runs.
     """
-    plans, conflicts = [], []
+    plans, conflicts, val_split_changed = [], [], False
     for name, recipe in exp.variants:
         run_dir = run_dir_for(recipe)
         if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
@@ -639,13 +703,17 @@ def plan_experiment(exp: Experiment) -> list[PlannedRun]:
             shown = ", ".join(f"{k}: {_show(old.get(k))} -> {_show(new.get(k))}" for k in diffs[:4])
             more = f" and {len(diffs) - 4} more" if len(diffs) > 4 else ""
             conflicts.append(f"{run_dir} finished with another recipe ({shown}{more}).")
+            val_split_changed |= not old.get(_VAL_KEY) and _VAL_KEY in diffs
             continue
         plans.append(PlannedRun(name, recipe, run_dir, "reuse"))
     if conflicts:
+        # Runs from before experiments held out a validation split by default differ only there.
+        opt_out = (" To reuse runs made without a validation split, add data.val_split=0 (they are then "
+                   "ranked on test)." if val_split_changed else "")
         raise ExperimentError(
             f"experiment {exp.name!r}: " + ("\n" if len(conflicts) > 1 else "") + "\n".join(conflicts),
             "finetune never replaces a finished run. Give the experiment a new name (--name NAME), "
-            f"or delete {exp.dir} (or just the run folders named) to retrain.",
+            f"or delete {exp.dir} (or just the run folders named) to retrain.{opt_out}",
         )
     return plans
 
@@ -679,6 +747,7 @@ def experiment_to_yaml(exp: Experiment) -> str:
     }
     if exp.sweep_keys:
         doc["sweep_keys"] = exp.sweep_keys
+    doc["val_split"] = exp.val_split  # each variant's data.val_split below is the one it ran with
     doc["variants"] = variants
     header = (
         f"# Resolved experiment from {exp.source or 'the Python API'}: every variant's complete recipe.\n"
@@ -692,9 +761,12 @@ def _record_failure(run_dir: Path, recipe: Recipe, error: str, source: str | Non
     failed before creating its folder); a folder the engine wrote already says how its run ended."""
     if is_run_folder(run_dir) or lock_held(run_dir):
         return
-    if run_dir.exists() and not run_dir.is_dir():
-        return  # a file where the run folder would go: the error says so; leave it alone
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        return  # a file or link where the run folder would go: the error says so; leave it alone
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        return  # someone else's folder: never written into, never marked as ours
     run_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(run_dir)  # finetune made this folder, so a rerun may replace it
     if not (run_dir / "recipe.yaml").exists():
         write_text_atomically(run_dir / "recipe.yaml", dump_recipe_yaml(recipe))
     summary = {
@@ -737,6 +809,8 @@ def run_experiment(exp: Experiment, *, quiet: bool = False, nproc: int = 1) -> E
             "Set output.dir to a folder you can write to (not one under a file).",
         ) from None
 
+    if not quiet:
+        console.print(f"{exp.name}: {exp.describe_ranking()}", style="dim", highlight=False, markup=False)
     results = []
     for i, plan in enumerate(plans, start=1):
         prefix = f"[{i}/{len(plans)}] {plan.name}"
@@ -783,21 +857,21 @@ def _run_distributed(plan: PlannedRun, recipe: Recipe, nproc: int, quiet: bool) 
     """Train one variant in ``nproc`` processes through torchrun; raise if they fail."""
     import tempfile
 
-    from .distributed import launch
+    from .distributed import run_processes
 
     quiet_flag = ["-q"] if quiet else []
     if plan.action == "resume":
-        code = launch(["resume", str(plan.run_dir), *quiet_flag], nproc)
+        launched = run_processes(["resume", str(plan.run_dir), *quiet_flag], nproc)
     else:
         with tempfile.TemporaryDirectory() as tmp:  # the variant's complete recipe, for the processes to read
             path = Path(tmp) / f"{plan.name}.yaml"
             path.write_text(dump_recipe_yaml(recipe), encoding="utf-8")
-            code = launch(["run", str(path), *quiet_flag], nproc)
-    if code == 130:
+            launched = run_processes(["run", str(path), *quiet_flag], nproc)
+    if launched.code == 130:
         raise KeyboardInterrupt  # the processes saved a checkpoint and said so; stop like one process would
-    if code:
-        status = run_status(plan.run_dir)
-        raise FinetuneError(f"its {nproc}-process run failed (exit code {code}, run status {status}); its errors are above.")
+    error = launched.error(nproc, plan.run_dir)
+    if error is not None:  # torchrun's own report was kept quiet: one paragraph, with the run's status
+        raise FinetuneError(f"{error.problem} (Run status: {run_status(plan.run_dir)}.)", error.fix)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -815,13 +889,15 @@ def write_experiment_report(
     """:func:`finetune.report.write_report`, plus its comparison table as Markdown text to print.
 
     Returns:
-        The files written by kind, and the table (the same columns as in ``report.md``).
+        The files written by kind, and the table followed by its ranking line (as in ``report.md``):
+        ``Ranked on validation: best ...`` or ``Ranked on test (...): best ...``, so that what is
+        printed never ranks on test without saying so.
     """
     paths = write_report(run_dirs, out_dir, title=title, sweep_keys=sweep_keys)
     records = [read_run(d) for d in run_dirs]
     swept = list(sweep_keys or [])
     keys = swept + [k for k in varied_keys(records) if k not in swept]  # write_report's column order
-    return paths, format_table(records, keys)
+    return paths, format_table(records, keys) + "\n\n" + ranking_summary(records)
 
 
 def read_experiment_folder(folder: str | Path) -> tuple[list[Path], list[str], str]:

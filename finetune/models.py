@@ -257,6 +257,28 @@ def _timm_create(arch: str, **kwargs: Any) -> nn.Module:
         ) from None
 
 
+def non_persistent_buffers(model: nn.Module) -> list[str]:
+    """Names of the buffers no state dict holds (``register_buffer(..., persistent=False)``): values
+    computed at construction, such as Swin's ``relative_position_index`` and ``attn_mask``."""
+    return [f"{prefix}.{name}" if prefix else name
+            for prefix, module in model.named_modules() for name in module._non_persistent_buffers_set]
+
+
+def _materialise(meta_model: nn.Module, arch: str, build_args: dict[str, Any]) -> nn.Module:
+    """``meta_model`` (built on the meta device) on the CPU, its weights about to be loaded.
+
+    ``to_empty`` gives storage without values, which the state dict then fills. It cannot fill
+    non-persistent buffers, so a model that has any is built for real (on a forked random state, so
+    that this build does not move the run's random numbers): Swin-T takes 0.39 s, as timm's own init
+    does, on one CPU thread. ViT and DeiT have none and keep the fast path (ViT-B: 0.06 s instead of
+    0.95 s; DeiT-tiny: 0.06 s either way).
+    """
+    if not non_persistent_buffers(meta_model):
+        return meta_model.to_empty(device="cpu")
+    with torch.random.fork_rng(devices=[]):
+        return _timm_create(arch, **build_args)
+
+
 def head_names(model: nn.Module) -> list[str]:
     """Module names of the classifier head(s): ``head``, and ``head_dist`` on distilled DeiT."""
     heads = model.get_classifier()
@@ -410,7 +432,7 @@ def _sync_cfg(model: nn.Module) -> None:
 
 
 def load_model(
-    source: str | Path,
+    source: str | Path | ResolvedSource,
     *,
     num_classes: int | None = None,
     img_size: int | tuple[int, int] | None = None,
@@ -430,7 +452,8 @@ def load_model(
             ``deit_tiny_patch16_224.fb_in1k``), ``hf-hub:org/name``, a weights file
             (``.safetensors``; ``.pth``/``.pt``/``.bin`` including the DeiT release format
             ``{"model": ...}`` and timm training checkpoints), or a hub-style folder
-            (``config.json`` + weights), such as a finetune run directory.
+            (``config.json`` + weights), such as a finetune run directory; or what
+            :func:`resolve_source` read from one (then ``arch``, ``use_ema`` and ``cache_dir`` are not used).
         num_classes: classes of the new task; the checkpoint's head (both heads for distilled
             DeiT) is dropped and a fresh one made. ``None`` keeps the checkpoint's head.
         img_size: new input size (int or (H, W)); ``pos_embed`` is refitted to the new grid.
@@ -455,15 +478,33 @@ def load_model(
         ...                    patch_size=4, pos_embed_mode="bicubic")
         >>> model.load_report.summary()
     """
-    resolved = resolve_source(source, arch=arch, use_ema=use_ema, cache_dir=cache_dir)
+    name = source.origin if isinstance(source, ResolvedSource) else str(source)
+    if num_classes is not None and not (
+            isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes >= 1):
+        raise FinetuneError(
+            f"load_model({name!r}, num_classes={num_classes!r}): num_classes must be a whole number of classes, "
+            "1 or more.",
+            "Pass the new task's class count, or num_classes=None to keep the checkpoint's head.",
+        )
+    # The keywords go to timm's constructor: the same checks as a config.json's model_args, so that
+    # they can neither make timm open a file (checkpoint_path=) nor build without bound (depth=100000).
+    check_model_args(model_kwargs, {}, name, keywords=True)
+    if isinstance(source, ResolvedSource):
+        resolved, source = source, name
+    else:
+        resolved = resolve_source(source, arch=arch, use_ema=use_ema, cache_dir=cache_dir)
     arch_name = resolved.arch
     state_dict = resolved.state_dict
     classifier = resolved.pretrained_cfg.get("classifier") or "head"
     first_head = classifier[0] if isinstance(classifier, (list, tuple)) else classifier
     head_weight = state_dict.get(f"{first_head}.weight")
     ckpt_classes = int(head_weight.shape[0]) if head_weight is not None else 0
+    if num_classes is None:
+        _check_label_names(resolved, ckpt_classes)
 
     build_args = {**resolved.model_args, **model_kwargs, "num_classes": ckpt_classes}
+    if model_kwargs:  # and they must agree with the weights' shapes
+        check_model_args({**resolved.model_args, **model_kwargs}, state_dict, name, keywords=True)
     # Build on the meta device first: random init of a ViT costs seconds on a CPU and is wasted
     # when the checkpoint overwrites every tensor.
     with torch.device("meta"):
@@ -482,9 +523,8 @@ def load_model(
                 f"({describe_checkpoint(state_dict)}; timm's converter said: {exc}).",
                 "Pass the architecture the checkpoint was made for (arch=... / model.arch).",
             ) from None
-    persistent = {k for k, _ in model.named_buffers()} | {k for k, _ in model.named_parameters()}
-    if model_keys >= persistent and model_keys <= set(state_dict):
-        model = model.to_empty(device="cpu")  # every tensor is about to be loaded
+    if model_keys <= set(state_dict):
+        model = _materialise(model, arch_name, build_args)  # every tensor is about to be loaded
     else:
         model = _timm_create(arch_name, **build_args)  # keep a real init for what stays unloaded
     model.pretrained_cfg = dict(resolved.pretrained_cfg)
@@ -512,6 +552,95 @@ def load_model(
     model.load_report = report
     _sync_cfg(model)
     return model
+
+
+def _check_label_names(resolved: ResolvedSource, head_classes: int) -> None:
+    """The class names a kept head comes with must name each of its outputs, once."""
+    names = resolved.pretrained_cfg.get("label_names")
+    if names is None or not head_classes or len(names) == head_classes:
+        return
+    origin = Path(resolved.origin)
+    if origin.is_dir():
+        where = str(origin / CONFIG_NAME)
+    else:  # a hub repository's config.json, or a weights file's metadata
+        where = f"the config.json of {resolved.origin}" if resolved.origin.startswith(HUB_PREFIX) else resolved.origin
+    raise CheckpointError(
+        f"{where} lists {len(names)} class names (label_names) but the model's head has {head_classes} "
+        f"outputs, so {'some classes would have no name' if len(names) < head_classes else 'some names fit no class'}.",
+        f"Give label_names one name per class, in the head's order (or delete it, to number the classes 0-"
+        f"{head_classes - 1}); or pass num_classes=... to replace the head.",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes, before anything is allocated
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What sets a ViT's memory use: its input, patch grid, width and depth.
+
+    Attributes:
+        img_size: ``(H, W)`` input in pixels.
+        patch_size: ``(ph, pw)``.
+        width: the token width (``embed_dim``).
+        depth: transformer blocks.
+        prefix_tokens: class, distillation and register tokens before the patches.
+    """
+
+    img_size: tuple[int, int]
+    patch_size: tuple[int, int]
+    width: int
+    depth: int
+    prefix_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per image: the prefix tokens and one per patch."""
+        return self.prefix_tokens + (self.img_size[0] // self.patch_size[0]) * (self.img_size[1] // self.patch_size[1])
+
+
+def model_shape(model: nn.Module) -> ModelShape | None:
+    """The :class:`ModelShape` of a timm ViT (on any device, the meta device included); ``None``
+    for a model without a patch embedding, blocks and a width."""
+    embed, blocks = getattr(model, "patch_embed", None), getattr(model, "blocks", None)
+    width = getattr(model, "embed_dim", None)
+    if embed is None or blocks is None or not isinstance(width, int) or getattr(embed, "img_size", None) is None:
+        return None
+    return ModelShape(to_2tuple(embed.img_size), to_2tuple(embed.patch_size), width, len(blocks),
+                      int(getattr(model, "num_prefix_tokens", 1)))
+
+
+def planned_shape(
+    arch: str,
+    *,
+    resolved: ResolvedSource | None = None,
+    img_size: int | tuple[int, int] | None = None,
+    patch_size: int | None = None,
+    **model_kwargs: Any,
+) -> ModelShape | None:
+    """The shape :func:`create_model` (``resolved`` is ``None``) or :func:`load_model` (from
+    ``resolved``) would give, found by building the architecture on the meta device: no memory is
+    allocated and no weight initialised, so it is safe for sizes that could never run.
+
+    Raises:
+        GridError: the image does not split into whole patches.
+    """
+    if resolved is None:
+        with torch.device("meta"):
+            model = create_model(arch, num_classes=1, img_size=img_size, patch_size=patch_size, **model_kwargs)
+        return model_shape(model)
+    with torch.device("meta"):
+        model = _timm_create(arch, **{**resolved.model_args, **model_kwargs, "num_classes": 1})
+    shape = model_shape(model)
+    if shape is None:
+        return None
+    native = _native_shape_kwargs(model, resolved.state_dict)  # the checkpoint's own grid and patch
+    native_img, native_patch = native if native is not None else (shape.img_size, shape.patch_size)
+    new_img = to_2tuple(img_size) if img_size is not None else to_2tuple(native_img)
+    new_patch = to_2tuple(patch_size) if patch_size is not None else to_2tuple(native_patch)
+    check_image_size(new_img, new_patch)
+    return ModelShape(new_img, new_patch, shape.width, shape.depth, shape.prefix_tokens)
 
 
 # --------------------------------------------------------------------------------------------
@@ -586,7 +715,8 @@ def save_model(model: nn.Module, directory: str | Path, *, class_names: list[str
 def model_from_config(
     config: dict[str, Any], state_dict: dict[str, torch.Tensor] | None = None, **model_kwargs: Any
 ) -> nn.Module:
-    """The architecture a :func:`model_config` dict describes, with uninitialised weights.
+    """The architecture a :func:`model_config` dict describes, with uninitialised weights (and
+    non-persistent buffers, which no state dict holds, computed as at construction).
 
     For loading a state dict saved from the same model (a training checkpoint): nothing is read
     from the model's original source, so a run resumes even where that source is not available.
@@ -600,9 +730,10 @@ def model_from_config(
     arch = config["architecture"]
     args = dict(config.get("model_args") or {})
     check_model_args(args, state_dict or {}, "the checkpoint's model config")
+    build_args = {"num_classes": config["num_classes"], **args, **model_kwargs}
     with torch.device("meta"):  # no random init: every tensor is about to be loaded
-        model = _timm_create(arch, num_classes=config["num_classes"], **args, **model_kwargs)
-    model = model.to_empty(device="cpu")
+        model = _timm_create(arch, **build_args)
+    model = _materialise(model, arch, build_args)
     model.pretrained_cfg = dict(model.pretrained_cfg, **config.get("pretrained_cfg", {}))
     model.finetune_spec = {"arch": arch, "model_args": args}
     _sync_cfg(model)

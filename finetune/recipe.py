@@ -38,6 +38,8 @@ SHIPPED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 TrainMode = Literal["head", "full", "last_k", "scratch", "lora", "bitfit", "attn"]
 """What a run trains (``train.mode``); ``finetune.params.set_trainable`` implements each."""
 TRAIN_MODES: tuple[str, ...] = get_args(TrainMode)
+MAX_IMG_SIDE = 16_384
+"""Largest ``model.img_size`` per side: ``finetune.pos_embed.MAX_GRID_SIDE`` patches of 16 px."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,11 +81,13 @@ class ModelConfig(_Section):
         None, ge=1, description="Classes of the new head; null uses the dataset's."
     )
     img_size: int | tuple[int, int] | None = Field(
-        None, description="Model input size in pixels (int or [height, width]); null keeps the model's."
+        None, description=f"Model input size in pixels (int or [height, width], each 1 to {MAX_IMG_SIDE:,}); null "
+        "keeps the model's. The run checks, before any data loads, that its images and tokens fit in memory."
     )
     patch_size: int | None = Field(
         None,
         ge=1,
+        le=1024,
         description="Patch size; null keeps the checkpoint's, another value resamples the patch embedding.",
     )
     pos_embed_mode: Literal["bicubic", "bilinear", "nearest", "truncate", "crop"] = Field(
@@ -98,6 +102,12 @@ class ModelConfig(_Section):
         sizes = (value,) if isinstance(value, int) else value or ()
         if any(s < 1 for s in sizes):
             raise ValueError(f"must be a positive number of pixels, got {value!r}")
+        if any(s > MAX_IMG_SIDE for s in sizes):
+            raise ValueError(
+                f"must be at most {MAX_IMG_SIDE:,} pixels per side, got {value!r}: the largest input a ViT's "
+                "position embedding is resized to (1,024 patches of 16 px); a run at that size also needs the "
+                "memory, which it checks before loading data"
+            )
         return value
 
 
@@ -139,10 +149,24 @@ class TrainConfig(_Section):
         0.0, ge=0.0, description="CutMix beta-distribution alpha; 0 turns CutMix off."
     )
     ema: bool = Field(False, description="Keep an exponential moving average of the weights and evaluate it.")
-    ema_decay: float = Field(0.9998, gt=0.0, lt=1.0, description="Decay of the weight EMA per step.")
+    ema_decay: float = Field(
+        0.9998, gt=0.0, lt=1.0, description="Decay of the weight EMA per optimizer step, from the second step "
+        "on (the first sets the average to the weights): it averages over about 1 / (1 - ema_decay) steps, 5,000 "
+        "at 0.9998."
+    )
+    ema_warmup: bool = Field(
+        False, description="Ramp the EMA decay up as timm's ModelEmaV3 warm-up does: at step t it is min(ema_decay, "
+        "1 - t^(-2/3)), so the average spans only about t^(2/3) steps until the ramp reaches ema_decay: 0.99 after "
+        "1,000 steps, 0.999 after 31,600, 0.9998 after 354,000. The run warns with the decay it ends at."
+    )
     clip_grad: float | None = Field(
         None, gt=0.0, description="Clip the gradient norm to this value; null: no clipping."
     )
+    @property
+    def mixing(self) -> bool:
+        """True when Mixup or CutMix is on (they pair the images of a batch)."""
+        return bool(self.mixup_alpha or self.cutmix_alpha)
+
     log_every: int = Field(50, ge=1, description="Optimizer steps between metrics lines.")
     eval_every: int = Field(1, ge=1, description="Epochs between evaluations.")
     dist_timeout: float = Field(

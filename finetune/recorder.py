@@ -6,6 +6,7 @@ model and plots, and the summary, through ``finetune.rundir.RunDir``.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -102,17 +103,24 @@ class RunRecorder(Callback):
         tree["metrics_offset"] = self.rundir.metrics_offset()
         tree["wall_time_s"] = self.wall_time()
         self.rundir.save_checkpoint(tree)
-        self.summary.update(result_fields(state), wall_time_s=tree["wall_time_s"])
+        p = state.progress
+        # last_checkpoint: proof that the run had one, should checkpoints/ go missing (resume says so)
+        self.summary.update(result_fields(state), wall_time_s=tree["wall_time_s"],
+                            last_checkpoint={"epoch": p.epoch, "step": p.step})
         self.rundir.write_summary(self.summary)
 
-    def finish(self, state: TrainState) -> None:
+    def finish(self, state: TrainState) -> list[Path]:
         """Save the final model and plots, then mark the run finished (last, so that a folder that
-        says ``finished`` has everything), then delete the run it replaced, if any."""
+        says ``finished`` has everything), then delete the runs it replaced, if any.
+
+        Returns:
+            The earlier runs deleted (parked by ``output.overwrite``), as paths.
+        """
         from .device import peak_memory_mb
 
         r = state.recipe
         if self.rundir is None:
-            return
+            return []
         if r.output.save_model:
             self.rundir.save_model(_with_normalisation(state), state.classes)
             if hasattr(state.eval_model, "save_pretrained"):  # the adapters alone, in peft's format
@@ -123,15 +131,17 @@ class RunRecorder(Callback):
             from .visual import run_pictures
 
             folder = self.rundir.path
-            plot_curves(folder / "metrics.jsonl", folder / "curves.png", title=r.name)
-            plot_confusion(state.progress.last_eval["confusion"], state.classes, folder / "confusion_matrix.png")
             pictures = run_pictures(state)
-            draw_samples(pictures.samples, pictures.sample_labels.tolist(), state.classes, folder / "samples.png",
-                         title="Training inputs as the model receives them (epoch 1, first batch; de-normalised)")
             images, true, predicted, confidence = pictures.mistakes
-            draw_mistakes(images, true.tolist(), predicted.tolist(), confidence.tolist(), state.classes,
-                          folder / "mistakes.png", where=pictures.where)
-        self.summary.pop("replaced_runs", None)
+            # matplotlib and PIL report a full disk as OSError: the run's message, not a traceback
+            with self.rundir.writing(f"draw the pictures in {folder}"):
+                plot_curves(folder / "metrics.jsonl", folder / "curves.png", title=r.name)
+                plot_confusion(state.progress.last_eval["confusion"], state.classes, folder / "confusion_matrix.png")
+                draw_samples(pictures.samples, pictures.sample_labels.tolist(), state.classes, folder / "samples.png",
+                             title="Training inputs as the model receives them (epoch 1, first batch; de-normalised)")
+                draw_mistakes(images, true.tolist(), predicted.tolist(), confidence.tolist(), state.classes,
+                              folder / "mistakes.png", where=pictures.where)
+        self.summary.pop("replaced_runs", None)  # earlier finetune versions wrote it; nothing reads it
         self.summary.update(
             result_fields(state),
             confusion_matrix=state.progress.last_eval["confusion"],
@@ -142,15 +152,14 @@ class RunRecorder(Callback):
             peak_memory_kind="cuda" if state.device.type == "cuda" else "process_rss",
         )
         self.rundir.write_summary(self.summary)
-        self.rundir.discard_replaced()
+        return self.rundir.discard_replaced()
 
     def mark(self, state: TrainState, status: str, error: str) -> None:
         """Record how the run ended when it did not finish; best effort (the disk may be full)."""
         if self.rundir is None:
             return
         self.summary.update(result_fields(state), status=status, error=error, wall_time_s=self.wall_time())
-        if self.rundir.replaced:
-            self.summary["replaced_runs"] = [str(p) for p in self.rundir.replaced]
+        self.summary.pop("replaced_runs", None)
         try:
             self.rundir.write_summary(self.summary)
         except RunDirError:

@@ -11,8 +11,11 @@ the resolved ``recipe.yaml``. This module reads them back and draws:
 
 Runs are ranked honestly: by their best validation accuracy when every run has a validation split
 (each run's best epoch was chosen on validation, and its test accuracy is reported at that
-epoch), otherwise by the test accuracy after the last epoch. The best test accuracy over epochs is
-selected on the test set itself; it appears only in the CSV, labelled so, and never ranks a run.
+epoch), otherwise by the test accuracy after the last epoch. A report never ranks on test
+silently: then the table's heading and ranking column, the summary line, the CSV's ``ranked_on``
+column and every figure's title say "ranked on test" (:data:`RANKED_ON`). The best test accuracy
+over epochs is selected on the test set itself; it appears only in the CSV, labelled so, and never
+ranks a run.
 
 Figures are built with ``matplotlib.figure.Figure`` and saved through the Agg canvas instead of
 ``pyplot``: no backend is switched (a notebook keeps its own), no global figure list can leak
@@ -50,6 +53,8 @@ _IGNORED_PREFIXES = ("output.",)
 # Statuses whose curves are worth drawing; a failed run's partial curve would look like a result.
 _PLOTTED = ("finished", "running")
 _BASIS_LABEL = {"val": "best val top-1", "final": "final test top-1"}
+RANKED_ON = {"val": "ranked on validation", "final": "ranked on test"}
+"""What every table, plot and summary line says about a report's ranking, by :func:`selection_basis`."""
 _ERROR_WIDTH = 60  # characters of an error message that fit in a table cell
 
 
@@ -127,7 +132,8 @@ def selection_basis(records: Sequence[RunRecord]) -> str:
     """``val`` when every finished run chose its best epoch on a validation split, else ``final``.
 
     Runs are only ranked by validation accuracy when all of them have it; otherwise by the test
-    accuracy after the last epoch, which no run selected on.
+    accuracy after the last epoch, which no run selected an epoch on, but which then chooses the
+    best run: every output of the report says "ranked on test" (:data:`RANKED_ON`).
     """
     finished = [r for r in records if r.status == "finished"] or list(records)
     return "val" if finished and all(r.selection == "val" and r.best_val_acc1 is not None for r in finished) else "final"
@@ -327,13 +333,15 @@ def format_table(records: Sequence[RunRecord], keys: Sequence[str]) -> str:
 
     Returns:
         The table. The figure runs are ranked by (:func:`selection_basis`) is in bold for the top
-        finished run: the best validation top-1, or the final test top-1.
+        finished run: the best validation top-1, or the final test top-1, whose column heading then
+        says "ranked on test".
     """
-    header = ["Run", "Status", *keys, "Val top-1 (%)", "Test top-1 at best val (%)", "Final test top-1 (%)",
+    basis = selection_basis(records)
+    final = "Final test top-1 (%)" if basis == "val" else f"Final test top-1 (%, {RANKED_ON[basis]})"
+    header = ["Run", "Status", *keys, "Val top-1 (%)", "Test top-1 at best val (%)", final,
               "Epochs", "Time", "Images/s", "Trainable params", "Total params", "Peak mem (MB)"]
     numbers = 9  # the columns after the settings are numbers: right-aligned
     texts = len(header) - numbers
-    basis = selection_basis(records)
     scores = [r.score(basis) for r in records if r.status == "finished" and r.score(basis) is not None]
     top = max(scores) if scores else None
     lines = ["| " + " | ".join(header) + " |",
@@ -352,6 +360,39 @@ def format_table(records: Sequence[RunRecord], keys: Sequence[str]) -> str:
         ]
         lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
     return "\n".join(lines)
+
+
+def _ranked(records: Sequence[RunRecord], basis: str) -> list[RunRecord]:
+    """The finished runs with a score, best first (ties keep the table's order)."""
+    scored = [r for r in records if r.status == "finished" and r.score(basis) is not None]
+    return sorted(scored, key=lambda r: -r.score(basis))
+
+
+def ranking_summary(records: Sequence[RunRecord]) -> str:
+    """One line on how the runs are ranked and which is best, beginning with :data:`RANKED_ON`.
+
+    ``Ranked on validation: best **b**, 70.00% val top-1 at epoch 1; test top-1 at that epoch
+    65.00%.`` or, when a finished run has no validation split, ``Ranked on test (no validation
+    split in c): best **a**, 78.75% test top-1 after the last epoch. ...``, naming the runs without
+    one and what to do about it.
+    """
+    basis = selection_basis(records)
+    head = RANKED_ON[basis].capitalize()
+    ranked = _ranked(records, basis)
+    if basis == "val":
+        if not ranked:
+            return f"{head}: no run finished."
+        best = ranked[0]
+        return (f"{head}: best **{best.name}**, {_pct(best.best_val_acc1)}% val top-1 at epoch {best.best_epoch}; "
+                f"test top-1 at that epoch {_pct(best.best_test_acc1)}%.")
+    finished = [r for r in records if r.status == "finished"] or list(records)
+    lacking = [r.name for r in finished if not (r.selection == "val" and r.best_val_acc1 is not None)]
+    why = ("no run has a validation split" if len(lacking) == len(finished)
+           else f"no validation split in {', '.join(lacking)}")
+    best = (f"best **{ranked[0].name}**, {_pct(ranked[0].final_acc1)}% test top-1 after the last epoch"
+            if ranked else "no run finished")
+    return (f"{head} ({why}): {best}. The test set chose the ranking, so the best run's test top-1 is "
+            "optimistic; hold out a validation split (`data.val_split`) to rank honestly.")
 
 
 def _legend_labels(records: Sequence[RunRecord], keys: Sequence[str]) -> list[str]:
@@ -375,10 +416,22 @@ def _figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
+def figure_titles(fig: Figure) -> list[str]:
+    """The figure's title and its axes' titles and y labels, in drawing order, empty ones left out."""
+    texts = [fig.get_suptitle()]
+    for ax in fig.axes:
+        texts += [ax.get_title(), ax.get_ylabel()]
+    return [t for t in texts if t]
+
+
 def _save(fig: Figure, out_png: str | Path) -> Path:
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)  # a pyplot-free Figure is freed with its last reference
+    # The titles go into the PNG's text chunks too, so a reader (or a test) can tell how a figure
+    # ranked its runs without looking at it: PIL's Image.open(path).text["Title"].
+    titles = figure_titles(fig)
+    metadata = {"Title": titles[0], "Description": " | ".join(titles)} if titles else {}
+    fig.savefig(out_png, dpi=120, metadata=metadata)  # a pyplot-free Figure is freed with its last reference
     return out_png
 
 
@@ -529,28 +582,41 @@ def _time_axis(max_seconds: float) -> tuple[float, str]:
     return 3600.0, "h"
 
 
-def _plot_accuracy(records: Sequence[RunRecord], labels: Sequence[str], out_png: Path, x_key: str) -> Path:
-    """Test top-1 of each run against ``epoch`` or ``time_s``, one line per run."""
+def _plot_accuracy(
+    records: Sequence[RunRecord], labels: Sequence[str], out_png: Path, x_key: str, basis: str
+) -> Path:
+    """Test top-1 of each run against ``epoch`` or ``time_s``, one line per run.
+
+    With ``basis`` ``val`` a star marks each run's epoch chosen on validation, the test top-1 the
+    report gives for it; with ``final`` the title says the runs are ranked on test.
+    """
     import matplotlib
 
     fig = _figure(8, 5)
     ax = fig.subplots()
-    series = []
+    series, chosen = [], []
     for r in records:
-        pts = [(float(row[x_key]), 100 * row["test_acc1"]) for row in r.epoch_rows
-               if _number(row.get(x_key)) is not None and _number(row.get("test_acc1")) is not None]
-        series.append(pts)
+        rows = [row for row in r.epoch_rows
+                if _number(row.get(x_key)) is not None and _number(row.get("test_acc1")) is not None]
+        series.append([(float(row[x_key]), 100 * row["test_acc1"]) for row in rows])
+        picked = [row for row in rows if basis == "val" and row.get("epoch") == r.best_epoch]
+        chosen.append((float(picked[0][x_key]), 100 * picked[0]["test_acc1"]) if picked else None)
     divisor, unit = 1.0, ""
     if x_key == "time_s":
         divisor, unit = _time_axis(max((p[0] for pts in series for p in pts), default=0.0))
     cmap = matplotlib.colormaps["tab10" if len(records) <= 10 else "tab20"]
-    for i, (pts, label) in enumerate(zip(series, labels)):
+    for i, (pts, label, point) in enumerate(zip(series, labels, chosen)):
         if pts:
             ax.plot([p[0] / divisor for p in pts], [p[1] for p in pts], "o-", markersize=3,
                     color=cmap(i % cmap.N), label=label)
+        if point:
+            ax.plot([point[0] / divisor], [point[1]], "*", markersize=12, color=cmap(i % cmap.N),
+                    markeredgecolor="black", markeredgewidth=0.6)
+    how = ("runs ranked on validation; a star marks each run's epoch chosen on validation" if basis == "val"
+           else "runs ranked on test: the last epoch's test top-1, no validation split")
     ax.set(xlabel="epoch" if x_key == "epoch" else f"training time ({unit})",
            ylabel="test top-1 accuracy (%)",
-           title="Test accuracy against " + ("epoch" if x_key == "epoch" else "training time"))
+           title="Test accuracy against " + ("epoch" if x_key == "epoch" else "training time") + f"\n({how})")
     ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
     # Past a handful of runs the legend would cover the curves: put it beside the axes.
@@ -577,6 +643,11 @@ def _ordered(values: Iterable[Any]) -> list[Any]:
     return distinct
 
 
+def _score_label(basis: str) -> str:
+    """The axis label of the figure runs are ranked by: ``final test top-1 (%), ranked on test``."""
+    return f"{_BASIS_LABEL[basis]} (%)" + ("" if basis == "val" else f", {RANKED_ON[basis]}")
+
+
 def _scores_by_value(records: Sequence[RunRecord], key: str, basis: str) -> list[tuple[Any, list[float]]]:
     """Each value of ``key`` with the scores (%, see :func:`selection_basis`) of the runs that used it."""
     return [(v, [100 * r.score(basis) for r in records if r.recipe.get(key) == v])
@@ -601,7 +672,7 @@ def _sweep_line(ax: Axes, records: Sequence[RunRecord], key: str, basis: str) ->
     if not numeric or len(values) <= 8:
         ax.set_xticks(xs, [format_value(v) for v in values])
         ax.minorticks_off()
-    ax.set(xlabel=key, ylabel=f"{_BASIS_LABEL[basis]} (%)")
+    ax.set(xlabel=key, ylabel=_score_label(basis))
     ax.margins(y=0.12)  # room for the labels above the top points
     ax.grid(alpha=0.3)
 
@@ -623,7 +694,7 @@ def _sweep_heatmap(
             if accs:
                 grid[i, j], runs[i, j] = sum(accs) / len(accs), len(accs)
     image = ax.imshow(grid, cmap="viridis", aspect="auto")
-    fig.colorbar(image, ax=ax, label=f"{_BASIS_LABEL[basis]} (%)")
+    fig.colorbar(image, ax=ax, label=_score_label(basis))
     lo, hi = np.nanmin(grid), np.nanmax(grid)
     for i, j in np.ndindex(grid.shape):
         if not np.isnan(grid[i, j]):
@@ -638,7 +709,9 @@ def _sweep_heatmap(
     ax.set(xlabel=col_key, ylabel=row_key)
 
 
-def plot_sweep(records: Sequence[RunRecord], keys: Sequence[str], out_png: str | Path) -> Path:
+def plot_sweep(
+    records: Sequence[RunRecord], keys: Sequence[str], out_png: str | Path, *, basis: str | None = None
+) -> Path:
     """Accuracy against the swept settings: the best validation top-1 when every run has a
     validation split, else the final test top-1 (:func:`selection_basis`).
 
@@ -649,11 +722,13 @@ def plot_sweep(records: Sequence[RunRecord], keys: Sequence[str], out_png: str |
         records: finished runs.
         keys: flattened recipe keys.
         out_png: where to write the PNG.
+        basis: ``val`` or ``final``; default :func:`selection_basis` of ``records``. The title
+            says which (:data:`RANKED_ON`).
 
     Returns:
         ``out_png``.
     """
-    basis = selection_basis(records)
+    basis = basis or selection_basis(records)
     records = [r for r in records if r.score(basis) is not None]
     if len(keys) == 2:
         fig = _figure(7, 5.5)
@@ -668,7 +743,9 @@ def plot_sweep(records: Sequence[RunRecord], keys: Sequence[str], out_png: str |
             _sweep_line(ax, records, key, basis)
         for ax in axes[len(keys):]:
             ax.set_visible(False)
-    fig.suptitle(f"{_BASIS_LABEL[basis].capitalize()} over {len(records)} runs (one seed each unless repeated)")
+    box = ", red box: the best cell" if len(keys) == 2 else ""
+    fig.suptitle(f"{_BASIS_LABEL[basis].capitalize()} over {len(records)} runs, {RANKED_ON[basis]}{box}\n"
+                 "(one seed each unless repeated)")
     return _save(fig, out_png)
 
 
@@ -681,15 +758,16 @@ def training_state_mb(record: RunRecord) -> float | None:
     return optimizer + 4 * record.params_trainable / 2**20
 
 
-def plot_tradeoff(records: Sequence[RunRecord], out_png: str | Path) -> Path:
+def plot_tradeoff(records: Sequence[RunRecord], out_png: str | Path, *, basis: str | None = None) -> Path:
     """What each way of fine-tuning costs for what it gets: accuracy against trainable parameters
     (log scale), training time, and training-state memory (gradients + optimizer state; log scale).
 
     Runs with the same name (one variant trained with several seeds, from several experiments)
     are one point at their mean, with a bar over their range; points are labelled with the name.
-    The accuracy is the one runs are ranked by (:func:`selection_basis`).
+    The accuracy is the one runs are ranked by (``basis``, default :func:`selection_basis`), and
+    the title says which (:data:`RANKED_ON`).
     """
-    basis = selection_basis(records)
+    basis = basis or selection_basis(records)
     groups: dict[str, list[RunRecord]] = {}
     for r in records:
         if r.score(basis) is not None:
@@ -711,7 +789,7 @@ def plot_tradeoff(records: Sequence[RunRecord], out_png: str | Path) -> Path:
             ax.errorbar([x], [y], yerr=[[y - min(accs)], [max(accs) - y]], fmt="o", color=colours[mode],
                         markersize=7, capsize=3)
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-        ax.set(xlabel=label, ylabel=f"{_BASIS_LABEL[basis]} (%)")
+        ax.set(xlabel=label, ylabel=_score_label(basis))
         if log:
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
@@ -719,7 +797,8 @@ def plot_tradeoff(records: Sequence[RunRecord], out_png: str | Path) -> Path:
     handles = [axes[0].plot([], [], "o", color=c, label=m)[0] for m, c in colours.items()]
     axes[0].legend(handles=handles, title="train.mode", fontsize=8, loc="upper left")
     seeds = max(len(rs) for rs in groups.values()) if groups else 0
-    fig.suptitle(f"Accuracy against cost, per fine-tuning mode ({seeds} run(s) per point: mean, bar over the range)")
+    fig.suptitle(f"{_BASIS_LABEL[basis].capitalize()} against cost, per fine-tuning mode, {RANKED_ON[basis]} "
+                 f"({seeds} run(s) per point: mean, bar over the range)")
     return _save(fig, out_png)
 
 
@@ -772,17 +851,18 @@ def write_report(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    basis = selection_basis(records)  # one ranking for the table, the CSV and every plot
     paths: dict[str, Path] = {}
     plotted = [r for r in records if r.ok]
     if plotted:
         labels = _legend_labels(plotted, sweep_keys or keys)
-        paths["acc_vs_epoch"] = _plot_accuracy(plotted, labels, out_dir / "acc_vs_epoch.png", "epoch")
-        paths["acc_vs_time"] = _plot_accuracy(plotted, labels, out_dir / "acc_vs_time.png", "time_s")
+        paths["acc_vs_epoch"] = _plot_accuracy(plotted, labels, out_dir / "acc_vs_epoch.png", "epoch", basis)
+        paths["acc_vs_time"] = _plot_accuracy(plotted, labels, out_dir / "acc_vs_time.png", "time_s", basis)
     finished = [r for r in records if r.status == "finished" and r.final_acc1 is not None]
     if sweep_keys and finished:
-        paths["sweep"] = plot_sweep(finished, sweep_keys, out_dir / "sweep.png")
+        paths["sweep"] = plot_sweep(finished, sweep_keys, out_dir / "sweep.png", basis=basis)
     if len({r.recipe.get("train.mode") for r in finished}) > 1:
-        paths["tradeoff"] = plot_tradeoff(finished, out_dir / "tradeoff.png")
+        paths["tradeoff"] = plot_tradeoff(finished, out_dir / "tradeoff.png", basis=basis)
 
     paths["csv"] = _write_csv(records, keys, out_dir / "report.csv")
     paths["markdown"] = out_dir / "report.md"
@@ -791,8 +871,16 @@ def write_report(
 
 
 def _write_csv(records: Sequence[RunRecord], keys: Sequence[str], path: Path) -> Path:
-    """Full-precision numbers for further analysis; accuracies in percent like the Markdown."""
-    columns = ["name", "status", *keys, "selection", "best_val_top1_pct", "best_epoch", "test_top1_at_best_val_pct",
+    """Full-precision numbers for further analysis; accuracies in percent like the Markdown.
+
+    ``rank`` is 1 for the best finished run (empty for the others) and ``ranked_on`` says on what,
+    ``validation`` or ``test``, in every row; ``selection`` is how each run chose its own best epoch.
+    """
+    basis = selection_basis(records)
+    ranks = {id(r): i for i, r in enumerate(_ranked(records, basis), start=1)}
+    ranked_on = RANKED_ON[basis].removeprefix("ranked on ")
+    columns = ["name", "status", *keys, "rank", "ranked_on", "selection", "best_val_top1_pct", "best_epoch",
+               "test_top1_at_best_val_pct",
                "final_top1_pct", "final_top5_pct", "peak_test_top1_pct_selected_on_test",
                "epochs", "epochs_done", "wall_time_s", "train_time_s", "images_per_s",
                "params_trainable", "params_total", "training_state_mb", "peak_memory_mb", "error", "run_dir"]
@@ -806,7 +894,7 @@ def _write_csv(records: Sequence[RunRecord], keys: Sequence[str], path: Path) ->
         for r in records:
             writer.writerow([
                 r.name, r.status, *(format_value(r.recipe[k]) if k in r.recipe else "" for k in keys),
-                r.selection, pct(r.best_val_acc1), r.best_epoch, pct(r.best_test_acc1),
+                ranks.get(id(r)), ranked_on, r.selection, pct(r.best_val_acc1), r.best_epoch, pct(r.best_test_acc1),
                 pct(r.final_acc1), pct(r.final_acc5), pct(r.peak_test_acc1), r.epochs,
                 r.epochs_done, r.wall_time_s, r.train_time_s, r.images_per_s, r.params_trainable,
                 r.params_total, training_state_mb(r), r.peak_memory_mb, r.error, str(r.run_dir),
@@ -826,28 +914,23 @@ def _markdown(
              f"{len(records)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + ". "
              + (f"Settings that differ: {differ}." if keys else "All settings are equal.")]
     basis = selection_basis(records)
-    scored = [r for r in records if r.status == "finished" and r.score(basis) is not None]
-    if scored:
-        best = max(scored, key=lambda r: r.score(basis))
-        if basis == "val":
-            lines.append(f"Best on validation: **{best.name}**, {_pct(best.best_val_acc1)}% val top-1 at epoch "
-                         f"{best.best_epoch} (test top-1 at that epoch {_pct(best.best_test_acc1)}%).")
-        else:
-            lines.append(f"Best: **{best.name}**, {_pct(best.final_acc1)}% test top-1 after the last epoch.")
+    ranked = RANKED_ON[basis]
     how = ("Runs are ranked by their best validation top-1; each run's best epoch was chosen on validation "
            "and its test top-1 is given at that epoch." if basis == "val" else
-           "Not every run has a validation split, so runs are ranked by test top-1 after the last epoch; "
-           "no epoch was selected on the test set.")
-    lines += ["", format_table(records, keys), "",
+           "Not every run has a validation split, so runs are ranked by test top-1 after the last epoch: "
+           "no epoch was selected on the test set, but the test set picks the best run.")
+    # The table and the ranking line are printed together by `finetune compare/sweep/report`.
+    lines += ["", f"## Results, {ranked}", "", format_table(records, keys), "", ranking_summary(records), "",
               f"Accuracies are top-1 in percent, from one run (one seed) each unless a seed column says "
               f"otherwise. {how} Time is the run's wall-clock time."]
     if "acc_vs_epoch" in paths:
-        lines += ["", "## Test accuracy", "", "![Test top-1 against epoch](acc_vs_epoch.png)", "",
+        lines += ["", f"## Test accuracy ({ranked})", "", "![Test top-1 against epoch](acc_vs_epoch.png)", "",
                   "![Test top-1 against training time](acc_vs_time.png)"]
     if "sweep" in paths:
-        lines += ["", "## Sweep", "", f"![{_BASIS_LABEL[basis].capitalize()} against the swept settings](sweep.png)"]
+        lines += ["", f"## Sweep ({ranked})", "",
+                  f"![{_BASIS_LABEL[basis].capitalize()} against the swept settings, {ranked}](sweep.png)"]
     if "tradeoff" in paths:
-        lines += ["", "## Accuracy against cost", "",
+        lines += ["", f"## Accuracy against cost ({ranked})", "",
                   "![Accuracy against trainable parameters, training time and training-state memory](tradeoff.png)"]
     failed = [r for r in records if r.error]
     if failed:

@@ -8,11 +8,14 @@ the whole state is one safetensors file: no pickle, nothing that needs ``weights
 
 One file also makes the write atomic: it is written under a temporary name, flushed to disk and
 renamed over the previous checkpoint, so a crash at any moment leaves either the old file or the
-new one, never a mixture.
+new one, never a mixture. The file also carries a SHA-256 of its state (skeleton and every
+tensor's bytes), checked on reading, so a bit flipped on the disk is an error, not a silently
+different run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -29,6 +32,7 @@ FORMAT = "finetune-state/1"
 _UMASK = os.umask(0o022)  # read once (reading it means setting it), and put back at once
 os.umask(_UMASK)
 _META_KEY = "finetune_state"
+_SHA_KEY = "finetune_sha256"  # of the state; files written before it existed have none and are read unchecked
 # Markers for what JSON cannot say directly. A dict whose keys are not all plain strings (the
 # optimizer's integer parameter ids) or that could be mistaken for a marker is stored as pairs.
 _TENSOR, _TUPLE, _FLOAT, _PAIRS = "__tensor__", "__tuple__", "__float__", "__pairs__"
@@ -122,7 +126,7 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)  # the rename itself must reach the disk before we rely on it
+    fsync_dir(path.parent)  # the rename itself must reach the disk before we rely on it
 
 
 def write_text_atomically(path: str | Path, text: str) -> None:
@@ -130,7 +134,17 @@ def write_text_atomically(path: str | Path, text: str) -> None:
     write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def _fsync_dir(folder: Path) -> None:
+def write_new_text_synced(path: str | Path, text: str) -> None:
+    """Create ``path`` (it must not exist) holding ``text``, and flush it to disk: for files of a
+    folder that is assembled under a temporary name and renamed into place whole."""
+    with open(path, "x", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Flush a folder's entries (files created, renamed or removed in it) to disk; best effort."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms that cannot open folders (Windows)
@@ -143,12 +157,26 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def state_sha256(state_json: str, tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state file's content: its JSON skeleton, then each tensor (by name) with its
+    dtype, shape and raw bytes. Any flipped bit in the skeleton or a tensor changes it."""
+    digest = hashlib.sha256(state_json.encode("utf-8"))
+    for name in sorted(tensors):
+        t = tensors[name]
+        digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode("utf-8"))
+        # the bytes as stored, read in place: (numel * element_size,) uint8
+        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def save_state(path: str | Path, tree: Any) -> None:
-    """Write nested state to one safetensors file, atomically (see the module docstring)."""
+    """Write nested state to one safetensors file, atomically, with its SHA-256 in the metadata
+    (see the module docstring)."""
     from safetensors.torch import save_file
 
     tensors, skeleton = pack(tree)
-    metadata = {"format": "pt", _META_KEY: json.dumps({"format": FORMAT, "state": skeleton}, allow_nan=False)}
+    state_json = json.dumps({"format": FORMAT, "state": skeleton}, allow_nan=False)
+    metadata = {"format": "pt", _META_KEY: state_json, _SHA_KEY: state_sha256(state_json, tensors)}
     write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
@@ -156,23 +184,40 @@ def load_state(path: str | Path) -> Any:
     """Read what :func:`save_state` wrote.
 
     Raises:
-        CheckpointError: the file is missing, truncated, not a safetensors file, or not a
-            finetune state file.
+        CheckpointError: the file is missing, truncated, not a safetensors file, not a finetune
+            state file, or does not match the SHA-256 it carries (files without one, from before
+            it was recorded, are read unchecked).
     """
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    # json.JSONDecodeError is a ValueError; a missing key or a malformed skeleton is damage too.
+    unreadable = (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        doc = json.loads(metadata[_META_KEY])
+        state_json = metadata[_META_KEY]
+    except unreadable as exc:
+        raise _unreadable(path, exc) from None
+    recorded = metadata.get(_SHA_KEY)
+    if recorded is not None and recorded != state_sha256(state_json, tensors):
+        raise CheckpointError(
+            f"{path} is damaged: its contents do not match the SHA-256 recorded in it when it was written "
+            "(a bit flipped on the disk or in a copy, or an edit).",
+            "Restore the file from a copy if you have one; otherwise start the run again (output.overwrite=true).",
+        )
+    try:
+        doc = json.loads(state_json)
         if doc.get("format") != FORMAT:
             raise ValueError(f"format {doc.get('format')!r}, expected {FORMAT!r}")
         return unpack(doc["state"], tensors)
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        # json.JSONDecodeError is a ValueError; a missing key or a malformed skeleton is damage too.
-        raise CheckpointError(
-            f"{path} is not a readable finetune checkpoint ({type(exc).__name__}: {exc}).",
-            "It is truncated or damaged, or was written by something else.",
-        ) from None
+    except unreadable as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: Path, exc: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is not a readable finetune checkpoint ({type(exc).__name__}: {exc}).",
+        "It is truncated or damaged, or was written by something else.",
+    )

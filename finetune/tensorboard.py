@@ -8,11 +8,14 @@ samples and the most confident mistakes, all under ``RUN_FOLDER/tensorboard``. W
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .engine import Callback, TrainState
 from .errors import FinetuneError
+from .rundir import WRITE_ERRORS, RunDir, write_error
 
 _EPOCH_SCALARS = {
     "train_loss": "train/epoch_loss", "train_acc1": "train/acc1", "test_acc1": "test/acc1",
@@ -35,37 +38,63 @@ def require_tensorboard() -> None:
 class TensorBoardLogger(Callback):
     """Writes a run's metrics and pictures for TensorBoard.
 
+    Args:
+        log_dir: where the event files go (``RUN_FOLDER/tensorboard``).
+        rundir: the run folder; a failed write (a full disk) is its :class:`RunDirError`, which
+            says that the last checkpoint is intact.
+
     Raises:
         FinetuneError: the ``tensorboard`` package is not installed.
     """
 
-    def __init__(self, log_dir: str | Path):
+    def __init__(self, log_dir: str | Path, *, rundir: RunDir | None = None):
         require_tensorboard()
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.log_dir = Path(log_dir)
+        self._writing = rundir.writing if rundir is not None else _writing
+        with self._writing(f"write TensorBoard events to {self.log_dir}"):
+            self.writer = SummaryWriter(log_dir=str(log_dir))
 
     def on_log(self, state: TrainState, row: dict[str, Any]) -> None:
         step = row["step"]
-        self.writer.add_scalar("train/loss", row["loss"], step)
-        self.writer.add_scalar("train/lr", row["lr"], step)
-        self.writer.add_scalar("train/images_per_s", row["images_per_s"], step)
+        with self._writing(f"write TensorBoard events to {self.log_dir}"):
+            self.writer.add_scalar("train/loss", row["loss"], step)
+            self.writer.add_scalar("train/lr", row["lr"], step)
+            self.writer.add_scalar("train/images_per_s", row["images_per_s"], step)
 
     def on_epoch_end(self, state: TrainState, row: dict[str, Any] | None) -> None:
         if row is None:
             return
-        for key, tag in _EPOCH_SCALARS.items():
-            if row.get(key) is not None:
-                self.writer.add_scalar(tag, row[key], row["epoch"])
+        pictures = None
         if state.progress.epoch > state.recipe.train.epochs:  # the last epoch: the pictures too
             from .visual import run_pictures
 
             pictures = run_pictures(state)
-            self.writer.add_images("samples/training_inputs", pictures.samples, row["epoch"], dataformats="NCHW")
-            mistakes = pictures.mistakes[0]
-            if len(mistakes):
-                self.writer.add_images("test/most_confident_mistakes", mistakes, row["epoch"], dataformats="NCHW")
-        self.writer.flush()
+        with self._writing(f"write TensorBoard events to {self.log_dir}"):
+            for key, tag in _EPOCH_SCALARS.items():
+                if row.get(key) is not None:
+                    self.writer.add_scalar(tag, row[key], row["epoch"])
+            if pictures is not None:
+                self.writer.add_images("samples/training_inputs", pictures.samples, row["epoch"], dataformats="NCHW")
+                mistakes = pictures.mistakes[0]
+                if len(mistakes):
+                    self.writer.add_images("test/most_confident_mistakes", mistakes, row["epoch"], dataformats="NCHW")
+            self.writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        """Flush and close the event file; closing twice does nothing."""
+        if self.writer is None:
+            return
+        writer, self.writer = self.writer, None
+        with self._writing(f"write TensorBoard events to {self.log_dir}"):
+            writer.close()
+
+
+@contextlib.contextmanager
+def _writing(action: str) -> Iterator[None]:
+    """Without a run folder: a failed write is a :class:`RunDirError` naming what failed."""
+    try:
+        yield
+    except WRITE_ERRORS as exc:
+        raise write_error(action, exc) from None

@@ -105,6 +105,7 @@ def resume(run_dir: str | Path, *, quiet: bool = False) -> dict[str, Any]:
     rundir = None
     try:
         rundir = processes.on_main(lambda: RunDir.reopen(run_dir))
+        # Checked here on every process (a damaged file must stop them all), before any data loads.
         checkpoint = read_checkpoint(run_dir, recipe)
         model = model_from_config(checkpoint["model_config"], checkpoint["model"], **engine.model_kwargs(recipe))
         p = engine.prepare(recipe, model=model, processes=processes)
@@ -115,8 +116,15 @@ def resume(run_dir: str | Path, *, quiet: bool = False) -> dict[str, Any]:
         summary: dict[str, Any] = {}
         if rundir is not None:
             rundir.last_checkpoint = (checkpoint["progress"]["epoch"], checkpoint["progress"]["step"])
-            rundir.truncate_metrics(checkpoint["metrics_offset"])
+            # Warnings about what was lost are printed even with -q (which hides progress only).
+            warning = rundir.truncate_metrics(checkpoint["metrics_offset"])
+            if warning:
+                console.print(f"warning: {warning}", highlight=False, markup=False)
             summary = rundir.read_summary()
+            if not isinstance(summary.get("name"), str):
+                summary = _rebuilt_summary(state, p, summary)
+                console.print(f"warning: {summary['summary_rebuilt']}", highlight=False, markup=False)
+            summary.pop("replaced_runs", None)  # earlier finetune versions wrote it; nothing reads it
             summary.setdefault("resumed", []).append({
                 "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "epoch": state.progress.epoch,
@@ -126,11 +134,11 @@ def resume(run_dir: str | Path, *, quiet: bool = False) -> dict[str, Any]:
             })
             summary.update(status="running", error=None, **environment(state.device))
             rundir.write_summary(summary)
-    except BaseException:
+    except BaseException as exc:
         if rundir is not None:
             rundir.close()
         distributed.shutdown(processes)
-        raise
+        _reraise(_say_where_earlier_runs_are(exc, rundir), exc)
     try:
         summary = _train(state, rundir, summary, folder=run_dir, quiet=quiet,
                          wall_before_s=float(checkpoint.get("wall_time_s", 0.0)))
@@ -176,6 +184,57 @@ def _initial_summary(state: TrainState, p: Prepared, recipe_path: str | None) ->
     return summary
 
 
+def _rebuilt_summary(state: TrainState, p: Prepared, found: dict[str, Any]) -> dict[str, Any]:
+    """A summary for a resumed run whose ``summary.json`` is missing or unreadable, made from its
+    recipe.yaml, data and checkpoint; the record of earlier resumes is kept when it is readable."""
+    summary = _initial_summary(state, p, None)
+    summary.update(
+        started_at=None,  # unknown: it was in the lost file
+        summary_rebuilt=f"{state.recipe.name}: summary.json was missing or unreadable; it was rebuilt from "
+        "recipe.yaml and the checkpoint (when the run started and earlier wall time are unknown).",
+    )
+    if isinstance(found.get("resumed"), list):
+        summary["resumed"] = found["resumed"]
+    return summary
+
+
+def _earlier_runs_note(rundir: RunDir | None) -> str:
+    """Where the earlier runs that ``output.overwrite`` is replacing are kept, for every message
+    about a run that did not finish; empty when there are none."""
+    if rundir is None or not rundir.replaced:
+        return ""
+    where = ", ".join(str(p) for p in rundir.replaced)
+    if len(rundir.replaced) == 1:
+        return f"The earlier run that output.overwrite is replacing is kept at {where} until this run finishes."
+    return f"The earlier runs that output.overwrite is replacing are kept at {where} until this run finishes."
+
+
+def _say_where_earlier_runs_are(exc: BaseException, rundir: RunDir | None) -> BaseException:
+    """``exc``, saying where the earlier runs being replaced are kept (see :func:`_earlier_runs_note`).
+
+    A user error or an interruption gets it in its one-paragraph message; any other exception (a
+    bug, with its traceback) gets it as a note under the traceback."""
+    note = _earlier_runs_note(rundir)
+    if not note:
+        return exc
+    if isinstance(exc, FinetuneError):
+        return type(exc)(f"{exc.problem} {note}", exc.fix)
+    if isinstance(exc, RunInterrupted):
+        return RunInterrupted(f"{exc} {note}")
+    if isinstance(exc, KeyboardInterrupt):
+        return KeyboardInterrupt(f"{exc} {note}".strip())
+    exc.add_note(note)
+    return exc
+
+
+def _reraise(new: BaseException, exc: BaseException):
+    """Raise ``new``, a message-carrying copy of ``exc`` (one paragraph, no chained traceback), or
+    ``exc`` itself unchanged, traceback and context included."""
+    if new is exc:
+        raise exc
+    raise new from None
+
+
 def _train(
     state: TrainState, rundir: RunDir | None, summary: dict[str, Any], *, folder: Path, quiet: bool, wall_before_s: float
 ) -> dict[str, Any]:
@@ -186,42 +245,48 @@ def _train(
     progress = TrainProgress(state.steps_per_epoch * r.train.epochs, completed=state.progress.step, quiet=quiet)
     callbacks: list = [recorder, progress]
     reset_peak_memory(state.device)
+    # Every way this run can fail says where the earlier runs it replaces are kept (if any).
+    note = _earlier_runs_note(rundir)
+    deleted: list[Path] = []
     try:
         if r.output.tensorboard and rundir is not None:
             from .tensorboard import TensorBoardLogger
 
-            callbacks.append(TensorBoardLogger(folder / "tensorboard"))
+            callbacks.append(TensorBoardLogger(folder / "tensorboard", rundir=rundir))
         with progress, _stop_on_signals(state, progress):
             fit(state, Callbacks(callbacks))
-            recorder.finish(state)
+            for callback in callbacks[2:]:
+                callback.close()  # before the run says "finished": a failure to close is the run's
+            deleted = recorder.finish(state)
     except StopRequested as stop:
         p = state.progress
         message = (
             f"Stopped by {stop} at epoch {p.epoch}, step {p.step}; a checkpoint was saved. "
-            f"Continue with: finetune resume {folder}"
+            f"Continue with: finetune resume {folder}" + (f". {note}" if note else "")
         )
         recorder.mark(state, "interrupted", message)
         raise RunInterrupted(message) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         recorder.mark(state, "interrupted", f"interrupted at once (a second Ctrl-C or SIGTERM); "
-                      f"continue from the last checkpoint with: finetune resume {folder}")
-        raise
+                      f"continue from the last checkpoint with: finetune resume {folder}" + (f". {note}" if note else ""))
+        _reraise(_say_where_earlier_runs_are(exc, rundir), exc)
     except DivergedError as exc:
-        recorder.mark(state, "diverged", str(exc))
-        raise
+        recorder.mark(state, "diverged", f"{exc} {note}".strip())
+        _reraise(_say_where_earlier_runs_are(exc, rundir), exc)
     except BaseException as exc:
-        recorder.mark(state, "failed", f"{type(exc).__name__}: {exc}")
-        if isinstance(exc, FinetuneError) and rundir is not None and rundir.replaced:
-            raise type(exc)(
-                f"{exc.problem} The earlier run that output.overwrite was replacing is kept at {rundir.replaced[0]}.",
-                exc.fix,
-            ) from None
-        raise
+        recorder.mark(state, "failed", f"{type(exc).__name__}: {exc} {note}".strip())
+        _reraise(_say_where_earlier_runs_are(exc, rundir), exc)
     finally:
         for callback in callbacks[2:]:
-            callback.close()
+            with contextlib.suppress(Exception):  # already closed on success; on a failure, the first error counts
+                callback.close()
         if rundir is not None:
             rundir.close()
+    if deleted:
+        console.print(
+            "deleted the earlier run" + ("s" if len(deleted) > 1 else "") + " that output.overwrite replaced: "
+            + ", ".join(str(p) for p in deleted), highlight=False, markup=False,
+        )
     return recorder.summary
 
 

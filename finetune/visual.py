@@ -19,6 +19,49 @@ from .errors import GridError
 from .pos_embed import to_2tuple
 
 
+MAX_PICTURE_SIDE = 4096
+"""Largest image a patch-grid picture shows (4,096 px a side: 48 MB of pixels, drawn in about 12 s
+on one CPU thread); no figure shows more detail."""
+MAX_PICTURE_GRID = 1024
+"""Most patches per side of a patch-grid picture (about 6 s to draw at 1,024; as many as
+``finetune.pos_embed.MAX_GRID_SIDE``, the largest grid a model is resized to)."""
+
+
+def check_patch_picture(img_size: int, patch_size: int) -> None:
+    """Refuse a patch-grid picture that could not be drawn in memory and time: an image over
+    :data:`MAX_PICTURE_SIDE` pixels a side, or a grid over :data:`MAX_PICTURE_GRID` patches a side.
+    (``--img-size 100000 --patch-size 1`` asked for 30 GB of pixels and 10 billion patches.)
+
+    Raises:
+        GridError: naming the size, the grid and the limits.
+    """
+    if img_size > MAX_PICTURE_SIDE:
+        raise GridError(f"An image of {img_size:,} px a side is more than a patch picture can show "
+                        f"(at most {MAX_PICTURE_SIDE:,} px).", f"Use --img-size {MAX_PICTURE_SIDE} or less.")
+    grid = img_size // max(patch_size, 1)
+    if grid > MAX_PICTURE_GRID:
+        raise GridError(f"{img_size} px in {patch_size}-px patches is a {grid:,}x{grid:,} grid, more than a picture "
+                        f"can draw (at most {MAX_PICTURE_GRID:,} patches a side).",
+                        f"Use --patch-size {-(-img_size // MAX_PICTURE_GRID)} or more, or a smaller --img-size.")
+
+
+MAX_SIMILARITY_GRID = 64
+"""Most positions per side of a position-embedding similarity picture: it holds one small map per
+position, (gh * gw)^2 numbers, 16.8 million (67 MB) at 64x64 and 4 TB at 1,024x1,024."""
+
+
+def check_similarity_picture(grid: tuple[int, int], what: str) -> None:
+    """Refuse a similarity picture over :data:`MAX_SIMILARITY_GRID` positions a side.
+
+    Raises:
+        GridError: naming the grid, ``what`` asked for it, and the limit.
+    """
+    if max(grid) > MAX_SIMILARITY_GRID:
+        raise GridError(f"{what} is a {grid[0]:,}x{grid[1]:,} grid of positions, more than a similarity picture can "
+                        f"hold (at most {MAX_SIMILARITY_GRID} a side: it has one map per position).",
+                        "Use a smaller --img-size, or a model with fewer patches.")
+
+
 def patch_grid(image: torch.Tensor, patch_size: int | tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
     """Cut an image into the patches a ViT embeds, in the order it reads them (row by row).
 

@@ -147,12 +147,15 @@ def test_missing_cifar_with_download_fails_fast_without_network(tmp_path, monkey
 
 
 def test_existing_run_folder_is_kept_unless_overwrite(tmp_path):
+    from finetune.rundir import MARKER, marker_text
+
     earlier = tmp_path / "runs" / "quick_cpu"
     earlier.mkdir(parents=True)
+    (earlier / MARKER).write_text(marker_text())  # a run folder finetune wrote, so one it may replace
     (earlier / "summary.json").write_text('{"status": "finished"}')
     result = invoke("run", *QUICK, "output.overwrite=false", f"output.dir={tmp_path / 'runs'}")
     assert_user_error(result, f"{earlier} already exists", "output.overwrite=true")
-    assert [p.name for p in earlier.iterdir()] == ["summary.json"]
+    assert sorted(p.name for p in earlier.iterdir()) == [MARKER, "summary.json"]
     assert (earlier / "summary.json").read_text() == '{"status": "finished"}'
 
     result = invoke("run", *QUICK, "output.overwrite=true", f"output.dir={tmp_path / 'runs'}", "-q")

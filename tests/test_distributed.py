@@ -40,7 +40,8 @@ ARGS = ("train.epochs=2", "data.val_split=32", "train.log_every=1", "output.plot
 def torchrun(*args: str, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --standalone --nproc-per-node=N ARGS`` (a script or -m)."""
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1",
+         f"--nproc-per-node={nproc}", *args],
         env=ENV, capture_output=True, text=True, timeout=timeout,
     )
 
@@ -99,7 +100,8 @@ def test_two_processes_train_like_one(tmp_path, one_process):
     # Rank 0 alone wrote and printed: one "done" line, the usual files and nothing else.
     assert result.stdout.count("done two:") == 1
     assert sorted(p.name for p in two.iterdir()) == [
-        ".lock", "best", "checkpoints", "config.json", "metrics.jsonl", "model.safetensors", "recipe.yaml", "summary.json"]
+        ".finetune-run", ".lock", "best", "checkpoints", "config.json", "metrics.jsonl", "model.safetensors",
+        "recipe.yaml", "summary.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["two"]
 
 
@@ -183,17 +185,48 @@ KILLER = textwrap.dedent('''
 ''')
 
 
+# The same killer for `finetune run --nproc N`, whose processes run `python -m finetune`: Python
+# imports sitecustomize at start-up, in the processes torchrun starts (RANK is set) only.
+KILLER_SITE = textwrap.dedent('''
+    import os
+    if os.environ.get("RANK") is not None and os.environ.get("KILL_RANK_AT"):
+        import signal
+        import finetune.recorder as recorder
+
+        who, n = (int(v) for v in os.environ["KILL_RANK_AT"].split(","))
+        seen = []
+        real = recorder.RunRecorder.checkpoint
+
+        def checkpoint(self, state):
+            real(self, state)
+            seen.append(state.progress.step)
+            if state.processes.rank == who and len(seen) == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        recorder.RunRecorder.checkpoint = checkpoint
+''')
+
+
 def test_a_dead_rank_ends_the_run_with_an_error_not_a_hang(tmp_path):
-    script = tmp_path / "killer.py"
-    script.write_text(KILLER)
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(KILLER_SITE)
+    env = {**ENV, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{REPO_ROOT}", "KILL_RANK_AT": "1,1"}
     started = time.monotonic()
-    result = torchrun(str(script), "1", "1", str(QUICK), f"output.dir={tmp_path}", *ARGS, "train.dist_timeout=30",
-                      timeout=180)
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune", "run", str(QUICK), f"output.dir={tmp_path}", *ARGS, "train.dist_timeout=30",
+         "--nproc", "2"], env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode != 0
     assert time.monotonic() - started < 120  # bounded: well within dist_timeout plus start-up
     folder = tmp_path / "quick_cpu"
     assert run_status(folder) in ("failed", "interrupted")  # never "running" with nobody behind it
     assert load_state(folder / CHECKPOINT)["progress"]["step"] == 3  # the checkpoint before the death
+    # No gloo traceback from the process that survived, no ChildFailedError report from torchrun:
+    # a paragraph from each, saying what happened and how to resume.
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output and "ChildFailedError" not in output, output[-4000:]
+    text = " ".join(result.stderr.split())
+    assert "error: Process 1 of the 2-process run was killed by SIGKILL" in text, text[-3000:]
+    assert f"finetune resume {folder} --nproc 2" in text
 
 
 def test_a_killed_two_process_run_resumes_with_two_or_one_process(tmp_path):

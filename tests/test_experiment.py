@@ -1,7 +1,8 @@
 """Experiments (finetune.experiment and the compare / sweep / report commands).
 
 Every run starts from the shipped ``recipes/quick_cpu.yaml`` (synthetic images, the toy
-``vit_tiny_test`` preset) shrunk to 64 training images and without per-run plots, so a run takes
+``vit_tiny_test`` preset) shrunk to 72 training images (7 held out for validation by the
+experiment's default, 65 to train on: two batches of 32) and without per-run plots, so a run takes
 a fraction of a second. The shipped compare files reference hub weights and CIFAR-10, so they are
 only validated, never run.
 """
@@ -34,7 +35,7 @@ from finetune.recipe import SHIPPED_RECIPES
 QUICK = REPO_ROOT / "recipes" / "quick_cpu.yaml"
 # Shared by every test experiment: tiny data, no per-run plots or weights (the report's plots stay).
 FAST = [
-    "data.synthetic_train=64",
+    "data.synthetic_train=72",  # 10% held out for validation by default: 65 images, 2 batches of 32
     "data.synthetic_test=32",
     "output.plots=false",
     "output.save_model=false",
@@ -123,7 +124,8 @@ def test_compare_trains_every_variant_into_one_folder(finished):
     recipes = dict(exp.variants)
     assert recipes["lr3e-3"].optim.lr == 3e-3 and recipes["base"].optim.lr == 1e-3
     assert (recipes["two_epochs"].train.epochs, recipes["two_epochs"].data.batch_size) == (2, 16)
-    assert recipes["base"].data.synthetic_train == recipes["two_epochs"].data.synthetic_train == 64
+    assert recipes["base"].data.synthetic_train == recipes["two_epochs"].data.synthetic_train == 72
+    assert recipes["base"].data.val_split == recipes["two_epochs"].data.val_split == 0.1  # the default hold-out
     assert {r.seed for r in recipes.values()} == {0}
 
 
@@ -140,8 +142,10 @@ def test_compare_writes_the_table_and_plots(finished):
     for kind in ("acc_vs_epoch", "acc_vs_time"):
         assert result.report[kind].read_bytes().startswith(PNG_MAGIC)
     assert "sweep" not in result.report  # a comparison, not a sweep
-    table_rows = result.table.splitlines()[2:]  # after the header and the alignment row
+    table, ranking = result.table.split("\n\n")  # the table, then the line on how it is ranked
+    table_rows = table.splitlines()[2:]  # after the header and the alignment row
     assert [line.split("|")[1].strip() for line in table_rows] == ["base", "lr3e-3", "two_epochs"]
+    assert ranking.startswith("Ranked on validation: best **")  # the default hold-out
     assert result.table in result.report["markdown"].read_text()
 
 

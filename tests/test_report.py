@@ -248,7 +248,8 @@ def test_format_table_values(tmp_path):
     assert header[:3] == ["Run", "Status", "optim.lr"]
     cell = dict(zip(header, good))
     assert cell["optim.lr"] == "0.001" and dict(zip(header, bad))["optim.lr"] == "1e-05"
-    assert cell["Final test top-1 (%)"] == "**78.75**"  # 0.9 * (1 - 1/8), 2 decimals, best in bold
+    # 0.9 * (1 - 1/8), 2 decimals, best in bold; no validation split, and the heading says what ranks
+    assert cell["Final test top-1 (%, ranked on test)"] == "**78.75**"
     assert cell["Val top-1 (%)"] == cell["Test top-1 at best val (%)"] == "-"  # no validation split
     assert cell["Epochs"] == "3" and cell["Time"] == "39.0s" and cell["Images/s"] == "4,322"
     assert cell["Trainable params"] == "1.93k" and cell["Total params"] == "5.53M"
@@ -291,8 +292,10 @@ def test_write_report_tables_and_plots(tmp_path):
     # a traceback is shortened to its last line
     assert by_name["lr1e-2"]["Status"] == "failed: FloatingPointError: loss is nan"
     assert by_name["killed"]["Status"].startswith("missing: no summary.json")
-    assert by_name["lr1e-4"]["Final test top-1 (%)"] == "**77.50**"
+    assert by_name["lr1e-4"]["Final test top-1 (%, ranked on test)"] == "**77.50**"
     assert "ranked by test top-1 after the last epoch" in md and "one seed" in md
+    assert "## Results, ranked on test" in md and "Ranked on test (no run has a validation split)" in md
+    assert [r["ranked_on"] for r in rows] == ["test"] * 4 and [r["rank"] for r in rows] == ["2", "1", "", ""]
     assert "acc_vs_epoch.png" in md and "acc_vs_time.png" in md and "sweep.png" not in md
     assert "## Errors" in md and "Settings shared by all runs" in md
 
@@ -310,13 +313,14 @@ def test_runs_with_validation_are_ranked_by_it_not_by_test(tmp_path):
     by_name = {row[0]: dict(zip(table[0], row)) for row in table[1:]}
     assert by_name["b"]["Val top-1 (%)"] == "**70.00**" and by_name["a"]["Val top-1 (%)"] == "60.00"
     assert by_name["b"]["Test top-1 at best val (%)"] == "30.00"  # epoch 1: 0.6 * 0.5
-    assert "Best on validation: **b**, 70.00% val top-1 at epoch 1" in md
-    assert "ranked by their best validation top-1" in md
+    assert "Ranked on validation: best **b**, 70.00% val top-1 at epoch 1; test top-1 at that epoch 30.00%" in md
+    assert "ranked by their best validation top-1" in md and "ranked on test" not in md
     assert_png(paths["sweep"])
     # One run without a validation split: nothing is ranked on validation any more.
     runs.append(make_run(tmp_path, "c", peak=0.5, optim__lr=1e-2))
     md = write_report(runs, tmp_path / "mixed")["markdown"].read_text()
-    assert "Best: **a**" in md and "ranked by test top-1 after the last epoch" in md
+    assert "Ranked on test (no validation split in c): best **a**" in md
+    assert "ranked by test top-1 after the last epoch" in md
 
 
 def test_a_killed_run_reads_as_interrupted(tmp_path):

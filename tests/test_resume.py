@@ -331,7 +331,7 @@ def test_overwrite_keeps_the_earlier_run_until_the_new_one_finishes(tmp_path, mo
     assert torch.equal(load_file(aside / "model.safetensors")["head.weight"], earlier["head.weight"])
     assert json.loads((aside / "summary.json").read_text())["status"] == "finished"
     failed = json.loads((folder / "summary.json").read_text())
-    assert failed["status"] == "failed" and failed["replaced_runs"] == [str(aside)]
+    assert failed["status"] == "failed" and str(aside) in failed["error"] and "replaced_runs" not in failed
 
     monkeypatch.undo()
     run(replacing, quiet=True)  # a new attempt replaces the failed one and finishes ...
@@ -466,8 +466,11 @@ def test_metrics_cut_back_to_a_checkpoint_continue_from_there(tmp_path):
     rundir.log({"step": 2, "loss": 0.5})
     rundir.close()
     assert strict_json_lines(folder / "metrics.jsonl") == [{"step": 1}, {"step": 2, "loss": 0.5}]
-    with pytest.raises(CheckpointError, match="shorter"):
-        RunDir(folder, None).truncate_metrics(10_000)
+    # Shorter than the checkpoint says (lines lost in a power cut): kept as it is, with a warning.
+    rundir = RunDir(folder, None)
+    assert "shorter" in rundir.truncate_metrics(10_000)
+    rundir.close()
+    assert strict_json_lines(folder / "metrics.jsonl") == [{"step": 1}, {"step": 2, "loss": 0.5}]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ docs/robustness.md lists these cases and what each gets.
 
 from __future__ import annotations
 
+import ast
+
 import contextlib
 import json
 import os
@@ -381,5 +383,9 @@ def test_docs_robustness_lists_every_case_and_the_readme_links_it():
     doc = (REPO_ROOT / "docs" / "robustness.md").read_text()
     assert "docs/robustness.md" in (REPO_ROOT / "README.md").read_text()
     tests = [name for name in dir(sys.modules[__name__]) if name.startswith("test_") and name != "test_docs_robustness_lists_every_case_and_the_readme_links_it"]
+    # the trust files' cases too: every test in tests/test_trust_*.py is a row of the catalogue
+    for path in sorted((REPO_ROOT / "tests").glob("test_trust_*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        tests += [node.name for node in tree.body if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")]
     missing = [name for name in tests if name not in doc]
     assert not missing, f"docs/robustness.md does not mention: {missing}"

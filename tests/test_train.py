@@ -79,8 +79,8 @@ def test_run_writes_a_complete_self_describing_run_directory(tmp_path):
 
     # Exactly these files: no temporary leftovers from the atomic writes.
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        ".lock", "best", "checkpoints", "config.json", "confusion_matrix.png", "curves.png", "metrics.jsonl",
-        "mistakes.png", "model.safetensors", "recipe.yaml", "samples.png", "summary.json",
+        ".finetune-run", ".lock", "best", "checkpoints", "config.json", "confusion_matrix.png", "curves.png",
+        "metrics.jsonl", "mistakes.png", "model.safetensors", "recipe.yaml", "samples.png", "summary.json",
     ]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.safetensors"]
     assert sorted(p.name for p in (run_dir / "best").iterdir()) == ["config.json", "model.safetensors"]
@@ -325,7 +325,7 @@ def test_ema_weights_are_saved_and_evaluated(tmp_path, monkeypatch):
 
     (ema,) = averages
     assert ema.decay == 0.9
-    assert ema.use_warmup  # decay ramps up from 0, so the average tracks training from the start
+    assert not ema.use_warmup  # ema_decay from the second step on (train.ema_warmup is off by default)
     live, average, saved = snapshot(prepared.model), snapshot(ema.module), saved_weights(recipe)
     assert all(torch.equal(saved[k], average[k]) for k in average)
     # The average lags behind the live weights: it is a different model, closer to the start.
@@ -427,13 +427,17 @@ def test_layer_decay_scales_the_lr_by_depth_and_runs(tmp_path):
     assert summary["status"] == "finished" and summary["steps"] == 8
 
 
-def test_ema_with_the_default_decay_still_tracks_training(tmp_path):
-    # With 0.9998 from step 1 the average would stay at the starting weights for thousands of
-    # steps; the warmed-up decay keeps it near the trained model after a few dozen.
-    recipe = quick(tmp_path, "train.ema=true", "train.epochs=3", "optim.lr=3e-3", NO_PLOTS)
+def test_ema_warmup_tracks_training_and_says_which_decay_it_reached(tmp_path):
+    # With 0.9998 from the second step the average stays near the first step's weights for thousands
+    # of steps; train.ema_warmup ramps the decay up, so it tracks the trained model after a few dozen,
+    # and the run says that its 24 steps end far below the decay asked for.
+    from finetune.engine import TrainingWarning
+
+    recipe = quick(tmp_path, "train.ema=true", "train.ema_warmup=true", "train.epochs=3", "optim.lr=3e-3", NO_PLOTS)
     prepared = prepare(recipe)
     start = snapshot(prepared.model)
-    run(recipe, quiet=True, prepared=prepared)
+    with pytest.warns(TrainingWarning, match=r"24 steps end at decay 0\.87981 .* short of train.ema_decay=0.9998"):
+        run(recipe, quiet=True, prepared=prepared)
     live, saved = snapshot(prepared.model), saved_weights(recipe)
     assert distance(saved, start) > 0.5 * distance(live, start)
 
