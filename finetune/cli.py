@@ -294,7 +294,7 @@ def eval_cmd(
         split, batch_size=batch_size, train=False, device=dev,
         out_size=tuple(model_obj.patch_embed.img_size), mean=mean, std=std,
     )
-    result = evaluate(model_obj, loader, model_obj.num_classes, amp_dtype=autocast_dtype("bf16", dev))
+    result = evaluate(model_obj, loader, model_obj.num_classes, amp_dtype=autocast_dtype("auto", dev))
     out.print(
         f"{escape(str(model))}: top-1 {100 * result.acc1:.2f}%  top-5 {100 * result.acc5:.2f}%  "
         f"loss {result.loss:.4f}  ({result.images} images)",

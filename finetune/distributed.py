@@ -83,6 +83,15 @@ class Processes:
         return result
 
 
+    def broadcast_object(self, value: T) -> T:
+        """Rank 0's ``value`` on every process (a small picklable object, such as a measurement)."""
+        if not self.distributed:
+            return value
+        box: list[Any] = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+
 SINGLE = Processes()
 
 

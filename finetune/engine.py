@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import random
 import time
 import warnings
@@ -39,8 +40,11 @@ from .device import (
     autocast,
     autocast_dtype,
     available_memory,
+    cpu_threads,
     format_bytes,
+    measure_cpu_precision,
     precision_fallback,
+    precision_name,
     resolve_device,
     synchronize,
 )
@@ -483,6 +487,13 @@ class TrainState:
     stopping: bool = False  # every process agreed to stop at this step or epoch boundary
     segment_start: float | None = None  # perf_counter() when the current stretch of training began
     pictures: Any = None  # visual.RunPictures, made once at the end for the run folder and TensorBoard
+    precision_choice: dict[str, Any] | None = None  # train.precision=auto on a CPU: the measurement behind it
+    cpu_threads: int | None = None  # threads per process on a CPU
+
+    @property
+    def precision(self) -> str:
+        """What the run computes in: ``fp32``, ``bf16`` or ``fp16``."""
+        return precision_name(self.amp_dtype)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -541,6 +552,7 @@ class TrainState:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": capture_rng(self.device),
+            "precision": self.precision,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -567,12 +579,46 @@ class TrainState:
             torch.manual_seed(model_rng_seed(self.recipe.seed, self.processes.rank) + self.progress.step * 1_000_003)
 
 
-def build(prepared: Prepared, processes: Processes = SINGLE) -> TrainState:
+def _choose_precision(
+    r: Recipe, model: nn.Module, device: torch.device, size: tuple[int, int], processes: Processes, chosen: str | None
+) -> tuple[torch.dtype | None, dict[str, Any] | None]:
+    """The autocast dtype to train in, and the measurement behind it when there was one.
+
+    ``chosen`` (a resumed run's) wins. ``auto`` on a CPU is measured (:func:`measure_cpu_precision`)
+    on this process's batch, on the main process only, and shared, so every process computes alike.
+    """
+    if chosen is not None:
+        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[chosen], None
+    if r.train.precision == "auto" and device.type == "cpu":
+        batch = max(1, r.data.batch_size // processes.world_size)
+        choice = measure_cpu_precision(model, min(batch, 64), size, steps=2) if processes.is_main else None
+        choice = processes.broadcast_object(choice)
+        return (torch.bfloat16 if choice["chosen"] == "bf16" else None), choice
+    fallback = precision_fallback(r.train.precision, device)
+    if fallback is not None:
+        warnings.warn(fallback, TrainingWarning, stacklevel=3)
+    return autocast_dtype(r.train.precision, device), None
+
+
+def build(prepared: Prepared, processes: Processes = SINGLE, *, precision: str | None = None) -> TrainState:
     """Everything the loop needs, chosen once: model on the device, loaders, optimizer, schedule,
     GradScaler, loss, mixup, EMA and gradient clipping; with several processes, the model wrapped
-    in DistributedDataParallel and each evaluation split cut into one part per process."""
+    in DistributedDataParallel and each evaluation split cut into one part per process.
+
+    ``precision`` (``fp32``, ``bf16``, ``fp16``) is the one a resumed run had chosen, so that
+    ``train.precision=auto`` is not measured again (and maybe decided otherwise) on resume.
+    """
     p = prepared
     r, device = p.recipe, p.device
+    threads = None
+    if device.type == "cpu":
+        # Physical cores, shared among this machine's processes: hardware threads of one core add
+        # nothing to small matrix products and oversubscription slows every process down. One
+        # process keeps torch's own count (its physical cores) unless train.cpu_threads says otherwise.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", processes.world_size))
+        if r.train.cpu_threads is not None or local > 1:
+            torch.set_num_threads(cpu_threads(r.train.cpu_threads, local))
+        threads = torch.get_num_threads()
     model = p.model.to(device)
     if r.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -580,10 +626,7 @@ def build(prepared: Prepared, processes: Processes = SINGLE) -> TrainState:
         lora = r.train.lora
         model = add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
     counts = set_trainable(model, r.train.mode, last_k=r.train.last_k, bitfit_norms=r.train.bitfit_norms)
-    amp_dtype = autocast_dtype(r.train.precision, device)
-    fallback = precision_fallback(r.train.precision, device)
-    if fallback is not None:
-        warnings.warn(fallback, TrainingWarning, stacklevel=2)
+    amp_dtype, precision_choice = _choose_precision(r, model, device, p.out_size, processes, precision)
     num_classes = model.num_classes
 
     loader_args = dict(
@@ -645,7 +688,8 @@ def build(prepared: Prepared, processes: Processes = SINGLE) -> TrainState:
         optimizer=optimizer, scheduler=scheduler, scaler=scaler, loss_fn=build_loss(r), mixup=mixup, ema=ema,
         clip_gradients=build_clipper(r, model, scaler, optimizer),
         train_loader=train_loader, val_loader=val_loader, test_loader=test_loader,
-        classes=list(p.data.classes), amp_dtype=amp_dtype, steps_per_epoch=steps_per_epoch, counts=counts,
+        classes=list(p.data.classes), amp_dtype=amp_dtype, precision_choice=precision_choice, cpu_threads=threads,
+        steps_per_epoch=steps_per_epoch, counts=counts,
         mean=p.mean, std=p.std, out_size=p.out_size, meters=Meters.on(device), processes=processes, no_sync=no_sync,
     )
 

@@ -136,8 +136,14 @@ class TrainConfig(_Section):
     bitfit_norms: bool = Field(False, description="In bitfit mode, also train the norm layers' weights.")
     epochs: int = Field(1, ge=1, description="Passes over the training set.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    precision: Literal["bf16", "fp16", "fp32"] = Field(
-        "bf16", description="Autocast dtype; bf16 falls back to fp32 on a CPU."
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Autocast dtype. auto: bf16 on a GPU that has it (else fp16); on a CPU, bf16 or fp32, "
+        "whichever trains this model faster, measured at start-up (summary.json: precision_choice). fp16 falls "
+        "back to fp32 on a CPU."
+    )
+    cpu_threads: int | None = Field(
+        None, ge=1, le=1024, description="Threads per process on a CPU; null: the physical cores, shared among "
+        "the processes on this machine."
     )
     compile: bool = Field(False, description="Wrap the model in torch.compile.")
     channels_last: bool = Field(False, description="Use channels-last memory format for images and model.")

@@ -111,7 +111,9 @@ def resume(run_dir: str | Path, *, quiet: bool = False) -> dict[str, Any]:
         p = engine.prepare(recipe, model=model, processes=processes)
         quiet = quiet or not processes.is_main
         _warn_skipped(p, quiet)
-        state = build(p, processes)
+        # The precision the run chose; checkpoints from before train.precision=auto ran fp32 on a CPU.
+        chosen = checkpoint.get("precision") or ("fp32" if p.device.type == "cpu" else None)
+        state = build(p, processes, precision=chosen)
         state.load_state_dict(checkpoint)
         summary: dict[str, Any] = {}
         if rundir is not None:
@@ -173,7 +175,10 @@ def _initial_summary(state: TrainState, p: Prepared, recipe_path: str | None) ->
         "params_trainable": state.counts.trainable,
         "params_total": state.counts.total,
         "img_size": list(p.out_size),
-        "precision": "fp32" if state.amp_dtype is None else r.train.precision,
+        "precision": state.precision,
+        "precision_asked": r.train.precision,
+        "precision_choice": state.precision_choice,  # auto on a CPU: fp32 and bf16 step times, measured here
+        "cpu_threads": state.cpu_threads,
         "classes": state.classes,
         **environment(state.device),
     }

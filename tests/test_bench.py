@@ -260,7 +260,7 @@ def test_cache_scan_lists_entries_and_sizes_without_credentials(tmp_path, monkey
 def test_fast_recipe_is_a_plain_vit_with_fast_settings():
     recipe = load_recipe(REPO_ROOT / "recipes" / "vit_cifar_fast.yaml")
     assert recipe.train.mode == "scratch" and recipe.model.arch.startswith("vit_cifar")
-    assert recipe.train.compile and recipe.train.precision == "bf16"
+    assert recipe.train.compile and recipe.train.precision == "auto"  # bf16 on a GPU that has it
     assert "NOT" in (REPO_ROOT / "recipes" / "vit_cifar_fast.yaml").read_text()
 
 

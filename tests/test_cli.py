@@ -385,7 +385,7 @@ def test_main_recipe_end_to_end_offline(tmp_path, hub_cache, no_network, monkeyp
     assert "new head: head.weight, head.bias" in report
     for problem in ("NOT in checkpoint", "NOT loaded", "resized"):
         assert problem not in report, report
-    assert summary["img_size"] == [224, 224] and summary["precision"] == "fp32"  # bf16 asked, CPU
+    assert summary["img_size"] == [224, 224] and summary["precision"] == summary["precision_choice"]["chosen"]  # auto: measured on this CPU
     assert summary["params_trainable"] == summary["params_total"] == 5_526_346  # 10-class DeiT-tiny
     assert (summary["train_images"], summary["test_images"], summary["steps"]) == (20, 10, 2)
     assert summary["classes"] == CIFAR10_CLASSES

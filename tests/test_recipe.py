@@ -286,7 +286,7 @@ def test_wrong_type_names_field_expected_type_and_value():
         ("optim.lr=true", "optim.lr: expected a number, got True"),
         ("train.ema=maybe", "train.ema: expected true or false, got 'maybe'"),
         ("train.mode=probe", "train.mode: expected one of 'head', 'full', 'last_k', 'scratch', 'lora', 'bitfit', 'attn', got 'probe'"),
-        ("train.precision=fp8", "expected one of 'bf16', 'fp16', 'fp32', got 'fp8'"),
+        ("train.precision=fp8", "expected one of 'auto', 'bf16', 'fp16', 'fp32', got 'fp8'"),
         ("optim.betas=[0.9]", "optim.betas: expected a list of 2 numbers, got [0.9]"),
         (
             "model.img_size=big",
@@ -457,7 +457,7 @@ def test_defaults_match_the_contract():
     recipe = recipe_from_dict(FINETUNE)
     assert (recipe.train.mode, recipe.train.precision, recipe.optim.name, recipe.optim.lr) == (
         "full",
-        "bf16",
+        "auto",
         "adamw",
         5e-4,
     )

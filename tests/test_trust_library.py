@@ -372,7 +372,7 @@ def test_two_gloo_processes_draw_different_drop_path_masks(tmp_path):
 # 8. A precision the CPU cannot use is said out loud
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("precision", ["fp16"])
 def test_half_precision_on_a_cpu_warns_once_and_records_fp32(tmp_path, precision):
     result = runner.invoke(app, ["run", str(QUICK), f"output.dir={tmp_path}", f"train.precision={precision}", "-q",
                                  "output.plots=false"])

@@ -1,0 +1,122 @@
+"""CPU defaults: threads from the physical cores, and bf16 against fp32 decided by measurement.
+
+These check the resolved settings, never the speed: timings are replaced by fixed ones where a
+choice must be forced, so the tests do not depend on how busy the machine is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import finetune.device as device_mod
+import finetune.engine as engine
+from conftest import REPO_ROOT, send_at_step
+from finetune.device import autocast_dtype, cpu_threads, measure_cpu_precision, physical_cores
+from finetune.recipe import load_recipe
+from finetune.train import resume, run
+
+QUICK = REPO_ROOT / "recipes" / "quick_cpu.yaml"
+FAST = ("output.plots=false", "train.log_every=1")
+CPU = torch.device("cpu")
+
+
+def quick(out, *overrides):
+    return load_recipe(QUICK, [f"output.dir={out}", *FAST, *overrides])
+
+
+def summary_of(folder):
+    return json.loads((folder / "summary.json").read_text())
+
+
+def forced(chosen: str):
+    """A stand-in for the measurement that always answers ``chosen``."""
+    calls = []
+
+    def measure(model, batch, size, *, steps=3):
+        calls.append((batch, size))
+        return {"fp32_ms": 10.0, "bf16_ms": 5.0 if chosen == "bf16" else 20.0, "chosen": chosen,
+                "batch": batch, "steps": steps}
+
+    return measure, calls
+
+
+def test_precision_defaults_to_auto_and_auto_means_fp32_for_eval_on_a_cpu():
+    assert load_recipe(QUICK, ["train.precision=auto"]).train.precision == "auto"
+    from finetune.recipe import TrainConfig
+
+    assert TrainConfig().precision == "auto"
+    assert autocast_dtype("auto", CPU) is None  # eval and predict: exact fp32
+    assert autocast_dtype("bf16", CPU) is torch.bfloat16  # asked for explicitly: honoured
+    assert autocast_dtype("fp16", CPU) is None  # slow or missing on CPUs: fp32, with a warning
+
+
+@pytest.mark.parametrize("chosen", ["fp32", "bf16"])
+def test_auto_on_a_cpu_trains_in_what_the_measurement_chose_and_records_it(tmp_path, monkeypatch, chosen):
+    measure, calls = forced(chosen)
+    monkeypatch.setattr(engine, "measure_cpu_precision", measure)
+    summary = run(quick(tmp_path, "train.precision=auto"), quiet=True)
+    assert summary["status"] == "finished"
+    assert calls == [(32, (32, 32))]  # once, on the run's own batch and image size
+    assert summary["precision"] == chosen and summary["precision_asked"] == "auto"
+    assert summary["precision_choice"]["chosen"] == chosen
+    assert summary["precision_choice"]["fp32_ms"] == 10.0
+
+
+def test_the_measurement_leaves_the_model_and_random_state_untouched():
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = torch.get_rng_state()
+    choice = measure_cpu_precision(model, 4, (8, 8), steps=1)
+    assert choice["chosen"] in ("fp32", "bf16") and choice["fp32_ms"] > 0 and choice["bf16_ms"] > 0
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_bf16_is_chosen_only_when_it_is_clearly_faster():
+    assert device_mod.faster_precision(fp32_ms=10.0, bf16_ms=9.7) == "fp32"  # 3% faster: within noise
+    assert device_mod.faster_precision(fp32_ms=10.0, bf16_ms=9.4) == "bf16"
+    assert device_mod.faster_precision(fp32_ms=10.0, bf16_ms=12.0) == "fp32"
+
+
+def test_a_resume_keeps_the_precision_the_run_chose_without_measuring_again(tmp_path, monkeypatch):
+    measure, calls = forced("bf16")
+    monkeypatch.setattr(engine, "measure_cpu_precision", measure)
+    recipe = quick(tmp_path, "train.precision=auto", "train.epochs=2", "output.checkpoint_every_steps=3")
+    send_at_step(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        run(recipe, quiet=True)
+    assert len(calls) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a resume must not measure again")
+
+    monkeypatch.setattr(engine, "measure_cpu_precision", refuse)
+    folder = tmp_path / "quick_cpu"
+    summary = resume(folder, quiet=True)
+    assert summary["status"] == "finished"
+    assert summary["precision"] == "bf16"
+
+
+def test_cpu_threads_are_the_physical_cores_shared_among_processes(monkeypatch):
+    cores = physical_cores()
+    assert 1 <= cores <= (os.cpu_count() or 1)
+    assert cpu_threads(None, 1) == cores
+    assert cpu_threads(None, 2 * cores) == 1  # never zero
+    assert cpu_threads(3, 4) == 3  # asked for: taken as given
+
+
+def test_cpu_threads_setting_is_applied_and_recorded(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        summary = run(quick(tmp_path, "train.cpu_threads=1"), quiet=True)
+        assert summary["cpu_threads"] == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    summary = run(quick(tmp_path, "name=default_threads"), quiet=True)
+    assert summary["cpu_threads"] == torch.get_num_threads()  # one process keeps torch's own count
