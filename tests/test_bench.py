@@ -353,3 +353,28 @@ def test_checkpoint_cost_measures_a_real_checkpoint():
     assert row["checkpoint_s_median"] > 0 and row["step_s_median"] > 0
     assert row["share_of_epoch"] == pytest.approx(row["checkpoint_s_median"] / row["epoch_s_estimate"])
     assert row["epoch_s_estimate"] == pytest.approx(50_000 // 8 * row["step_s_median"])
+
+
+def test_cpu_lab_tiny_run_times_every_path(tmp_path):
+    """benchmarks/cpu_lab.py --tiny: the lab loop, the timm-style loop and finetune, all in one process."""
+    spec = importlib.util.spec_from_file_location("cpu_lab", REPO_ROOT / "benchmarks" / "cpu_lab.py")
+    cpu_lab = importlib.util.module_from_spec(spec)
+    sys.modules["cpu_lab"] = cpu_lab  # dataclasses look their module up by name
+    spec.loader.exec_module(cpu_lab)
+    out = tmp_path / "results"
+    env_before = {k: os.environ.get(k) for k in ("FINETUNE_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")}
+    result = CliRunner().invoke(cpu_lab.app, ["--tiny", "--out", str(out)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    (json_file,) = out.glob("cpu-lab-*.json")
+    assert json_file.with_suffix(".md").is_file()
+    results = json.loads(json_file.read_text())
+    rows = {r["name"]: r for r in results["rows"]}
+    for path, name in results["headline"].items():
+        assert name in rows, path
+        assert rows[name]["status"] == "ok" and rows[name]["images_per_s"] > 0, path
+        assert rows[name]["epoch_s"] == pytest.approx(50_000 / rows[name]["images_per_s"])
+    assert {rows[n]["path"] for n in results["headline"].values()} == {"lab", "timm", "finetune"}
+    assert results["peak"]["fp32"]["best_gflops"] > 0
+    assert all(v is not None for v in results["ratios"].values())
+    # The run's caches lived in its own temp folder; the environment is as it was.
+    assert {k: os.environ.get(k) for k in env_before} == env_before
