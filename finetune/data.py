@@ -37,6 +37,7 @@ from torchvision.io import ImageReadMode
 from torchvision.transforms.v2 import functional as TF
 
 from . import decode_cache
+from .device import host_available_memory
 from .distributed import check_global_batch
 from .errors import DataError
 
@@ -480,30 +481,8 @@ def _encoded(files: Sequence[str], labels: Sequence[int], image_size: int | None
 
 
 def available_memory() -> int:
-    """Bytes of memory this process can allocate now: Linux's ``MemAvailable`` (free memory plus
-    the page cache it can drop; else the free pages), and at most what is left under the memory
-    limit of the process's control group (a container's limit)."""
-    available = None
-    try:
-        with open("/proc/meminfo", "rb") as f:
-            for line in f:
-                if line.startswith(b"MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError, IndexError):
-        pass
-    if available is None:
-        try:
-            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):  # pragma: no cover - platforms without sysconf
-            available = 1 << 63
-    for limit, usage in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
-        try:  # cgroup v2, then v1; "max" (no limit) is not a number
-            left = int(Path("/sys/fs/cgroup", limit).read_text()) - int(Path("/sys/fs/cgroup", usage).read_text())
-        except (OSError, ValueError):
-            continue
-        return max(0, min(available, left))
-    return available
+    """Bytes of memory this process can allocate now (:func:`finetune.device.host_available_memory`)."""
+    return host_available_memory()
 
 
 def host_memory_budget() -> int:
