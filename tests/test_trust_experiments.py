@@ -12,7 +12,6 @@ only resolved and planned, never trained.
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -32,28 +31,14 @@ from finetune.experiment import (
 )
 from finetune.recipe import SHIPPED_RECIPES
 from finetune.report import read_metrics, write_report
+from test_experiment import FAST, read_csv, write_experiment
 from test_report import make_run
 
 QUICK = REPO_ROOT / "recipes" / "quick_cpu.yaml"
-# 72 synthetic images: 7 held out by the default, 65 to train on (two batches of 32).
-FAST = ["data.synthetic_train=72", "data.synthetic_test=32", "output.plots=false", "output.save_model=false"]
 SHIPPED_EXPERIMENTS = ["compare_cifar.yaml", "compare_cifar32.yaml", "transfer_compare.yaml"]
 TEST = "ranked on test"
 VAL = "ranked on validation"
 runner = CliRunner()
-
-
-def write_experiment(tmp_path: Path, variants: dict, name: str = "exp", **top) -> Path:
-    doc = {"description": "trust", "name": name, "base": str(QUICK),
-           "overrides": [*FAST, f"output.dir={tmp_path / 'runs'}"], **top, "variants": variants}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
-
-
-def read_csv(path: Path) -> list[dict]:
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def png_titles(path: Path) -> str:
