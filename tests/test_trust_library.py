@@ -341,7 +341,9 @@ TWO_RANKS = textwrap.dedent('''
     state.model.train()
     x = torch.ones(4, 3, 32, 32)
     out = state.model(x).detach()
-    x_loader, _ = next(iter(state.train_loader))
+    batches = iter(state.train_loader)
+    x_loader, _ = next(batches)
+    batches.close()
     gathered = [torch.zeros_like(t) for t in (weights, out, x_loader) for _ in range(2)]
     for k, t in enumerate((weights, out, x_loader)):
         torch.distributed.all_gather(gathered[2 * k: 2 * k + 2], t)
@@ -349,6 +351,9 @@ TWO_RANKS = textwrap.dedent('''
         w0, w1, o0, o1, b0, b1 = gathered
         json.dump({"same_weights": bool(torch.equal(w0, w1)), "same_output": bool(torch.equal(o0, o1)),
                    "same_batch": bool(torch.equal(b0, b1))}, open(sys.argv[2], "w"))
+    # Leave together, as finetune's own runs do: a rank that tears gloo down while its peer is
+    # still talking can abort at exit.
+    processes.barrier()
     distributed.shutdown(processes)
 ''')
 
