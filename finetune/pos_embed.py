@@ -218,7 +218,11 @@ def resize_model_input(
     new_patch = _grid_arg(patch_size, "patch_size", high=1024, unit="pixels") if patch_size is not None else old_patch
     new_img = (_grid_arg(img_size, "img_size", high=MAX_GRID_SIDE * 16, unit="pixels") if img_size is not None
                else to_2tuple(patch_embed.img_size))
-    check_image_size(new_img, new_patch)
+    # A convolutional tokenizer (timm's HybridEmbed) shrinks the image by its feature_ratio before
+    # the patch projection: a token then covers patch x ratio pixels.
+    ratio = to_2tuple(getattr(patch_embed, "feature_ratio", 1))
+    stride = (new_patch[0] * ratio[0], new_patch[1] * ratio[1])
+    check_image_size(new_img, stride)
 
     if new_patch != old_patch:
         old_proj = patch_embed.proj
@@ -243,7 +247,7 @@ def resize_model_input(
         patch_embed.patch_size = new_patch
 
     old_grid = to_2tuple(patch_embed.grid_size)
-    new_grid = (new_img[0] // new_patch[0], new_img[1] // new_patch[1])
+    new_grid = (new_img[0] // stride[0], new_img[1] // stride[1])
     if getattr(model, "pos_embed", None) is not None and new_grid != old_grid:
         old = model.pos_embed
         with torch.no_grad():
@@ -258,6 +262,8 @@ def resize_model_input(
         model.pos_embed = nn.Parameter(resized.clone(), requires_grad=old.requires_grad)
 
     patch_embed.img_size = new_img
+    if hasattr(patch_embed, "feature_size"):
+        patch_embed.feature_size = (new_img[0] // ratio[0], new_img[1] // ratio[1])
     patch_embed.grid_size = new_grid
     patch_embed.num_patches = new_grid[0] * new_grid[1]
     try:  # timm >= 1.0.22 records constructor args for re-creation; keep them truthful

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+from timm.layers import HybridEmbed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
+
+from .errors import GridError
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -39,6 +43,16 @@ PRESETS: dict[str, tuple[dict[str, Any], str]] = {
         # Small enough to pretrain and fine-tune on a CPU: the transfer-learning study's model.
         dict(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0, global_pool="avg"),
         "small CIFAR ViT for the transfer study: 32 px, patch 4, width 128, depth 6, 4 heads (0.8M params)",
+    ),
+    "vit_cifar_conv": (
+        # A ViT with a convolutional tokenizer (Hassani et al. 2021, "Escaping the Big Data Paradigm
+        # with Compact Transformers"): two 3x3 conv + BN + ReLU + 2x max-pool stages turn 32 px into
+        # an 8x8 grid of 128-channel features, a 1x1 projection makes them tokens, then 4 blocks at
+        # width 128. The convolutions give the locality a patch-4 ViT must learn from data, which is
+        # what a short CPU budget cannot afford; no class token, mean-pooled head.
+        dict(img_size=32, patch_size=1, embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0, global_pool="avg",
+             class_token=False, stem_channels=(64, 128)),
+        "ViT with a conv tokenizer for CPU budgets: 32 px, two conv stages to an 8x8 grid, width 128, depth 4",
     ),
     "vit_tiny_test": (
         dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, global_pool="avg"),
@@ -70,15 +84,54 @@ default_cfgs = generate_default_cfgs(
         "vit_cifar_s": _cfg(CIFAR10_MEAN, CIFAR10_STD),
         "vit_cifar_b": _cfg(CIFAR10_MEAN, CIFAR10_STD),
         "vit_cifar_xs": _cfg(CIFAR10_MEAN, CIFAR10_STD),
+        "vit_cifar_conv": {**_cfg(CIFAR10_MEAN, CIFAR10_STD), "first_conv": "patch_embed.backbone.0"},
         "vit_tiny_test": _cfg((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     }
 )
 
 
+def conv_stem(in_chans: int, channels: tuple[int, ...]) -> nn.Sequential:
+    """3x3 conv + BatchNorm + ReLU + 3x3/2 max-pool per stage: each stage halves the grid."""
+    layers: list[nn.Module] = []
+    for out in channels:
+        layers += [nn.Conv2d(in_chans, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True),
+                   nn.MaxPool2d(3, stride=2, padding=1)]
+        in_chans = out
+    stem = nn.Sequential(*layers)
+    stem.num_features = in_chans  # what timm's HybridEmbed reads for the feature width
+    return stem
+
+
+class ConvTokenizer(HybridEmbed):
+    """timm's ``HybridEmbed`` over :func:`conv_stem`: the feature grid is computed, not probed with
+    a forward pass, so the model can be built on the meta device."""
+
+    def __init__(self, *, img_size: Any = 32, patch_size: Any = 1, in_chans: int = 3,
+                 stem_channels: tuple[int, ...] = (64, 128), **kwargs: Any) -> None:
+        img = img_size if isinstance(img_size, (tuple, list)) else (img_size, img_size)
+        ratio = 2 ** len(stem_channels)
+        if img[0] % ratio or img[1] % ratio:
+            raise GridError(f"Image size {img[0]}x{img[1]} is not a multiple of the conv stem's stride {ratio}.",
+                            f"Use an image size that is a multiple of {ratio} (e.g. 32 or 64).")
+        super().__init__(conv_stem(in_chans, tuple(stem_channels)), img_size=img_size, patch_size=patch_size,
+                         feature_size=(img[0] // ratio, img[1] // ratio), feature_ratio=ratio, in_chans=in_chans,
+                         **kwargs)
+
+
 def _build(variant: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
     args = dict(PRESETS[variant][0], num_classes=10)
     args.update(kwargs)
+    stem = args.pop("stem_channels", None)
+    if stem is not None:
+        args["embed_layer"] = _conv_tokenizer(tuple(stem))
     return build_model_with_cfg(VisionTransformer, variant, pretrained, **args)
+
+
+def _conv_tokenizer(stem_channels: tuple[int, ...]):
+    def make(**kwargs: Any) -> ConvTokenizer:
+        return ConvTokenizer(stem_channels=stem_channels, **kwargs)
+
+    return make
 
 
 @register_model
@@ -103,6 +156,12 @@ def vit_cifar_b(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
 def vit_cifar_xs(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """The transfer study's small CIFAR ViT (see ``PRESETS``)."""
     return _build("vit_cifar_xs", pretrained, **kwargs)
+
+
+@register_model
+def vit_cifar_conv(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """A ViT with a convolutional tokenizer for short CPU budgets (see ``PRESETS``)."""
+    return _build("vit_cifar_conv", pretrained, **kwargs)
 
 
 @register_model

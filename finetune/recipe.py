@@ -193,7 +193,8 @@ class OptimConfig(_Section):
         None, gt=0.0, le=1.0, description="Layer-wise learning-rate decay in (0, 1]; null: off."
     )
     fused: bool | None = Field(
-        None, description="Use the fused optimizer kernel; null picks it when available."
+        None, description="Use torch's fused optimizer kernel; null: fused on CUDA and on the CPU "
+        "(summary.json: optimizer_kernel)."
     )
 
     @field_validator("betas")

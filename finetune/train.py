@@ -179,6 +179,7 @@ def _initial_summary(state: TrainState, p: Prepared, recipe_path: str | None) ->
         "precision_asked": r.train.precision,
         "precision_choice": state.precision_choice,  # auto on a CPU: fp32 and bf16 step times, measured here
         "cpu_threads": state.cpu_threads,
+        "optimizer_kernel": engine.optimizer_kernel(state.optimizer),
         "classes": state.classes,
         **environment(state.device),
     }

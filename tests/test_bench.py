@@ -378,3 +378,29 @@ def test_cpu_lab_tiny_run_times_every_path(tmp_path):
     assert all(v is not None for v in results["ratios"].values())
     # The run's caches lived in its own temp folder; the environment is as it was.
     assert {k: os.environ.get(k) for k in env_before} == env_before
+
+
+def test_time_to_accuracy_reads_a_real_run_folder(tmp_path):
+    """benchmarks/time_to_accuracy.py on a run folder finetune wrote: the first epoch at the target,
+    the accuracy by given minutes, and the three files."""
+    spec = importlib.util.spec_from_file_location("time_to_accuracy", REPO_ROOT / "benchmarks" / "time_to_accuracy.py")
+    tta = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tta)
+    recipe = load_recipe(REPO_ROOT / "recipes" / "quick_cpu.yaml",
+                         [f"output.dir={tmp_path}", "output.plots=false", "train.epochs=3", "data.val_split=64"])
+    run(recipe, quiet=True)
+    folder = run_dir_for(recipe)
+    rows = tta.epochs_of(folder)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    # A target below every epoch's accuracy is reached at epoch 1; one above them all never.
+    assert tta.first_at(rows, "test_acc1", -1.0)["epoch"] == 1 and tta.first_at(rows, "test_acc1", 1.01) is None
+    assert tta.at_minutes(rows, "val_acc1", 0.0) is None  # no epoch ends within 0 s of training
+    assert tta.at_minutes(rows, "val_acc1", 1e6) == rows[-1]["val_acc1"]
+    out = tmp_path / "result"
+    result = CliRunner().invoke(tta.app, [str(folder), "--target", "0.5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["runs"][0]["epochs_done"] == 3 and saved["runs"][0]["val_images"] == 64
+    assert out.with_suffix(".png").stat().st_size > 0 and "first epoch at 50.00% test" in out.with_suffix(".md").read_text()
+    bad = CliRunner().invoke(tta.app, [str(tmp_path / "nothing")])
+    assert bad.exit_code == 2 and "not a run folder" in bad.output

@@ -120,3 +120,23 @@ def test_cpu_threads_setting_is_applied_and_recorded(tmp_path):
         torch.set_num_threads(before)
     summary = run(quick(tmp_path, "name=default_threads"), quiet=True)
     assert summary["cpu_threads"] == torch.get_num_threads()  # one process keeps torch's own count
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_the_optimizer_steps_with_the_fused_kernel_on_a_cpu_unless_told_otherwise(tmp_path, name):
+    model = torch.nn.Linear(4, 2)
+    fused = engine.build_optimizer(quick(tmp_path, f"optim.name={name}"), model, CPU)
+    assert engine.optimizer_kernel(fused) == "fused"
+    loop = engine.build_optimizer(quick(tmp_path, f"optim.name={name}", "optim.fused=false"), model, CPU)
+    assert engine.optimizer_kernel(loop) == "for-loop"
+
+
+def test_a_run_records_its_optimizer_kernel_and_fused_matches_the_loop(tmp_path):
+    summaries = {}
+    for fused in ("true", "false"):
+        out = tmp_path / fused
+        summaries[fused] = run(quick(out, f"optim.fused={fused}", "train.precision=fp32"), quiet=True)
+    assert summaries["true"]["optimizer_kernel"] == "fused"
+    assert summaries["false"]["optimizer_kernel"] == "for-loop"
+    # The same arithmetic in another order: the two runs end within rounding of each other.
+    assert summaries["true"]["final_loss"] == pytest.approx(summaries["false"]["final_loss"], rel=1e-3)

@@ -217,6 +217,25 @@ def test_presets_build_the_course_lab_model():
     assert model.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)
 
 
+def test_conv_tokenizer_preset_builds_an_8x8_grid_and_round_trips(tmp_path):
+    model = create_model("vit_cifar_conv", num_classes=10)
+    assert model.patch_embed.grid_size == (8, 8) and model.pos_embed.shape == (1, 64, 128)
+    assert model.cls_token is None and model.global_pool == "avg" and len(model.blocks) == 4
+    convs = [m for m in model.patch_embed.backbone if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [64, 128] and model.patch_embed.proj.kernel_size == (1, 1)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    save_model(model, tmp_path / "m")
+    again = load_model(tmp_path / "m").eval()
+    assert_loaded_exactly(again, model.state_dict(), skip=())
+    assert torch.equal(again(x), model(x))
+    # Another image size keeps the stem's stride: 64 px gives a 16x16 grid, the pos_embed resized.
+    bigger = load_model(tmp_path / "m", img_size=64)
+    assert bigger.patch_embed.grid_size == (16, 16) and bigger(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+    with pytest.raises(GridError, match="multiple of the conv stem"):
+        create_model("vit_cifar_conv", num_classes=10, img_size=30)
+
+
 def test_scratch_model_round_trip(tmp_path):
     model = create_model("vit_tiny_test", num_classes=4)
     save_model(model, tmp_path / "m")
