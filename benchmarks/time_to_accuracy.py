@@ -16,7 +16,7 @@ the same machine under the same load, and say so.
 from __future__ import annotations
 
 import json
-import platform
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -79,8 +79,9 @@ def pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
-def markdown(runs: list[dict[str, Any]], target: float, minutes: list[float], command: str) -> str:
-    lines = [f"# Accuracy against training time ({platform.node() or 'this machine'})", "",
+def markdown(runs: list[dict[str, Any]], target: float, minutes: list[float], command: str,
+             notes: list[str] | None = None) -> str:
+    lines = ["# Accuracy against training time", "",
              f"Command: `{command}`  ", "Times are training seconds (evaluation not counted), each run's own clock.",
              "", f"| run | epochs | train images | threads | precision | optimizer | training time | wall time "
              f"| first epoch at {pct(target)} test (time) | final test top-1 |",
@@ -89,7 +90,7 @@ def markdown(runs: list[dict[str, Any]], target: float, minutes: list[float], co
         hit = r["first_test_acc1_at_target"]
         at = "not reached" if hit is None else f"epoch {hit['epoch']} ({hit['train_time_s'] / 60:.1f} min)"
         lines.append(f"| {r['run']} | {r['epochs_done']}/{r['epochs']} | {r['train_images']:,} | {r['cpu_threads']} "
-                     f"| {r['precision']} | {r['optimizer_kernel'] or '-'} | {(r['train_time_s'] or 0) / 60:.1f} min "
+                     f"| {r['precision']} | {r['optimizer_kernel'] or 'not recorded'} | {(r['train_time_s'] or 0) / 60:.1f} min "
                      f"| {(r['wall_time_s'] or 0) / 60:.1f} min | {at} | {pct(r['final_test_acc1'])} |")
     for key, label in (("test_acc1", "test"), ("val_acc1", "validation")):
         if not any(any(v is not None for v in r[f"{key}_by_minutes"].values()) for r in runs):
@@ -103,6 +104,8 @@ def markdown(runs: list[dict[str, Any]], target: float, minutes: list[float], co
     for r in runs:
         points = ", ".join(f"{c['epoch']}: {c['train_time_s'] / 60:.1f} min {pct(c['test_acc1'])}" for c in r["curve"])
         lines.append(f"- {r['run']}: {points}")
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
@@ -135,6 +138,7 @@ def main(
     target: Annotated[float, typer.Option(help="Accuracy to time, as a fraction.")] = 0.67,
     minutes: Annotated[str, typer.Option(help="Training minutes to report the accuracy at.")] = "5,10,20,30",
     out: Annotated[Path | None, typer.Option(help="Write OUT.json, OUT.md and OUT.png.")] = None,
+    note: Annotated[list[str] | None, typer.Option(help="A line for the Notes (how the runs were made).")] = None,
 ) -> None:
     """Time to an accuracy and accuracy by given times, from run folders."""
     marks = [float(m) for m in minutes.split(",") if m.strip()]
@@ -144,13 +148,14 @@ def main(
             typer.echo(f"error: {folder} is not a run folder (no metrics.jsonl or summary.json).", err=True)
             raise typer.Exit(2)
         described.append(describe(folder, target, marks))
-    command = "python benchmarks/time_to_accuracy.py " + " ".join(sys.argv[1:])
-    text = markdown(described, target, marks, command)
+    command = "python benchmarks/time_to_accuracy.py " + shlex.join(sys.argv[1:])
+    text = markdown(described, target, marks, command, note)
     typer.echo(text)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomically(out.with_suffix(".json"), json.dumps(
-            {"target": target, "minutes": marks, "command": command, "runs": described}, indent=2) + "\n")
+            {"target": target, "minutes": marks, "command": command, "notes": note or [], "runs": described},
+            indent=2) + "\n")
         write_text_atomically(out.with_suffix(".md"), text)
         figure(described, target, out.with_suffix(".png"))
 

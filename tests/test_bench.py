@@ -397,10 +397,12 @@ def test_time_to_accuracy_reads_a_real_run_folder(tmp_path):
     assert tta.at_minutes(rows, "val_acc1", 0.0) is None  # no epoch ends within 0 s of training
     assert tta.at_minutes(rows, "val_acc1", 1e6) == rows[-1]["val_acc1"]
     out = tmp_path / "result"
-    result = CliRunner().invoke(tta.app, [str(folder), "--target", "0.5", "--out", str(out)])
+    result = CliRunner().invoke(tta.app, [str(folder), "--target", "0.5", "--out", str(out), "--note", "made 'here'"])
     assert result.exit_code == 0, result.output
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["runs"][0]["epochs_done"] == 3 and saved["runs"][0]["val_images"] == 64
-    assert out.with_suffix(".png").stat().st_size > 0 and "first epoch at 50.00% test" in out.with_suffix(".md").read_text()
+    text = out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 0 and "first epoch at 50.00% test" in text
+    assert "- made 'here'" in text and saved["notes"] == ["made 'here'"]
     bad = CliRunner().invoke(tta.app, [str(tmp_path / "nothing")])
     assert bad.exit_code == 2 and "not a run folder" in bad.output
