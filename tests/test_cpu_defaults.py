@@ -161,3 +161,22 @@ def test_the_cpu_recipes_run_as_shipped_on_a_small_synthetic_set(tmp_path, name)
         shipped = load_recipe(REPO_ROOT / "recipes" / f"{name}.yaml")
         assert shipped.data.val_split == 5000 and summary["arch"] == "vit_cifar_conv"
         assert summary["selection"] == "val" and summary["val_images"] == 16
+
+
+def test_the_conv_tokenizer_model_resumes_bit_identically(tmp_path, monkeypatch):
+    """vit_cifar_conv has BatchNorm buffers and a stem timm builds without a probe forward: a run
+    stopped by SIGTERM and resumed ends with the same weights as one that never stopped."""
+    from safetensors.torch import load_file
+
+    args = ("model.arch=vit_cifar_conv", "train.epochs=2", "output.checkpoint_every_steps=3", "train.precision=fp32")
+    whole = run(quick(tmp_path / "whole", *args), quiet=True)
+    assert whole["status"] == "finished"
+    send_at_step(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        run(quick(tmp_path / "cut", *args), quiet=True)
+    monkeypatch.undo()
+    assert resume(tmp_path / "cut" / "quick_cpu", quiet=True)["status"] == "finished"
+    a = load_file(tmp_path / "whole" / "quick_cpu" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "quick_cpu" / "model.safetensors")
+    assert a.keys() == b.keys() and any("running_mean" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
