@@ -25,22 +25,10 @@ import typer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from finetune.report import read_run  # noqa: E402
 from finetune.snapshot import write_text_atomically  # noqa: E402
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-
-
-def epochs_of(folder: Path) -> list[dict[str, Any]]:
-    """The epoch lines of a run's metrics.jsonl, in order (a torn last line is skipped)."""
-    rows = []
-    for line in (folder / "metrics.jsonl").read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and row.get("kind") == "epoch":
-            rows.append(row)
-    return rows
 
 
 def first_at(rows: list[dict[str, Any]], key: str, target: float) -> dict[str, Any] | None:
@@ -55,8 +43,8 @@ def at_minutes(rows: list[dict[str, Any]], key: str, minutes: float) -> float | 
 
 
 def describe(folder: Path, target: float, minutes: list[float]) -> dict[str, Any]:
-    rows = epochs_of(folder)
-    summary = json.loads((folder / "summary.json").read_text())
+    record = read_run(folder)
+    rows, summary = record.epoch_rows, record.summary
     out: dict[str, Any] = {
         "run": str(folder), "status": summary.get("status"), "recipe": summary.get("recipe_path"),
         "device_name": summary.get("device_name"), "cpu_threads": summary.get("cpu_threads"),

@@ -7,6 +7,7 @@ DeiT.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from torch import nn
@@ -123,15 +124,8 @@ def _build(variant: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
     args.update(kwargs)
     stem = args.pop("stem_channels", None)
     if stem is not None:
-        args["embed_layer"] = _conv_tokenizer(tuple(stem))
+        args["embed_layer"] = functools.partial(ConvTokenizer, stem_channels=tuple(stem))
     return build_model_with_cfg(VisionTransformer, variant, pretrained, **args)
-
-
-def _conv_tokenizer(stem_channels: tuple[int, ...]):
-    def make(**kwargs: Any) -> ConvTokenizer:
-        return ConvTokenizer(stem_channels=stem_channels, **kwargs)
-
-    return make
 
 
 @register_model

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from finetune.data import BatchLoader
 from finetune.params import param_groups
+from finetune.report import read_run
 from finetune.recipe import load_recipe, recipe_from_dict
 from finetune.train import prepare, run, run_dir_for
 
@@ -390,7 +391,7 @@ def test_time_to_accuracy_reads_a_real_run_folder(tmp_path):
                          [f"output.dir={tmp_path}", "output.plots=false", "train.epochs=3", "data.val_split=64"])
     run(recipe, quiet=True)
     folder = run_dir_for(recipe)
-    rows = tta.epochs_of(folder)
+    rows = read_run(folder).epoch_rows
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     # A target below every epoch's accuracy is reached at epoch 1; one above them all never.
     assert tta.first_at(rows, "test_acc1", -1.0)["epoch"] == 1 and tta.first_at(rows, "test_acc1", 1.01) is None
