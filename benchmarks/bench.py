@@ -12,7 +12,7 @@ Pipelines (see ``benchmarks/README.md``):
   per image on the CPU, ``DataLoader(num_workers=2)``, batch 128, fp32, SGD.
 * ``timm``: timm's own data pipeline (``create_dataset`` / ``create_loader`` with its CUDA
   prefetcher), bf16 autocast, channels-last, batch 256, one worker per core.
-* ``finetune``: ``finetune.train.run`` at its best settings: uint8 images resident on the device,
+* ``finetune``: ``finetune.runs.run.run`` at its best settings: uint8 images resident on the device,
   augmentation and the 32 -> 224 resize on the device, bf16, ``torch.compile``, fused optimizer,
   channels-last.
 * ``finetune32``: the same engine fine-tuning at CIFAR's native 32 px with 4-px patches.
@@ -52,7 +52,7 @@ import torchvision
 import typer
 from torch import nn
 
-from finetune.device import reset_peak_memory, synchronize
+from finetune.training.device import reset_peak_memory, synchronize
 
 CIFAR10_TRAIN_IMAGES = 50_000  # one CIFAR-10 epoch, for the seconds-per-epoch column
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -560,7 +560,7 @@ def pretend_pretrained(ctx: Context) -> Path:
     loading from a folder still takes the engine's fine-tuning path (exact load, new head, and for
     ``finetune32`` the patch-kernel and position-embedding resampling).
     """
-    from finetune.models import create_model, save_model
+    from finetune.models.build import create_model, save_model
 
     folder = ctx.workdir / "pretend_deit_tiny"
     if not (folder / "config.json").is_file():
@@ -605,9 +605,9 @@ def engine_recipe(
 
 
 def bench_engine(ctx: Context, raw: dict[str, Any]) -> dict[str, Any]:
-    """Run ``finetune.train.run`` on a recipe; read steady-state throughput from its metrics."""
+    """Run ``finetune.runs.run.run`` on a recipe; read steady-state throughput from its metrics."""
     from finetune.recipe import recipe_from_dict, recipe_to_dict
-    from finetune.train import prepare, run, run_dir_for
+    from finetune.runs.run import prepare, run, run_dir_for
 
     recipe = recipe_from_dict(raw, where=f"bench pipeline {raw['name']}")
     log_every, warmup, _ = engine_steps(ctx.settings)

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from finetune import engine
-from finetune.device import synchronize
+from finetune.training import engine
+from finetune.training.device import synchronize
 from finetune.recipe import recipe_from_dict
-from finetune.recorder import RunRecorder
-from finetune.rundir import CHECKPOINT, RunDir
+from finetune.runs.recorder import RunRecorder
+from finetune.runs.folder import CHECKPOINT, RunDir
 
 EPOCH_IMAGES = 50_000  # CIFAR-10's training set
 

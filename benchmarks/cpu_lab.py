@@ -15,7 +15,7 @@ Paths (see ``benchmarks/README.md``, "CPU: the course lab's ViT"):
 * ``timm``: a ``timm/train.py``-style loop on finetune's ``vit_lab`` preset: ``create_optimizer_v2``,
   a timm scheduler stepped per update, the same per-image transforms and DataLoader; at batch 32 and
   at the best batch of a short sweep.
-* ``finetune``: ``finetune.train.run`` on ``recipes/vit_lab_cifar.yaml``: at the lab's settings
+* ``finetune``: ``finetune.runs.run.run`` on ``recipes/vit_lab_cifar.yaml``: at the lab's settings
   (batch 32) and at the best settings of a short sweep (batch, fused or for-loop optimizer step,
   bf16, ``torch.compile``).
 
@@ -359,7 +359,7 @@ def bench_timm(ctx: Context, batch: int, name: str, seconds: float) -> dict[str,
     import timm.optim
     import timm.scheduler
 
-    import finetune.presets  # noqa: F401  (registers vit_lab with timm)
+    import finetune.models.presets  # noqa: F401  (registers vit_lab with timm)
 
     s = ctx.settings
     torch.manual_seed(0)
@@ -406,7 +406,7 @@ def bench_finetune(
     ctx: Context, name: str, batch: int, *, seconds: float, est_ips: float, real: bool,
     compile: bool = False, fused: bool | None = None, precision: str | None = None,
 ) -> dict[str, Any]:
-    """``finetune.train.run`` on the lab recipe for about ``seconds`` of timed steps.
+    """``finetune.runs.run.run`` on the lab recipe for about ``seconds`` of timed steps.
 
     ``precision`` None keeps the recipe's (fp16, which finetune runs in fp32 on a CPU, with a warning).
     ``real``: the ImageFolder (decoded once into memory; the decode cache lives in the temp folder);
@@ -414,7 +414,7 @@ def bench_finetune(
     image test set being evaluated at the end.
     """
     from finetune.recipe import load_recipe, recipe_to_dict
-    from finetune.train import run, run_dir_for
+    from finetune.runs.run import run, run_dir_for
 
     s = ctx.settings
     timed_steps = max(s.min_steps(batch), math.ceil(seconds * est_ips / batch))
@@ -572,8 +572,8 @@ def prepare_data(s: Settings, workdir: Path) -> tuple[Path, bool, int]:
 def run_benchmark(s: Settings) -> tuple[dict[str, Any], Path]:
     import timm
 
-    import finetune.presets  # noqa: F401
-    from finetune.device import precision_fallback
+    import finetune.models.presets  # noqa: F401
+    from finetune.training.device import precision_fallback
 
     now = datetime.datetime.now().astimezone()
     start_load = os.getloadavg()

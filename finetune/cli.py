@@ -84,7 +84,7 @@ NprocOpt = Annotated[
 def _launch(command: list[str], nproc: int, run_dir: Path) -> None:
     """Start ``finetune COMMAND`` in ``nproc`` processes (torchrun) and exit with its code; a
     failure gets one paragraph (which process died, and how to resume), not torchrun's report."""
-    from .distributed import run_processes
+    from .training.distributed import run_processes
 
     launched = run_processes(command, nproc)
     problem = launched.error(nproc, run_dir)
@@ -100,7 +100,7 @@ def _peer_failures_as_messages(run_dir: Path):
     try:
         yield
     except Exception as exc:
-        from .distributed import is_peer_failure, peer_failure_error
+        from .training.distributed import is_peer_failure, peer_failure_error
 
         if is_peer_failure(exc):
             raise peer_failure_error(exc, run_dir) from None
@@ -129,17 +129,17 @@ def run(
     On 4 GPUs: finetune run recipes/deit_tiny_cifar.yaml --nproc 4
     """
     from .recipe import find_recipe, load_recipe
-    from .rundir import check_run_dir, run_dir_for
+    from .runs.folder import check_run_dir, run_dir_for
 
     path = find_recipe(recipe)
     parsed = load_recipe(path, overrides or [])
     if nproc > 1:  # the common mistakes, before launching
-        from .distributed import check_batch_split
+        from .training.distributed import check_batch_split
 
         check_batch_split(parsed.data.batch_size, nproc, pairs=parsed.train.mixing)
         check_run_dir(run_dir_for(parsed), parsed.output.overwrite)
         _launch(["run", str(path), *(overrides or []), *(["-q"] if quiet else [])], nproc, run_dir_for(parsed))
-    from .train import run as run_recipe
+    from .runs.run import run as run_recipe
 
     with _peer_failures_as_messages(run_dir_for(parsed)):
         summary = run_recipe(parsed, recipe_path=str(path), quiet=quiet)
@@ -161,15 +161,15 @@ def resume(
     Example: finetune resume runs/deit_tiny_cifar
     """
     if nproc > 1:
-        from .distributed import check_batch_split
+        from .training.distributed import check_batch_split
         from .recipe import load_recipe
-        from .rundir import RunDir
+        from .runs.folder import RunDir
 
         RunDir.reopen(run_dir).close()  # the common mistakes (finished, in use...), before launching
         stored = load_recipe(run_dir / "recipe.yaml")
         check_batch_split(stored.data.batch_size, nproc, pairs=stored.train.mixing)
         _launch(["resume", str(run_dir), *(["-q"] if quiet else [])], nproc, run_dir)
-    from .train import resume as resume_run
+    from .runs.run import resume as resume_run
 
     with _peer_failures_as_messages(run_dir):
         summary = resume_run(run_dir, quiet=quiet)
@@ -178,7 +178,7 @@ def resume(
 
 def _done(summary: dict, folder: Path) -> None:
     """The closing line of a run, printed by the main process only."""
-    from .train import describe
+    from .runs.run import describe
 
     if _is_main_process():
         out.print(f"[bold green]done[/] {escape(describe(summary, folder))}", highlight=False)
@@ -199,7 +199,7 @@ def validate(
 
     path = find_recipe(recipe)
     if is_experiment(read_yaml_file(path)):
-        from .experiment import load_experiment
+        from .experiments.experiment import load_experiment
 
         experiment = load_experiment(path, overrides or [])
         for variant, variant_recipe in experiment.variants:
@@ -275,10 +275,10 @@ def eval_cmd(
 
     Example: finetune eval runs/deit_tiny_cifar --data data/cifar10-jpeg
     """
-    from .data import BatchLoader, load_eval_split, normalisation
-    from .device import autocast_dtype, resolve_device
-    from .evaluate import evaluate
-    from .models import load_model
+    from .data.core import BatchLoader, load_eval_split, normalisation
+    from .training.device import autocast_dtype, resolve_device
+    from .training.evaluate import evaluate
+    from .models.build import load_model
 
     _refuse_unfinished_run(model)
     model_obj = load_model(model)
@@ -322,9 +322,9 @@ def predict(
     """
     import torch
 
-    from .data import normalisation, preprocess_images, read_image
-    from .device import resolve_device
-    from .models import load_model
+    from .data.core import normalisation, preprocess_images, read_image
+    from .training.device import resolve_device
+    from .models.build import load_model
 
     decoded = [read_image(path) for path in images]  # every file checked before the model loads
     _refuse_unfinished_run(model)
@@ -345,7 +345,7 @@ def predict(
 
 def _refuse_unfinished_run(target: Path) -> None:
     """A run folder that has no model yet gets a message about the run, not about a missing file."""
-    from .rundir import BEST_DIR, is_run_folder, run_status
+    from .runs.folder import BEST_DIR, is_run_folder, run_status
 
     if not is_run_folder(target) or (target / "config.json").is_file():
         return
@@ -371,7 +371,7 @@ def _print_plan(plans: list) -> None:
 
 def _run_and_report(experiment: Any, dry_run: bool, quiet: bool, nproc: int = 1) -> None:
     """Shared tail of compare and sweep: plan or run, print the table, fail if a variant failed."""
-    from .experiment import plan_experiment, run_experiment
+    from .experiments.experiment import plan_experiment, run_experiment
 
     if dry_run:
         _print_plan(plan_experiment(experiment))
@@ -419,7 +419,7 @@ def compare(
 
     Example: finetune compare recipes/compare_cifar.yaml train.epochs=1
     """
-    from .experiment import load_experiment
+    from .experiments.experiment import load_experiment
 
     _run_and_report(load_experiment(experiment, overrides or [], name=name), dry_run, quiet, nproc)
 
@@ -443,7 +443,7 @@ def sweep(
 
     Example: finetune sweep recipes/vit_lab_cifar.yaml --grid optim.lr=1e-3,3e-4 --grid data.batch_size=32,128
     """
-    from .experiment import sweep_experiment
+    from .experiments.experiment import sweep_experiment
 
     _run_and_report(sweep_experiment(recipe, grid or [], overrides or [], name=name), dry_run, quiet, nproc)
 
@@ -467,7 +467,7 @@ def report(
 
     Example: finetune report runs/compare_cifar --out runs/compare_cifar
     """
-    from .experiment import EXPERIMENT_FILE, read_experiment_folder, write_experiment_report
+    from .experiments.experiment import EXPERIMENT_FILE, read_experiment_folder, write_experiment_report
 
     dirs: list[Path] = []
     experiments = []
@@ -513,9 +513,9 @@ def show_patches(
 
     Example: finetune show patches cat.jpg --img-size 224 --patch-size 16
     """
-    from .data import read_image, resize_center_crop
-    from .figures import draw_patches
-    from .visual import check_patch_picture
+    from .data.core import read_image, resize_center_crop
+    from .viz.figures import draw_patches
+    from .viz.visual import check_patch_picture
 
     _check_output_file(out)
     if img_size is not None and patch_size is not None:
@@ -523,7 +523,7 @@ def show_patches(
     decoded = read_image(image)
     prefix = 1
     if model is not None:
-        from .models import load_model
+        from .models.build import load_model
 
         loaded = load_model(model)
         img_size = img_size or loaded.patch_embed.img_size[0]
@@ -551,11 +551,11 @@ def show_attention(
     """
     import torch
 
-    from .data import normalisation, preprocess_images, read_image, resize_center_crop
-    from .device import resolve_device
-    from .figures import draw_attention
-    from .models import load_model
-    from .visual import attention_rollout, last_layer_attention
+    from .data.core import normalisation, preprocess_images, read_image, resize_center_crop
+    from .training.device import resolve_device
+    from .viz.figures import draw_attention
+    from .models.build import load_model
+    from .viz.visual import attention_rollout, last_layer_attention
 
     _check_output_file(out)
     decoded = [read_image(path) for path in images]
@@ -588,10 +588,10 @@ def show_pos_embed(
 
     Example: finetune show pos-embed deit_tiny_patch16_224 --img-size 64 --modes truncate,crop,bicubic
     """
-    from .figures import draw_pos_embed_similarity
-    from .models import load_model
-    from .pos_embed import POS_EMBED_MODES, pos_embed_prefix_tokens, resize_pos_embed, to_2tuple
-    from .visual import check_similarity_picture, pos_embed_similarity
+    from .viz.figures import draw_pos_embed_similarity
+    from .models.build import load_model
+    from .models.pos_embed import POS_EMBED_MODES, pos_embed_prefix_tokens, resize_pos_embed, to_2tuple
+    from .viz.visual import check_similarity_picture, pos_embed_similarity
 
     _check_output_file(out)
     loaded = load_model(model)

@@ -18,7 +18,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-import finetune.presets  # noqa: F401  (registers the from-scratch presets with timm)
+import finetune.models.presets  # noqa: F401  (registers the from-scratch presets with timm)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -68,7 +68,7 @@ def one_cpu_thread():
 def send_at_step(monkeypatch, step: int, *, sig: int = signal.SIGTERM, times: int = 1, run: str | None = None) -> None:
     """Send ``sig`` to this process right after optimizer step ``step`` (of the run named ``run``,
     when given), as `kill PID` or Ctrl-C would."""
-    import finetune.engine as engine
+    import finetune.training.engine as engine
 
     real = engine._optimizer_step
 
@@ -140,7 +140,7 @@ def hub_cache(tmp_path_factory, deit_tiny_sd, monkeypatch) -> Path:
 @pytest.fixture
 def no_network(monkeypatch):
     """Fail the test if anything tries to reach the hub; point the hub at a closed local port."""
-    import finetune.checkpoint as ckpt
+    import finetune.models.sources as ckpt
 
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
 

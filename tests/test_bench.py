@@ -22,11 +22,11 @@ from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
-from finetune.data import BatchLoader
-from finetune.params import param_groups
-from finetune.report import read_run
+from finetune.data.core import BatchLoader
+from finetune.models.params import param_groups
+from finetune.experiments.report import read_run
 from finetune.recipe import load_recipe, recipe_from_dict
-from finetune.train import prepare, run, run_dir_for
+from finetune.runs.run import prepare, run, run_dir_for
 
 BENCH_PATH = REPO_ROOT / "benchmarks" / "bench.py"
 

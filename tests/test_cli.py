@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from conftest import REPO_ROOT
 from finetune.cli import app
-from finetune.data import load_splits
+from finetune.data.core import load_splits
 from finetune.recipe import SHIPPED_RECIPES, load_recipe
 
 RUNNER = CliRunner()
@@ -147,7 +147,7 @@ def test_missing_cifar_with_download_fails_fast_without_network(tmp_path, monkey
 
 
 def test_existing_run_folder_is_kept_unless_overwrite(tmp_path):
-    from finetune.rundir import MARKER, marker_text
+    from finetune.runs.folder import MARKER, marker_text
 
     earlier = tmp_path / "runs" / "quick_cpu"
     earlier.mkdir(parents=True)

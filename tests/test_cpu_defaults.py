@@ -12,12 +12,12 @@ import os
 import pytest
 import torch
 
-import finetune.device as device_mod
-import finetune.engine as engine
+import finetune.training.device as device_mod
+import finetune.training.engine as engine
 from conftest import REPO_ROOT, send_at_step
-from finetune.device import autocast_dtype, cpu_threads, measure_cpu_precision, physical_cores
+from finetune.training.device import autocast_dtype, cpu_threads, measure_cpu_precision, physical_cores
 from finetune.recipe import load_recipe
-from finetune.train import resume, run
+from finetune.runs.run import resume, run
 
 QUICK = REPO_ROOT / "recipes" / "quick_cpu.yaml"
 FAST = ("output.plots=false", "train.log_every=1")

@@ -23,9 +23,9 @@ from safetensors.torch import load_file
 
 from conftest import REPO_ROOT
 from finetune.recipe import load_recipe
-from finetune.rundir import CHECKPOINT, run_status
+from finetune.runs.folder import CHECKPOINT, run_status
 from finetune.snapshot import load_state
-from finetune.train import resume, run
+from finetune.runs.run import resume, run
 
 QUICK = REPO_ROOT / "recipes" / "quick_cpu.yaml"
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
@@ -114,10 +114,10 @@ def test_a_global_batch_that_does_not_divide_is_a_clear_error(tmp_path):
 
 EVAL_SCRIPT = textwrap.dedent('''
     import json, sys, torch
-    from finetune.data import BatchLoader, ImageTensors, shard
-    from finetune.distributed import from_environment, shutdown
-    from finetune.evaluate import evaluate
-    from finetune.models import create_model
+    from finetune.data.core import BatchLoader, ImageTensors, shard
+    from finetune.training.distributed import from_environment, shutdown
+    from finetune.training.evaluate import evaluate
+    from finetune.models.build import create_model
 
     processes = from_environment(60, "cpu")
     torch.manual_seed(0)
@@ -144,9 +144,9 @@ def test_sharded_evaluation_equals_one_process_on_an_odd_sized_set(tmp_path):
     sharded = json.loads(out.read_text())
     assert sharded["part"] == 18  # rank 0 scored 18 images, rank 1 the other 19: none twice
 
-    from finetune.data import BatchLoader, ImageTensors
-    from finetune.evaluate import evaluate
-    from finetune.models import create_model
+    from finetune.data.core import BatchLoader, ImageTensors
+    from finetune.training.evaluate import evaluate
+    from finetune.models.build import create_model
 
     torch.manual_seed(0)
     model = create_model("vit_tiny_test", num_classes=10)
@@ -166,9 +166,9 @@ def test_sharded_evaluation_equals_one_process_on_an_odd_sized_set(tmp_path):
 # (rank 0 has written it by then; another rank has only taken part).
 KILLER = textwrap.dedent('''
     import os, signal, sys
-    import finetune.recorder as recorder
+    import finetune.runs.recorder as recorder
     from finetune.recipe import load_recipe
-    from finetune.train import run
+    from finetune.runs.run import run
 
     who, n = int(sys.argv[1]), int(sys.argv[2])
     seen = []
@@ -191,7 +191,7 @@ KILLER_SITE = textwrap.dedent('''
     import os
     if os.environ.get("RANK") is not None and os.environ.get("KILL_RANK_AT"):
         import signal
-        import finetune.recorder as recorder
+        import finetune.runs.recorder as recorder
 
         who, n = (int(v) for v in os.environ["KILL_RANK_AT"].split(","))
         seen = []

@@ -1,4 +1,4 @@
-"""Experiments (finetune.experiment and the compare / sweep / report commands).
+"""Experiments (finetune.experiments.experiment and the compare / sweep / report commands).
 
 Every run starts from the shipped ``recipes/quick_cpu.yaml`` (synthetic images, the toy
 ``vit_tiny_test`` preset) shrunk to 72 training images (7 held out for validation by the
@@ -19,9 +19,9 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import REPO_ROOT, send_at_step
-from finetune import train
+from finetune.runs import run as train
 from finetune.cli import app
-from finetune.experiment import (
+from finetune.experiments.experiment import (
     EXPERIMENT_FILE,
     ExperimentError,
     format_run_value,
@@ -65,7 +65,7 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def spy_runs(monkeypatch) -> list[str]:
-    """Record the name of every recipe that finetune.train.run trains (from scratch, not resumed)."""
+    """Record the name of every recipe that finetune.runs.run.run trains (from scratch, not resumed)."""
     calls: list[str] = []
     real_run = train.run
 
@@ -78,7 +78,7 @@ def spy_runs(monkeypatch) -> list[str]:
 
 
 def spy_resumes(monkeypatch) -> list[str]:
-    """Record the folder name of every run that finetune.train.resume continues."""
+    """Record the folder name of every run that finetune.runs.run.resume continues."""
     calls: list[str] = []
     real_resume = train.resume
 
@@ -243,7 +243,7 @@ def test_an_experiment_stopped_mid_variant_resumes_it_exactly(tmp_path, monkeypa
     from safetensors.torch import load_file
 
     from finetune.errors import RunInterrupted
-    from finetune.rundir import CHECKPOINT
+    from finetune.runs.folder import CHECKPOINT
 
     path = write_experiment(tmp_path, {"a": {}, "b": {"train.epochs": 3}, "c": {}})
     send_at_step(monkeypatch, 5, run="b")
@@ -268,7 +268,7 @@ def test_an_experiment_stopped_mid_variant_resumes_it_exactly(tmp_path, monkeypa
 
 def test_a_variant_being_trained_elsewhere_is_not_touched(tmp_path):
     from finetune.recipe import load_recipe
-    from finetune.rundir import RunDir
+    from finetune.runs.folder import RunDir
 
     path = write_experiment(tmp_path, {"a": {}})
     folder = tmp_path / "runs" / "exp" / "a"
@@ -305,7 +305,7 @@ def test_a_finished_run_with_another_recipe_is_refused(tmp_path, monkeypatch):
 
 
 def test_failed_variants_are_recorded_and_the_rest_still_run(tmp_path, monkeypatch):
-    import finetune.engine as engine
+    import finetune.training.engine as engine
 
     real_evaluate = engine.evaluate
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 from timm.layers import resample_patch_embed
 
-import finetune.checkpoint as ckpt_mod
+import finetune.models.sources as ckpt_mod
 from finetune import (
     CheckpointError,
     FinetuneError,

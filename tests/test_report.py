@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from finetune.errors import FinetuneError
-from finetune.report import (
+from finetune.experiments.report import (
     format_table,
     plot_confusion,
     plot_curves,
@@ -133,7 +133,7 @@ def test_import_does_not_load_matplotlib():
     # A fresh interpreter: importing the module must stay light for `finetune --help`.
     import subprocess
 
-    code = "import finetune.report, sys; print('matplotlib' in sys.modules)"
+    code = "import finetune.experiments.report, sys; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

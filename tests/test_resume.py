@@ -23,15 +23,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import finetune.engine as engine
+import finetune.training.engine as engine
 from conftest import REPO_ROOT, send_at_step
 from finetune.cli import app
 from finetune.errors import CheckpointError, DivergedError, RunDirError, RunInterrupted
 from finetune.recipe import load_recipe
-from finetune.report import read_run
-from finetune.rundir import CHECKPOINT, RunDir, lock_held, run_status
+from finetune.experiments.report import read_run
+from finetune.runs.folder import CHECKPOINT, RunDir, lock_held, run_status
 from finetune.snapshot import load_state, pack, save_state, unpack
-from finetune.train import resume, run, run_dir_for
+from finetune.runs.run import resume, run, run_dir_for
 
 QUICK = REPO_ROOT / "recipes" / "quick_cpu.yaml"
 runner = CliRunner()
@@ -90,9 +90,9 @@ def assert_same_run(a: Path, b: Path) -> None:
 # with "during", after the checkpoint's temporary file is written but before it replaces the last).
 KILLER = textwrap.dedent('''
     import os, signal, sys
-    import finetune.rundir as rundir, finetune.snapshot as snapshot
+    import finetune.runs.folder as rundir, finetune.snapshot as snapshot
     from finetune.recipe import load_recipe
-    from finetune.train import run
+    from finetune.runs.run import run
 
     when, n = sys.argv[1], int(sys.argv[2])
     seen = []
@@ -229,7 +229,7 @@ def test_ctrl_c_on_the_command_line_says_how_to_resume(tmp_path, monkeypatch):
 
 
 def test_signals_during_the_final_save_leave_a_consistent_folder(tmp_path, monkeypatch):
-    import finetune.report as report
+    import finetune.experiments.report as report
 
     real_plot, calls = report.plot_curves, []
 
@@ -385,7 +385,7 @@ def test_a_damaged_or_mismatched_checkpoint_is_a_clear_error(tmp_path, damage):
     folder = tmp_path / "runs" / "quick_cpu"
     RunDir.create(folder, quick(tmp_path), {"status": "running"}, overwrite=False).close()
     recipe = quick(tmp_path)
-    from finetune.engine import build, prepare
+    from finetune.training.engine import build, prepare
 
     state = build(prepare(recipe))
     tree = state.state_dict()
@@ -535,7 +535,7 @@ def test_log_intervals_across_epochs_count_their_own_training_time(tmp_path):
 
 
 def test_a_stop_while_saving_the_best_model_keeps_the_earlier_one_whole(tmp_path, monkeypatch):
-    import finetune.models as models
+    import finetune.models.build as models
     from finetune import load_model
 
     recipe = quick(tmp_path, "output.plots=false", "data.val_split=32")

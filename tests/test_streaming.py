@@ -16,10 +16,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import finetune.data as data_mod
+import finetune.data.core as data_mod
 from conftest import REPO_ROOT
 from finetune.cli import app
-from finetune.data import BatchLoader, EncodedImages, ImageTensors, load_splits
+from finetune.data.core import BatchLoader, EncodedImages, ImageTensors, load_splits
 from finetune.errors import DataError
 from test_data import make_augment, make_cfg
 
@@ -120,7 +120,7 @@ def test_a_streamed_run_trains_exactly_like_an_in_memory_one(tmp_path, photos):
 
 MEMORY_SCRIPT = textwrap.dedent('''
     import json, resource, sys, torch
-    from finetune.data import BatchLoader, load_splits
+    from finetune.data.core import BatchLoader, load_splits
     from finetune.recipe import DataConfig, AugmentConfig
 
     cfg = DataConfig(name="imagefolder", root=sys.argv[1], in_memory=False, cache=False)
@@ -158,7 +158,7 @@ def test_streaming_memory_stays_bounded(tmp_path):
 def test_batched_device_decoding_matches_one_by_one(photos):
     # The path a GPU takes (one decode_jpeg call for the batch's JPEGs, other formats on the CPU),
     # run here on the CPU device: the same pixels as decoding each file alone.
-    from finetune.data import _decode_bytes, decode_on_device
+    from finetune.data.core import _decode_bytes, decode_on_device
 
     files = sorted((photos / "train" / "class0").glob("*.jpg"))[:4]
     png = photos / "extra.png"

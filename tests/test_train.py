@@ -1,4 +1,4 @@
-"""Tests for the training engine (finetune.train): what a run writes, that it learns, and each option.
+"""Tests for the training engine (finetune.runs.run): what a run writes, that it learns, and each option.
 
 Every run starts from the shipped ``recipes/quick_cpu.yaml`` (synthetic images, the toy
 ``vit_tiny_test`` preset) with overrides, so one takes well under a second on a CPU. Pretrained
@@ -17,13 +17,13 @@ from safetensors.torch import load_file
 
 from conftest import REPO_ROOT
 from finetune import count_parameters, create_model, load_model, save_model
-from finetune.data import BatchLoader
-from finetune.engine import build_optimizer, build_scheduler
+from finetune.data.core import BatchLoader
+from finetune.training.engine import build_optimizer, build_scheduler
 from finetune.errors import FinetuneError
-from finetune.evaluate import evaluate
+from finetune.training.evaluate import evaluate
 from finetune.recipe import load_recipe
-from finetune.report import read_metrics
-from finetune.train import prepare, run, run_dir_for
+from finetune.experiments.report import read_metrics
+from finetune.runs.run import prepare, run, run_dir_for
 
 QUICK = REPO_ROOT / "recipes" / "quick_cpu.yaml"
 CPU = torch.device("cpu")
@@ -432,7 +432,7 @@ def test_ema_warmup_tracks_training_and_says_which_decay_it_reached(tmp_path):
     # With 0.9998 from the second step the average stays near the first step's weights for thousands
     # of steps; train.ema_warmup ramps the decay up, so it tracks the trained model after a few dozen,
     # and the run says that its 24 steps end far below the decay asked for.
-    from finetune.engine import TrainingWarning
+    from finetune.training.engine import TrainingWarning
 
     recipe = quick(tmp_path, "train.ema=true", "train.ema_warmup=true", "train.epochs=3", "optim.lr=3e-3", NO_PLOTS)
     prepared = prepare(recipe)
@@ -462,8 +462,8 @@ def test_a_file_where_the_run_folder_goes_is_an_error(tmp_path):
 
 def scripted_evaluation(monkeypatch, val_accs, test_accs):
     """Make evaluation report the given accuracies, epoch by epoch, and remember the weights it saw."""
-    import finetune.engine as engine
-    from finetune.evaluate import EvalResult
+    import finetune.training.engine as engine
+    from finetune.training.evaluate import EvalResult
 
     seen, calls = [], {"val": 0, "test": 0}
 
@@ -512,7 +512,7 @@ def test_without_a_validation_split_nothing_is_selected(tmp_path, monkeypatch):
 
 
 def test_the_loop_runs_without_a_run_folder(tmp_path):
-    from finetune import engine
+    from finetune.training import engine
 
     recipe = quick(tmp_path, "train.epochs=2", "data.val_split=32", "train.log_every=1")
 

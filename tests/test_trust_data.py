@@ -22,11 +22,11 @@ import torch
 from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
-import finetune.data as data_mod
+import finetune.data.core as data_mod
 from conftest import REPO_ROOT
-from finetune import decode_cache
+from finetune.data import cache as decode_cache
 from finetune.cli import app
-from finetune.data import (
+from finetune.data.core import (
     BatchLoader,
     _decode_bytes,
     _decode_chunk,

@@ -24,16 +24,16 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import finetune
-import finetune.engine as engine
+import finetune.training.engine as engine
 from conftest import REPO_ROOT, send_at_step
 from finetune.cli import app
 from finetune.errors import RunDirError, RunInterrupted
 from finetune.recipe import load_recipe
-from finetune.rundir import (
+from finetune.runs.folder import (
     CHECKPOINT, MARKER, RunDir, is_legacy_run_folder, is_owned_run_folder, is_run_folder, parked_runs, run_status,
 )
 from finetune.snapshot import load_state
-from finetune.train import resume, run
+from finetune.runs.run import resume, run
 
 QUICK = REPO_ROOT / "recipes" / "quick_cpu.yaml"
 runner = CliRunner()

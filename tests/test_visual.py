@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 from conftest import REPO_ROOT
 from finetune import create_model, resize_pos_embed, save_model
 from finetune.cli import app
-from finetune.data import BatchLoader, ImageTensors
+from finetune.data.core import BatchLoader, ImageTensors
 from finetune.errors import GridError
-from finetune.visual import (
+from finetune.viz.visual import (
     attention_maps,
     attention_rollout,
     attention_rollout_matrix,
@@ -152,7 +152,7 @@ def test_a_run_folder_gets_samples_and_mistakes_and_tensorboard(tmp_path, monkey
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    import finetune.visual as visual
+    import finetune.viz.visual as visual
 
     passes = []
     real = visual.most_confident_mistakes
@@ -175,11 +175,11 @@ def test_a_run_folder_gets_samples_and_mistakes_and_tensorboard(tmp_path, monkey
 
 
 def test_resuming_without_tensorboard_fails_before_touching_the_run(tmp_path, monkeypatch):
-    import finetune.tensorboard as tensorboard
+    import finetune.viz.tensorboard as tensorboard
     from conftest import send_at_step
     from finetune.errors import FinetuneError, RunInterrupted
     from finetune.recipe import load_recipe
-    from finetune.train import resume, run, run_dir_for
+    from finetune.runs.run import resume, run, run_dir_for
 
     pytest.importorskip("tensorboard")
     recipe = load_recipe(REPO_ROOT / "recipes" / "quick_cpu.yaml",

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import BatchLoader
+from ..data.core import BatchLoader
 from .device import autocast
 from .distributed import SINGLE, Processes
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import GridError
+from ..errors import GridError
 
 PosEmbedMode = Literal["bicubic", "bilinear", "nearest", "truncate", "crop"]
 POS_EMBED_MODES: tuple[str, ...] = ("bicubic", "bilinear", "nearest", "truncate", "crop")

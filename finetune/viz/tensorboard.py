@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .engine import Callback, TrainState
-from .errors import FinetuneError
-from .rundir import WRITE_ERRORS, RunDir, write_error
+from ..training.engine import Callback, TrainState
+from ..errors import FinetuneError
+from ..runs.folder import WRITE_ERRORS, RunDir, write_error
 
 _EPOCH_SCALARS = {
     "train_loss": "train/epoch_loss", "train_acc1": "train/acc1", "test_acc1": "test/acc1",

@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from .engine import Callback, TrainState, check_finite, throughput
-from .errors import RunDirError
-from .params import merge_lora
-from .rundir import BEST_DIR, RunDir
+from ..training.engine import Callback, TrainState, check_finite, throughput
+from ..errors import RunDirError
+from ..models.params import merge_lora
+from .folder import BEST_DIR, RunDir
 
 
 def result_fields(state: TrainState) -> dict[str, Any]:
@@ -116,7 +116,7 @@ class RunRecorder(Callback):
         Returns:
             The earlier runs deleted (parked by ``output.overwrite``), as paths.
         """
-        from .device import peak_memory_mb
+        from ..training.device import peak_memory_mb
 
         r = state.recipe
         if self.rundir is None:
@@ -126,9 +126,9 @@ class RunRecorder(Callback):
             if hasattr(state.eval_model, "save_pretrained"):  # the adapters alone, in peft's format
                 self.rundir.save_adapter(state.eval_model)
         if r.output.plots:
-            from .figures import draw_mistakes, draw_samples
-            from .report import plot_confusion, plot_curves
-            from .visual import run_pictures
+            from ..viz.figures import draw_mistakes, draw_samples
+            from ..experiments.report import plot_confusion, plot_curves
+            from ..viz.visual import run_pictures
 
             folder = self.rundir.path
             pictures = run_pictures(state)

@@ -19,15 +19,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import distributed, engine
-from .device import environment, reset_peak_memory, resolve_device
-from .engine import Callbacks, Prepared, StopRequested, TrainState, build, fit
-from .errors import DivergedError, FinetuneError, RunInterrupted
-from .models import model_from_config
-from .progress import TrainProgress, console
-from .recipe import Recipe, load_recipe
+from ..training import distributed, engine
+from ..training.device import environment, reset_peak_memory, resolve_device
+from ..training.engine import Callbacks, Prepared, StopRequested, TrainState, build, fit
+from ..errors import DivergedError, FinetuneError, RunInterrupted
+from ..models.build import model_from_config
+from ..training.progress import TrainProgress, console
+from ..recipe import Recipe, load_recipe
 from .recorder import RunRecorder
-from .rundir import RunDir, check_run_dir, read_checkpoint, run_dir_for
+from .folder import RunDir, check_run_dir, read_checkpoint, run_dir_for
 
 
 def prepare(recipe: Recipe) -> Prepared:
@@ -76,7 +76,7 @@ def run(
 def _require_extras(recipe: Recipe) -> None:
     """Check, before anything loads, that the optional packages the recipe asks for are installed."""
     if recipe.output.tensorboard:
-        from .tensorboard import require_tensorboard
+        from ..viz.tensorboard import require_tensorboard
 
         require_tensorboard()
 
@@ -256,7 +256,7 @@ def _train(
     deleted: list[Path] = []
     try:
         if r.output.tensorboard and rundir is not None:
-            from .tensorboard import TensorBoardLogger
+            from ..viz.tensorboard import TensorBoardLogger
 
             callbacks.append(TensorBoardLogger(folder / "tensorboard", rundir=rundir))
         with progress, _stop_on_signals(state, progress):

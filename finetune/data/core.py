@@ -36,10 +36,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode
 from torchvision.transforms.v2 import functional as TF
 
-from . import decode_cache
-from .device import host_available_memory
-from .distributed import check_global_batch
-from .errors import DataError
+from . import cache as decode_cache
+from ..training.device import host_available_memory
+from ..training.distributed import check_global_batch
+from ..errors import DataError
 
 # torchvision >= 0.29 marks its image codecs deprecated in favour of TorchCodec (not a dependency
 # here). They are still the fastest CPU decoders available, so their warning is silenced locally.
@@ -579,7 +579,7 @@ def load_eval_split(
 
 
 def _load_hf(cfg, only_test: bool = False):
-    from .hf_data import load_hf
+    from .hf import load_hf
 
     return load_hf(cfg.path, image_column=cfg.image_column, label_column=cfg.label_column, only_test=only_test)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .report import _figure, _save
+from ..experiments.report import _figure, _save
 
 
 def _hwc(image: torch.Tensor):

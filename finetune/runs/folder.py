@@ -41,9 +41,9 @@ from typing import Any
 
 from safetensors import SafetensorError
 
-from .errors import CheckpointError, FinetuneError, RunDirError
-from .recipe import Recipe, computed_settings, dump_recipe_yaml
-from .snapshot import fsync_dir, load_state, save_state, write_new_text_synced, write_text_atomically
+from ..errors import CheckpointError, FinetuneError, RunDirError
+from ..recipe import Recipe, computed_settings, dump_recipe_yaml
+from ..snapshot import fsync_dir, load_state, save_state, write_new_text_synced, write_text_atomically
 
 try:
     import fcntl
@@ -74,7 +74,7 @@ def run_dir_for(recipe: Recipe) -> Path:
 
 def marker_text() -> str:
     """The content of a run folder's marker file (:data:`MARKER`)."""
-    from . import __version__
+    from .. import __version__
 
     return json.dumps({"format": MARKER_FORMAT, "finetune_version": __version__}) + "\n"
 
@@ -556,7 +556,7 @@ class RunDir:
         """Save a plain model folder (``config.json`` + ``model.safetensors``): into the run folder
         itself, or as ``subfolder`` (``best/``), which is written aside and swapped in whole so that
         a stop while saving never leaves weights that disagree with their ``config.json``."""
-        from .models import save_model
+        from ..models.build import save_model
 
         if subfolder is None:  # the final model: the folder says "finished" only once it is written
             with self.writing(f"save the model to {self.path}"):

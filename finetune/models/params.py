@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .errors import FinetuneError
-from .models import head_names
-from .recipe import TRAIN_MODES, TrainMode
+from ..errors import FinetuneError
+from .build import head_names
+from ..recipe import TRAIN_MODES, TrainMode
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .errors import FinetuneError
+from ..errors import FinetuneError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -226,7 +226,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     import timm
     import torchvision
 
-    from . import __version__
+    from .. import __version__
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {

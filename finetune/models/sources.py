@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from .errors import CheckpointError, FinetuneError, OfflineError, SourceNotFoundError
+from ..errors import CheckpointError, FinetuneError, OfflineError, SourceNotFoundError
 
 SAFETENSORS_NAME = "model.safetensors"
 PICKLE_NAMES = ("pytorch_model.bin", "model.pth", "model.pt")

@@ -55,12 +55,12 @@ from typing import Any, Literal
 import yaml
 from rich.console import Console
 
-from . import train
-from .errors import DivergedError, ExperimentError, FinetuneError
+from ..runs import run as train
+from ..errors import DivergedError, ExperimentError, FinetuneError
 
 # The recipe module's YAML dialect and nearest-key suggestion, so experiment files read, look
 # and complain like recipes.
-from .recipe import (
+from ..recipe import (
     Recipe,
     RecipeError,
     parse_yaml,
@@ -77,8 +77,8 @@ from .recipe import (
     valid_keys,
 )
 from .report import flatten, format_table, ranking_summary, read_run, varied_keys, write_report
-from .rundir import CHECKPOINT, is_run_folder, lock_held, run_dir_for, run_status, strict_json, write_marker
-from .snapshot import write_text_atomically
+from ..runs.folder import CHECKPOINT, is_run_folder, lock_held, run_dir_for, run_status, strict_json, write_marker
+from ..snapshot import write_text_atomically
 
 console = Console(stderr=True)
 
@@ -857,7 +857,7 @@ def _run_distributed(plan: PlannedRun, recipe: Recipe, nproc: int, quiet: bool) 
     """Train one variant in ``nproc`` processes through torchrun; raise if they fail."""
     import tempfile
 
-    from .distributed import run_processes
+    from ..training.distributed import run_processes
 
     quiet_flag = ["-q"] if quiet else []
     if plan.action == "resume":

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
+from ..errors import DataError
 
 VAL_NAMES = ("validation", "valid", "val", "dev")
 
@@ -254,7 +254,7 @@ def _open(path: str):
 
 
 def _open_hub(repo_id: str):
-    from .checkpoint import _hub_endpoint, endpoint_reachable, hub_offline_forced
+    from ..models.sources import _hub_endpoint, endpoint_reachable, hub_offline_forced
 
     offline = hub_offline_forced() or os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     if not offline and not endpoint_reachable(_hub_endpoint()):

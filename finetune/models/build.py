@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from . import presets  # noqa: F401  (registers the from-scratch presets with timm)
-from .checkpoint import (
+from .sources import (
     HUB_PREFIX,
     PICKLE_SUFFIXES,
     ResolvedSource,
@@ -42,9 +42,9 @@ from .checkpoint import (
     resolve_folder,
     resolve_hub,
 )
-from .errors import CheckpointError, FinetuneError, SourceNotFoundError
+from ..errors import CheckpointError, FinetuneError, SourceNotFoundError
 from .pos_embed import PosEmbedMode, check_image_size, pos_embed_prefix_tokens, resize_model_input, to_2tuple
-from .snapshot import write_atomically, write_text_atomically
+from ..snapshot import write_atomically, write_text_atomically
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .snapshot import write_atomically, write_text_atomically
+from ..snapshot import write_atomically, write_text_atomically
 
 FORMAT = 2  # 2: indices only in the index, a checksum, EXIF orientation for every format
 

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .errors import FinetuneError
+from ..errors import FinetuneError
 
 T = TypeVar("T")
 
@@ -284,7 +284,7 @@ def launch(command: Sequence[str], nproc: int) -> int:
     return run_processes(command, nproc).code
 
 
-_LAUNCHER = "import sys; from finetune.distributed import _torchrun_quietly; sys.exit(_torchrun_quietly(sys.argv[1:]))"
+_LAUNCHER = "import sys; from finetune.training.distributed import _torchrun_quietly; sys.exit(_torchrun_quietly(sys.argv[1:]))"
 
 
 def _torchrun_quietly(argv: Sequence[str]) -> int:

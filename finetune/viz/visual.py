@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import GridError
-from .pos_embed import to_2tuple
+from ..errors import GridError
+from ..models.pos_embed import to_2tuple
 
 
 MAX_PICTURE_SIDE = 4096
@@ -261,7 +261,7 @@ def most_confident_mistakes(
         the true and predicted labels and the predicted class's probability, most confident first
         (``K <= count``).
     """
-    from .device import autocast
+    from ..training.device import autocast
 
     was_training = model.training
     model.eval()

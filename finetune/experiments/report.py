@@ -22,7 +22,7 @@ Figures are built with ``matplotlib.figure.Figure`` and saved through the Agg ca
 memory over a long sweep, and importing this module does not import matplotlib at all.
 
 Example:
-    >>> from finetune.report import write_report
+    >>> from finetune.experiments.report import write_report
     >>> paths = write_report(sorted(Path("runs").glob("lab_lr*")), "runs/report",
     ...                      sweep_keys=["optim.lr"])
     >>> print(paths["markdown"].read_text())
@@ -40,8 +40,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .errors import FinetuneError
-from .rundir import run_status
+from ..errors import FinetuneError
+from ..runs.folder import run_status
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import ResolvedSource
-from .data import BatchLoader, DatasetSplits, ImageTensors, load_splits, normalisation, shard
+from ..models.sources import ResolvedSource
+from ..data.core import BatchLoader, DatasetSplits, ImageTensors, load_splits, normalisation, shard
 from .distributed import SINGLE, Processes, check_batch_split, model_rng_seed
 from .device import (
     autocast,
@@ -48,9 +48,9 @@ from .device import (
     resolve_device,
     synchronize,
 )
-from .errors import DivergedError, FinetuneError
+from ..errors import DivergedError, FinetuneError
 from .evaluate import evaluate
-from .models import (
+from ..models.build import (
     ModelShape,
     create_model,
     load_model,
@@ -59,8 +59,8 @@ from .models import (
     planned_shape,
     resolve_source,
 )
-from .params import ParamCounts, add_lora, param_groups, set_trainable
-from .recipe import Recipe, recipe_to_dict
+from ..models.params import ParamCounts, add_lora, param_groups, set_trainable
+from ..recipe import Recipe, recipe_to_dict
 
 # --------------------------------------------------------------------------------------------
 # What the loop calls
