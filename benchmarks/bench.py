@@ -560,7 +560,8 @@ def pretend_pretrained(ctx: Context) -> Path:
     loading from a folder still takes the engine's fine-tuning path (exact load, new head, and for
     ``finetune32`` the patch-kernel and position-embedding resampling).
     """
-    from finetune.models.build import create_model, save_model
+    from finetune.models.build import create_model
+    from finetune.models.saving import save_model
 
     folder = ctx.workdir / "pretend_deit_tiny"
     if not (folder / "config.json").is_file():

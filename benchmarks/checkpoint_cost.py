@@ -31,11 +31,14 @@ from pathlib import Path
 
 import torch
 
-from finetune.training import engine
+from finetune.training.callbacks import Callback
+from finetune.training.loop import train_one_epoch
+from finetune.training.setup import build, prepare
 from finetune.training.device import synchronize
 from finetune.recipe import recipe_from_dict
 from finetune.runs.recorder import RunRecorder
-from finetune.runs.folder import CHECKPOINT, RunDir
+from finetune.runs.folder import CHECKPOINT
+from finetune.runs.rundir import RunDir
 
 EPOCH_IMAGES = 50_000  # CIFAR-10's training set
 
@@ -67,10 +70,10 @@ class _Enough(Exception):
 def measure(name: str, device: str, batch: int, steps: int, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         recipe = recipe_for(name, device, batch, Path(tmp))
-        state = engine.build(engine.prepare(recipe))
+        state = build(prepare(recipe))
         step_times = []
 
-        class Timer(engine.Callback):
+        class Timer(Callback):
             def on_step_end(self, s):
                 synchronize(s.device)
                 now = time.perf_counter()
@@ -83,7 +86,7 @@ def measure(name: str, device: str, batch: int, steps: int, repeats: int) -> dic
         timer.last = time.perf_counter()
         state.meters.reset_epoch()
         try:
-            engine.train_one_epoch(state, timer)
+            train_one_epoch(state, timer)
         except _Enough:
             pass
         step_s = statistics.median(step_times[1:])  # the first step carries warm-up costs

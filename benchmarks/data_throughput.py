@@ -33,12 +33,13 @@ from pathlib import Path
 
 import torch
 
-from finetune.data.core import BatchLoader, load_splits
+from finetune.data.load import load_splits
+from finetune.data.loader import BatchLoader
 from finetune.recipe import AugmentConfig, DataConfig
 
 READY_SCRIPT = """
 import sys, time
-from finetune.data.core import load_splits
+from finetune.data.load import load_splits
 from finetune.recipe import DataConfig
 t = time.perf_counter()  # after the imports: the time the data itself takes
 load_splits(DataConfig(name="imagefolder", root=sys.argv[1]), seed=0)

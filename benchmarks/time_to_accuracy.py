@@ -25,7 +25,7 @@ import typer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from finetune.experiments.report import read_run  # noqa: E402
+from finetune.runs.records import read_run  # noqa: E402
 from finetune.snapshot import write_text_atomically  # noqa: E402
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

@@ -37,7 +37,7 @@ _EXPORTS = {
     "create_model": "models.build",
     "load_model": "models.build",
     "reset_head": "models.build",
-    "save_model": "models.build",
+    "save_model": "models.saving",
     "ParamCounts": "models.params",
     "count_parameters": "models.params",
     "param_groups": "models.params",

@@ -68,9 +68,9 @@ def one_cpu_thread():
 def send_at_step(monkeypatch, step: int, *, sig: int = signal.SIGTERM, times: int = 1, run: str | None = None) -> None:
     """Send ``sig`` to this process right after optimizer step ``step`` (of the run named ``run``,
     when given), as `kill PID` or Ctrl-C would."""
-    import finetune.training.engine as engine
+    import finetune.training.loop as loop
 
-    real = engine._optimizer_step
+    real = loop._optimizer_step
 
     def step_then_signal(state):
         real(state)
@@ -78,7 +78,7 @@ def send_at_step(monkeypatch, step: int, *, sig: int = signal.SIGTERM, times: in
             for _ in range(times):
                 os.kill(os.getpid(), sig)
 
-    monkeypatch.setattr(engine, "_optimizer_step", step_then_signal)
+    monkeypatch.setattr(loop, "_optimizer_step", step_then_signal)
 
 
 def random_state_dict(arch: str, seed: int = 0, **kwargs) -> dict[str, torch.Tensor]:

@@ -22,9 +22,9 @@ from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
-from finetune.data.core import BatchLoader
+from finetune.data.loader import BatchLoader
 from finetune.models.params import param_groups
-from finetune.experiments.report import read_run
+from finetune.runs.records import read_run
 from finetune.recipe import load_recipe, recipe_from_dict
 from finetune.runs.run import prepare, run, run_dir_for
 

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from conftest import REPO_ROOT
 from finetune.cli import app
-from finetune.data.core import load_splits
+from finetune.data.load import load_splits
 from finetune.recipe import SHIPPED_RECIPES, load_recipe
 
 RUNNER = CliRunner()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import finetune.training.device as device_mod
-import finetune.training.engine as engine
+import finetune.training.components as components
 from conftest import REPO_ROOT, send_at_step
 from finetune.training.device import autocast_dtype, cpu_threads, measure_cpu_precision, physical_cores
 from finetune.recipe import load_recipe
@@ -57,7 +57,7 @@ def test_precision_defaults_to_auto_and_auto_means_fp32_for_eval_on_a_cpu():
 @pytest.mark.parametrize("chosen", ["fp32", "bf16"])
 def test_auto_on_a_cpu_trains_in_what_the_measurement_chose_and_records_it(tmp_path, monkeypatch, chosen):
     measure, calls = forced(chosen)
-    monkeypatch.setattr(engine, "measure_cpu_precision", measure)
+    monkeypatch.setattr(components, "measure_cpu_precision", measure)
     summary = run(quick(tmp_path, "train.precision=auto"), quiet=True)
     assert summary["status"] == "finished"
     assert calls == [(32, (32, 32))]  # once, on the run's own batch and image size
@@ -86,7 +86,7 @@ def test_bf16_is_chosen_only_when_it_is_clearly_faster():
 
 def test_a_resume_keeps_the_precision_the_run_chose_without_measuring_again(tmp_path, monkeypatch):
     measure, calls = forced("bf16")
-    monkeypatch.setattr(engine, "measure_cpu_precision", measure)
+    monkeypatch.setattr(components, "measure_cpu_precision", measure)
     recipe = quick(tmp_path, "train.precision=auto", "train.epochs=2", "output.checkpoint_every_steps=3")
     send_at_step(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
@@ -96,7 +96,7 @@ def test_a_resume_keeps_the_precision_the_run_chose_without_measuring_again(tmp_
     def refuse(*args, **kwargs):
         raise AssertionError("a resume must not measure again")
 
-    monkeypatch.setattr(engine, "measure_cpu_precision", refuse)
+    monkeypatch.setattr(components, "measure_cpu_precision", refuse)
     folder = tmp_path / "quick_cpu"
     summary = resume(folder, quiet=True)
     assert summary["status"] == "finished"
@@ -125,10 +125,10 @@ def test_cpu_threads_setting_is_applied_and_recorded(tmp_path):
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
 def test_the_optimizer_steps_with_the_fused_kernel_on_a_cpu_unless_told_otherwise(tmp_path, name):
     model = torch.nn.Linear(4, 2)
-    fused = engine.build_optimizer(quick(tmp_path, f"optim.name={name}"), model, CPU)
-    assert engine.optimizer_kernel(fused) == "fused"
-    loop = engine.build_optimizer(quick(tmp_path, f"optim.name={name}", "optim.fused=false"), model, CPU)
-    assert engine.optimizer_kernel(loop) == "for-loop"
+    fused = components.build_optimizer(quick(tmp_path, f"optim.name={name}"), model, CPU)
+    assert components.optimizer_kernel(fused) == "fused"
+    loop = components.build_optimizer(quick(tmp_path, f"optim.name={name}", "optim.fused=false"), model, CPU)
+    assert components.optimizer_kernel(loop) == "for-loop"
 
 
 def test_a_run_records_its_optimizer_kernel_and_fused_matches_the_loop(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for finetune.data.core: loading splits in the real on-disk formats, and the batch loader.
+"""Tests for finetune.data: loading splits in the real on-disk formats, and the batch loader.
 
 Everything runs offline on a CPU in a few seconds. Image folders are written as real JPEG/PNG files
 and CIFAR as torchvision's own pickled batches; only torchvision's md5 check is patched out.
@@ -20,19 +20,12 @@ import torch
 import torchvision
 from PIL import Image
 
-from finetune.data.core import (
-    BatchLoader,
-    DatasetSplits,
-    ImageTensors,
-    load_splits,
-    preprocess_images,
-    random_crop,
-    random_hflip,
-    random_resized_crop,
-    read_image,
-    resize_center_crop,
-    split_train,
-)
+from finetune.data.decode import read_image
+from finetune.data.load import load_splits
+from finetune.data.loader import BatchLoader
+from finetune.data.preprocess import preprocess_images, resize_center_crop
+from finetune.data.splits import DatasetSplits, ImageTensors, split_train
+from finetune.data.transforms import random_crop, random_hflip, random_resized_crop
 from finetune.errors import DataError, FinetuneError
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -497,7 +490,7 @@ def test_read_image_errors(tmp_path):
 
 
 def test_select_classes_relabels_in_the_given_order():
-    from finetune.data.core import select_classes
+    from finetune.data.splits import select_classes
 
     labels = torch.tensor([0, 1, 2, 3, 1, 2])
     images = torch.arange(6, dtype=torch.uint8).view(6, 1, 1, 1).expand(6, 3, 2, 2).contiguous()
@@ -511,7 +504,7 @@ def test_select_classes_relabels_in_the_given_order():
 
 
 def test_sixteen_bit_png_is_rescaled_not_truncated(tmp_path):
-    from finetune.data.core import read_image
+    from finetune.data.decode import read_image
 
     path = tmp_path / "deep.png"
     Image.fromarray(np.full((4, 4), 40000, dtype=np.uint16)).save(path)  # 16-bit grey
@@ -521,7 +514,7 @@ def test_sixteen_bit_png_is_rescaled_not_truncated(tmp_path):
 
 
 def test_eval_split_of_a_model_trained_on_some_classes():
-    from finetune.data.core import load_eval_split
+    from finetune.data.load import load_eval_split
 
     # A torchvision-style dataset scored for a model that knows two of its classes, in its order.
     test, classes, _ = load_eval_split(make_cfg(), seed=0, classes=["class_3", "class_1"])
@@ -534,7 +527,7 @@ def test_eval_split_of_a_model_trained_on_some_classes():
 
 
 def test_eval_split_of_an_imagefolder_run_trained_with_data_classes(image_tree):
-    from finetune.data.core import load_eval_split
+    from finetune.data.load import load_eval_split
 
     all_classes = load_splits(make_cfg(name="imagefolder", root=str(image_tree)), seed=0).classes
     kept = all_classes[:1]
@@ -544,14 +537,15 @@ def test_eval_split_of_an_imagefolder_run_trained_with_data_classes(image_tree):
 
 
 def test_eval_split_reads_only_the_test_set(tmp_path, skip_md5, monkeypatch):
-    import finetune.data.core as data_mod
-    from finetune.data.core import load_eval_split
+    import finetune.data.cifar as cifar_mod
+    import finetune.data.synthetic as synthetic_mod
+    from finetune.data.load import load_eval_split
 
     write_cifar(tmp_path, "cifar10", n_train=10, n_test=4)
     decoded, made = [], []
-    real_tensors, real_synthetic = data_mod._cifar_tensors, data_mod._synthetic_images
-    monkeypatch.setattr(data_mod, "_cifar_tensors", lambda d: decoded.append(d.train) or real_tensors(d))
-    monkeypatch.setattr(data_mod, "_synthetic_images", lambda n, *a: made.append(n) or real_synthetic(n, *a))
+    real_tensors, real_synthetic = cifar_mod._cifar_tensors, synthetic_mod._synthetic_images
+    monkeypatch.setattr(cifar_mod, "_cifar_tensors", lambda d: decoded.append(d.train) or real_tensors(d))
+    monkeypatch.setattr(synthetic_mod, "_synthetic_images", lambda n, *a: made.append(n) or real_synthetic(n, *a))
 
     test, classes, _ = load_eval_split(make_cfg(name="cifar10", root=str(tmp_path), image_size=16))
     assert decoded == [False]  # torchvision's train=False set only
@@ -563,7 +557,7 @@ def test_eval_split_reads_only_the_test_set(tmp_path, skip_md5, monkeypatch):
 
 
 def test_eval_split_relabels_data_classes_as_training_did(image_tree):
-    from finetune.data.core import load_eval_split
+    from finetune.data.load import load_eval_split
 
     # The run learned emu as class 0 and cat as class 1; eval without the model's names must agree.
     cfg = make_cfg(name="imagefolder", root=str(image_tree), classes=("emu", "cat"))
@@ -575,7 +569,7 @@ def test_eval_split_relabels_data_classes_as_training_did(image_tree):
 
 
 def test_seed_streams_are_independent():
-    from finetune.data.core import AUGMENT_STREAM, SHUFFLE_STREAM, stream_seed
+    from finetune.data.plan import AUGMENT_STREAM, SHUFFLE_STREAM, stream_seed
 
     seeds = {(s, e, k): stream_seed(s, e, k) for s in range(-3, 20) for e in range(20) for k in (SHUFFLE_STREAM, AUGMENT_STREAM)}
     assert len(set(seeds.values())) == len(seeds)  # no two (seed, epoch, stream) share a seed
@@ -602,7 +596,7 @@ def test_no_two_seeds_share_an_epoch_and_shuffle_and_augmentation_are_independen
 
     # The shuffle and the augmentation of an epoch draw from different streams, so the crops and
     # flips do not follow the shuffle order (with one seed for both, these draws would be equal).
-    from finetune.data.core import AUGMENT_STREAM, SHUFFLE_STREAM, stream_seed
+    from finetune.data.plan import AUGMENT_STREAM, SHUFFLE_STREAM, stream_seed
 
     shuffle_gen = torch.Generator().manual_seed(stream_seed(0, 1, SHUFFLE_STREAM))
     aug_gen = torch.Generator().manual_seed(stream_seed(0, 1, AUGMENT_STREAM))
@@ -624,7 +618,7 @@ def test_iter_from_resumes_an_epoch_with_the_same_batches():
 
 
 def test_decode_cache_hits_misses_and_invalidation(image_tree, monkeypatch, tmp_path):
-    import finetune.data.core as data_mod
+    import finetune.data.decode as decode_mod
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(cache))
@@ -635,8 +629,8 @@ def test_decode_cache_hits_misses_and_invalidation(image_tree, monkeypatch, tmp_
     assert entries == [".json", ".json", ".npy", ".npy"]  # train and test
 
     decodes = []
-    real = data_mod._decode_all
-    monkeypatch.setattr(data_mod, "_decode_all", lambda *a: decodes.append(a[0]) or real(*a))
+    real = decode_mod._decode_all
+    monkeypatch.setattr(decode_mod, "_decode_all", lambda *a: decodes.append(a[0]) or real(*a))
     second = load_splits(cfg, seed=0)  # a hit: nothing decoded, the same tensors, the same skips
     assert decodes == []
     assert torch.equal(second.train.images, first.train.images) and torch.equal(second.train.labels, first.train.labels)

@@ -114,7 +114,8 @@ def test_a_global_batch_that_does_not_divide_is_a_clear_error(tmp_path):
 
 EVAL_SCRIPT = textwrap.dedent('''
     import json, sys, torch
-    from finetune.data.core import BatchLoader, ImageTensors, shard
+    from finetune.data.loader import BatchLoader
+    from finetune.data.splits import ImageTensors, shard
     from finetune.training.distributed import from_environment, shutdown
     from finetune.training.evaluate import evaluate
     from finetune.models.build import create_model
@@ -144,7 +145,8 @@ def test_sharded_evaluation_equals_one_process_on_an_odd_sized_set(tmp_path):
     sharded = json.loads(out.read_text())
     assert sharded["part"] == 18  # rank 0 scored 18 images, rank 1 the other 19: none twice
 
-    from finetune.data.core import BatchLoader, ImageTensors
+    from finetune.data.loader import BatchLoader
+    from finetune.data.splits import ImageTensors
     from finetune.training.evaluate import evaluate
     from finetune.models.build import create_model
 

@@ -1,4 +1,4 @@
-"""Experiments (finetune.experiments.experiment and the compare / sweep / report commands).
+"""Experiments (finetune.experiments and the compare / sweep / report commands).
 
 Every run starts from the shipped ``recipes/quick_cpu.yaml`` (synthetic images, the toy
 ``vit_tiny_test`` preset) shrunk to 72 training images (7 held out for validation by the
@@ -21,15 +21,11 @@ from typer.testing import CliRunner
 from conftest import REPO_ROOT, send_at_step
 from finetune.runs import run as train
 from finetune.cli import app
-from finetune.experiments.experiment import (
-    EXPERIMENT_FILE,
-    ExperimentError,
-    format_run_value,
-    load_experiment,
-    plan_experiment,
-    run_experiment,
-    sweep_experiment,
-)
+from finetune.errors import ExperimentError
+from finetune.experiments.execute import run_experiment
+from finetune.experiments.plan import plan_experiment
+from finetune.experiments.spec import EXPERIMENT_FILE, load_experiment
+from finetune.experiments.sweep import format_run_value, sweep_experiment
 from finetune.recipe import SHIPPED_RECIPES
 
 QUICK = REPO_ROOT / "recipes" / "quick_cpu.yaml"
@@ -268,7 +264,7 @@ def test_an_experiment_stopped_mid_variant_resumes_it_exactly(tmp_path, monkeypa
 
 def test_a_variant_being_trained_elsewhere_is_not_touched(tmp_path):
     from finetune.recipe import load_recipe
-    from finetune.runs.folder import RunDir
+    from finetune.runs.rundir import RunDir
 
     path = write_experiment(tmp_path, {"a": {}})
     folder = tmp_path / "runs" / "exp" / "a"
@@ -305,16 +301,16 @@ def test_a_finished_run_with_another_recipe_is_refused(tmp_path, monkeypatch):
 
 
 def test_failed_variants_are_recorded_and_the_rest_still_run(tmp_path, monkeypatch):
-    import finetune.training.engine as engine
+    import finetune.training.loop as loop
 
-    real_evaluate = engine.evaluate
+    real_evaluate = loop.evaluate
 
     def evaluate(model, loader, num_classes, **kwargs):
         if loader.batch_size == 48:  # only the `crash` variant: a bug inside the training loop
             raise RuntimeError("boom in evaluation")
         return real_evaluate(model, loader, num_classes, **kwargs)
 
-    monkeypatch.setattr(engine, "evaluate", evaluate)
+    monkeypatch.setattr(loop, "evaluate", evaluate)
     missing = tmp_path / "missing.safetensors"
     path = write_experiment(tmp_path, {
         "first": {},

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from conftest import REPO_ROOT, SHARED_DATA
 from finetune.cli import app
-from finetune.data.core import load_eval_split, load_splits
+from finetune.data.load import load_eval_split, load_splits
 from finetune.errors import DataError
 from finetune.recipe import load_recipe
 
@@ -92,7 +92,7 @@ def test_a_local_dataset_loads_with_its_columns_classes_and_splits(tmp_path, cif
 def _decode(blob: bytes) -> torch.Tensor:
     import warnings
 
-    from finetune.data.core import _TV_CODEC_DEPRECATION, _decode_bytes
+    from finetune.data.decode import TV_CODEC_DEPRECATION as _TV_CODEC_DEPRECATION, decode_bytes as _decode_bytes
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_TV_CODEC_DEPRECATION, category=DeprecationWarning)
@@ -155,7 +155,8 @@ def test_a_recipe_with_hf_needs_a_path():
 
 
 def test_a_dataset_can_be_streamed_from_its_memory_mapped_arrow_files(tmp_path, cifar_jpegs):
-    from finetune.data.core import BatchLoader, EncodedImages
+    from finetune.data.loader import BatchLoader
+    from finetune.data.splits import EncodedImages
 
     build(cifar_jpegs).save_to_disk(str(tmp_path / "ds"))
     in_memory = load_splits(cfg(tmp_path / "ds", in_memory=True), seed=0)

@@ -135,9 +135,11 @@ def test_use_ema_without_ema_weights_is_an_error_not_the_live_weights(tmp_path, 
     assert_loaded_exactly(load_model(path, num_classes=10), deit_tiny_sd)
 
 
-def test_prefixed_keys_from_ddp_and_compile(tmp_path, deit_tiny_sd):
+@pytest.mark.parametrize("prefix", ["module._orig_mod.", "_orig_mod.module.", "module.", "_orig_mod."])
+def test_prefixed_keys_from_ddp_and_compile(tmp_path, deit_tiny_sd, prefix):
+    # DDP wraps a compiled model or torch.compile wraps a DDP one: both orders are stripped.
     path = tmp_path / "deit_tiny_patch16_224_ddp.pth"
-    torch.save({"state_dict": {f"module._orig_mod.{k}": v for k, v in deit_tiny_sd.items()}}, path)
+    torch.save({"state_dict": {f"{prefix}{k}": v for k, v in deit_tiny_sd.items()}}, path)
     assert_loaded_exactly(load_model(path, num_classes=10), deit_tiny_sd)
 
 

@@ -105,7 +105,7 @@ def test_a_merged_lora_model_gives_the_adapted_outputs_and_loads_without_peft(tm
     from finetune.snapshot import load_state
 
     state = load_state(folder / "checkpoints" / "last.safetensors")
-    from finetune.models.build import model_from_config
+    from finetune.models.saving import model_from_config
 
     adapted = add_lora(model_from_config(state["model_config"]), r=4, alpha=16, dropout=0.0,
                        target_modules=("qkv", "proj", "fc1", "fc2"))
@@ -132,7 +132,8 @@ def test_a_merged_lora_model_gives_the_adapted_outputs_and_loads_without_peft(tm
 
 
 def _accuracy(model, tmp_path) -> float:
-    from finetune.data.core import BatchLoader, load_splits
+    from finetune.data.load import load_splits
+    from finetune.data.loader import BatchLoader
     from finetune.training.evaluate import evaluate
 
     splits = load_splits(load_recipe(tmp_path / "lora" / "recipe.yaml").data, seed=0)
@@ -156,7 +157,7 @@ def test_lora_with_layer_decay_and_ema_resumes_exactly(tmp_path, toy, monkeypatc
 
 
 def test_modes_validate_in_recipes_and_compare_files():
-    from finetune.experiments.experiment import load_experiment
+    from finetune.experiments.spec import load_experiment
 
     for mode in ("lora", "bitfit", "attn"):
         assert load_recipe(REPO_ROOT / "recipes" / "deit_tiny_cifar.yaml", [f"train.mode={mode}"]).train.mode == mode

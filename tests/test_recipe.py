@@ -492,7 +492,8 @@ def test_eval_and_predict_do_not_import_the_training_loop():
     import sys
 
     code = ("import sys, finetune.cli, finetune.training.evaluate, finetune.training.device, finetune.runs.folder, finetune.experiments.report, "
-            "finetune.data.core, finetune.models.build; print(sorted(m for m in sys.modules if m.startswith('finetune')))")
+            "finetune.data.load, finetune.data.loader, finetune.models.build; print(sorted(m for m in sys.modules if m.startswith('finetune')))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    for module in ("finetune.training.engine", "finetune.runs.run", "finetune.runs.recorder", "finetune.training.progress", "finetune.models.params"):
+    for module in ("finetune.training.setup", "finetune.training.state", "finetune.training.loop",
+                   "finetune.training.components", "finetune.training.callbacks", "finetune.runs.run", "finetune.runs.recorder", "finetune.training.progress", "finetune.models.params"):
         assert f"'{module}'" not in loaded

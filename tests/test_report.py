@@ -12,14 +12,9 @@ import pytest
 import yaml
 
 from finetune.errors import FinetuneError
-from finetune.experiments.report import (
-    format_table,
-    plot_confusion,
-    plot_curves,
-    read_run,
-    varied_keys,
-    write_report,
-)
+from finetune.runs.records import read_run, varied_keys
+from finetune.experiments.report import format_table, write_report
+from finetune.viz.plots import plot_confusion, plot_curves
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -133,7 +128,7 @@ def test_import_does_not_load_matplotlib():
     # A fresh interpreter: importing the module must stay light for `finetune --help`.
     import subprocess
 
-    code = "import finetune.experiments.report, sys; print('matplotlib' in sys.modules)"
+    code = "import finetune.experiments.report, finetune.viz.plots, sys; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

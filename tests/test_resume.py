@@ -23,13 +23,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import finetune.training.engine as engine
+import finetune.training.loop as loop
 from conftest import REPO_ROOT, send_at_step
 from finetune.cli import app
 from finetune.errors import CheckpointError, DivergedError, RunDirError, RunInterrupted
 from finetune.recipe import load_recipe
-from finetune.experiments.report import read_run
-from finetune.runs.folder import CHECKPOINT, RunDir, lock_held, run_status
+from finetune.runs.records import read_run
+from finetune.runs.folder import CHECKPOINT, lock_held, run_status
+from finetune.runs.rundir import RunDir
 from finetune.snapshot import load_state, pack, save_state, unpack
 from finetune.runs.run import resume, run, run_dir_for
 
@@ -90,7 +91,7 @@ def assert_same_run(a: Path, b: Path) -> None:
 # with "during", after the checkpoint's temporary file is written but before it replaces the last).
 KILLER = textwrap.dedent('''
     import os, signal, sys
-    import finetune.runs.folder as rundir, finetune.snapshot as snapshot
+    import finetune.runs.rundir as rundir, finetune.snapshot as snapshot
     from finetune.recipe import load_recipe
     from finetune.runs.run import run
 
@@ -229,9 +230,9 @@ def test_ctrl_c_on_the_command_line_says_how_to_resume(tmp_path, monkeypatch):
 
 
 def test_signals_during_the_final_save_leave_a_consistent_folder(tmp_path, monkeypatch):
-    import finetune.experiments.report as report
+    import finetune.viz.plots as plots
 
-    real_plot, calls = report.plot_curves, []
+    real_plot, calls = plots.plot_curves, []
 
     def plot_then_signal(*args, **kwargs):
         calls.append(1)
@@ -240,7 +241,7 @@ def test_signals_during_the_final_save_leave_a_consistent_folder(tmp_path, monke
             os.kill(os.getpid(), signal.SIGTERM)  # a second, on the next run: stop now
         return real_plot(*args, **kwargs)
 
-    monkeypatch.setattr(report, "plot_curves", plot_then_signal)
+    monkeypatch.setattr(plots, "plot_curves", plot_then_signal)
     recipe = quick(tmp_path, "name=first")
     summary = run(recipe, quiet=True)
     assert summary["status"] == "finished" and (run_dir_for(recipe) / "curves.png").exists()
@@ -323,7 +324,7 @@ def test_overwrite_keeps_the_earlier_run_until_the_new_one_finishes(tmp_path, mo
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(engine, "evaluate", broken)  # the new run fails at its first evaluation
+    monkeypatch.setattr(loop, "evaluate", broken)  # the new run fails at its first evaluation
     replacing = quick(tmp_path, "output.plots=false", "output.overwrite=true", "seed=5")
     with pytest.raises(OSError):
         run(replacing, quiet=True)
@@ -385,7 +386,7 @@ def test_a_damaged_or_mismatched_checkpoint_is_a_clear_error(tmp_path, damage):
     folder = tmp_path / "runs" / "quick_cpu"
     RunDir.create(folder, quick(tmp_path), {"status": "running"}, overwrite=False).close()
     recipe = quick(tmp_path)
-    from finetune.training.engine import build, prepare
+    from finetune.training.setup import build, prepare
 
     state = build(prepare(recipe))
     tree = state.state_dict()
@@ -535,7 +536,7 @@ def test_log_intervals_across_epochs_count_their_own_training_time(tmp_path):
 
 
 def test_a_stop_while_saving_the_best_model_keeps_the_earlier_one_whole(tmp_path, monkeypatch):
-    import finetune.models.build as models
+    import finetune.models.saving as models
     from finetune import load_model
 
     recipe = quick(tmp_path, "output.plots=false", "data.val_split=32")

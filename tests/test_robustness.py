@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from conftest import REPO_ROOT
 from finetune import GridError, create_model, load_model, resize_pos_embed, save_model
 from finetune.cli import app
-from finetune.data.core import load_splits
+from finetune.data.load import load_splits
 from finetune.errors import CheckpointError, FinetuneError
 
 QUICK = REPO_ROOT / "recipes" / "quick_cpu.yaml"
@@ -224,7 +224,7 @@ def test_a_flipped_byte_in_the_weights_is_caught(toy_folder, tmp_path):
 
 
 def test_save_model_records_the_hash_it_is_checked_against(toy_folder):
-    from finetune.models.sources import file_sha256
+    from finetune.models.reading import file_sha256
 
     config = json.loads((toy_folder / "config.json").read_text())
     assert config["weights_sha256"] == file_sha256(toy_folder / "model.safetensors")
@@ -244,7 +244,7 @@ def test_save_model_under_a_file_is_a_message(tmp_path):
 
 @pytest.mark.parametrize("where", ["under a file", "pseudo file system"])
 def test_an_unwritable_output_dir_fails_before_loading_anything(tmp_path, monkeypatch, where):
-    import finetune.training.engine as engine
+    import finetune.training.setup as setup
 
     if where == "under a file":
         (tmp_path / "afile").write_text("x")
@@ -257,7 +257,7 @@ def test_an_unwritable_output_dir_fails_before_loading_anything(tmp_path, monkey
     def no_data(*args, **kwargs):
         raise AssertionError("data was loaded before the output folder was checked")
 
-    monkeypatch.setattr(engine, "load_splits", no_data)
+    monkeypatch.setattr(setup, "load_splits", no_data)
     assert_user_error(invoke("run", QUICK, f"output.dir={out}"), phrase, "output.dir")
 
 

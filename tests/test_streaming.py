@@ -16,10 +16,12 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import finetune.data.core as data_mod
+import finetune.data.decode as decode_mod
 from conftest import REPO_ROOT
 from finetune.cli import app
-from finetune.data.core import BatchLoader, EncodedImages, ImageTensors, load_splits
+from finetune.data.load import load_splits
+from finetune.data.loader import BatchLoader
+from finetune.data.splits import EncodedImages, ImageTensors
 from finetune.errors import DataError
 from test_data import make_augment, make_cfg
 
@@ -93,7 +95,7 @@ def test_random_resized_crops_are_cut_from_the_full_photo(photos):
 def test_auto_streams_only_what_would_not_fit(photos, monkeypatch):
     cfg = make_cfg(name="imagefolder", root=str(photos), image_size=32, in_memory="auto")
     assert isinstance(load_splits(cfg, seed=0).train, ImageTensors)
-    monkeypatch.setattr(data_mod, "host_memory_budget", lambda: 48 * 3 * 32 * 32 - 1)  # one image short
+    monkeypatch.setattr(decode_mod, "host_memory_budget", lambda: 48 * 3 * 32 * 32 - 1)  # one image short
     assert isinstance(load_splits(cfg, seed=0).train, EncodedImages)
 
 
@@ -120,7 +122,8 @@ def test_a_streamed_run_trains_exactly_like_an_in_memory_one(tmp_path, photos):
 
 MEMORY_SCRIPT = textwrap.dedent('''
     import json, resource, sys, torch
-    from finetune.data.core import BatchLoader, load_splits
+    from finetune.data.load import load_splits
+    from finetune.data.loader import BatchLoader
     from finetune.recipe import DataConfig, AugmentConfig
 
     cfg = DataConfig(name="imagefolder", root=sys.argv[1], in_memory=False, cache=False)
@@ -158,18 +161,18 @@ def test_streaming_memory_stays_bounded(tmp_path):
 def test_batched_device_decoding_matches_one_by_one(photos):
     # The path a GPU takes (one decode_jpeg call for the batch's JPEGs, other formats on the CPU),
     # run here on the CPU device: the same pixels as decoding each file alone.
-    from finetune.data.core import _decode_bytes, decode_on_device
+    from finetune.data.decode import decode_bytes as _decode_bytes, decode_images
 
     files = sorted((photos / "train" / "class0").glob("*.jpg"))[:4]
     png = photos / "extra.png"
     Image.open(files[0]).save(png)
     blobs = [f.read_bytes() for f in files] + [png.read_bytes()]
     names = [str(f) for f in files] + [str(png)]
-    decoded = decode_on_device(blobs, names, CPU)
+    decoded = decode_images(blobs, names, device=CPU)
     expected = [_decode_bytes(b, n) for b, n in zip(blobs, names)]
     assert all(torch.equal(a, b) for a, b in zip(decoded, expected))
     with pytest.raises(DataError, match="extra.png cannot be read"):
-        decode_on_device(blobs[:1] + [b"not an image"], names[:1] + [str(png)], CPU)
+        decode_images(blobs[:1] + [b"not an image"], names[:1] + [str(png)], device=CPU)
 
 
 def test_the_data_benchmark_measures_each_path(photos):

@@ -17,12 +17,12 @@ from safetensors.torch import load_file
 
 from conftest import REPO_ROOT
 from finetune import count_parameters, create_model, load_model, save_model
-from finetune.data.core import BatchLoader
-from finetune.training.engine import build_optimizer, build_scheduler
+from finetune.data.loader import BatchLoader
+from finetune.training.components import build_optimizer, build_scheduler
 from finetune.errors import FinetuneError
 from finetune.training.evaluate import evaluate
 from finetune.recipe import load_recipe
-from finetune.experiments.report import read_metrics
+from finetune.runs.records import read_metrics
 from finetune.runs.run import prepare, run, run_dir_for
 
 QUICK = REPO_ROOT / "recipes" / "quick_cpu.yaml"
@@ -432,7 +432,7 @@ def test_ema_warmup_tracks_training_and_says_which_decay_it_reached(tmp_path):
     # With 0.9998 from the second step the average stays near the first step's weights for thousands
     # of steps; train.ema_warmup ramps the decay up, so it tracks the trained model after a few dozen,
     # and the run says that its 24 steps end far below the decay asked for.
-    from finetune.training.engine import TrainingWarning
+    from finetune.training.components import TrainingWarning
 
     recipe = quick(tmp_path, "train.ema=true", "train.ema_warmup=true", "train.epochs=3", "optim.lr=3e-3", NO_PLOTS)
     prepared = prepare(recipe)
@@ -462,7 +462,7 @@ def test_a_file_where_the_run_folder_goes_is_an_error(tmp_path):
 
 def scripted_evaluation(monkeypatch, val_accs, test_accs):
     """Make evaluation report the given accuracies, epoch by epoch, and remember the weights it saw."""
-    import finetune.training.engine as engine
+    import finetune.training.loop as loop
     from finetune.training.evaluate import EvalResult
 
     seen, calls = [], {"val": 0, "test": 0}
@@ -477,7 +477,7 @@ def scripted_evaluation(monkeypatch, val_accs, test_accs):
         confusion = [[0] * num_classes for _ in range(num_classes)]
         return EvalResult(acc1=acc, acc5=1.0, loss=1.0, per_class_acc=[acc] * num_classes, confusion=confusion, images=128)
 
-    monkeypatch.setattr(engine, "evaluate", evaluate)
+    monkeypatch.setattr(loop, "evaluate", evaluate)
     return seen
 
 
@@ -512,11 +512,13 @@ def test_without_a_validation_split_nothing_is_selected(tmp_path, monkeypatch):
 
 
 def test_the_loop_runs_without_a_run_folder(tmp_path):
-    from finetune.training import engine
+    from finetune.training.callbacks import Callback
+    from finetune.training.loop import evaluate_epoch, fit, train_one_epoch
+    from finetune.training.setup import build, prepare
 
     recipe = quick(tmp_path, "train.epochs=2", "data.val_split=32", "train.log_every=1")
 
-    class Record(engine.Callback):
+    class Record(Callback):
         def __init__(self):
             self.events = []
 
@@ -529,10 +531,10 @@ def test_the_loop_runs_without_a_run_folder(tmp_path):
         def on_epoch_end(self, state, row):
             self.events.append(("epoch", row["epoch"], state.progress.epoch))
 
-    state = engine.build(engine.prepare(recipe))
+    state = build(prepare(recipe))
     assert state.progress.epoch == 1 and state.progress.step == 0 and not state.scaler.is_enabled()
     record = Record()
-    engine.fit(state, record)
+    fit(state, record)
     assert not (tmp_path / "runs").exists()  # nothing written
     assert record.events[:3] == [("log", 1), ("step", 1), ("log", 2)]
     assert [e for e in record.events if e[0] == "epoch"] == [("epoch", 1, 2), ("epoch", 2, 3)]
@@ -541,6 +543,6 @@ def test_the_loop_runs_without_a_run_folder(tmp_path):
     # One more epoch by hand: train_one_epoch and evaluate_epoch are usable alone.
     state.progress.epoch, state.progress.batch = 3, 0
     state.meters.reset_epoch()
-    engine.train_one_epoch(state, engine.Callback())
-    row = engine.evaluate_epoch(state)
+    train_one_epoch(state, Callback())
+    row = evaluate_epoch(state)
     assert state.progress.step == 21 and row["epoch"] == 3 and 0 <= row["val_acc1"] <= 1

@@ -22,18 +22,13 @@ import torch
 from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
-import finetune.data.core as data_mod
+import finetune.data.memory as memory_mod
 from conftest import REPO_ROOT
 from finetune.data import cache as decode_cache
 from finetune.cli import app
-from finetune.data.core import (
-    BatchLoader,
-    _decode_bytes,
-    _decode_chunk,
-    decode_on_device,
-    exif_orientation,
-    load_splits,
-)
+from finetune.data.decode import _decode_chunk, decode_bytes as _decode_bytes, decode_images, exif_orientation
+from finetune.data.load import load_splits
+from finetune.data.loader import BatchLoader
 from finetune.errors import DataError
 from test_data import make_cfg
 
@@ -367,14 +362,14 @@ def test_exif_orientation_is_applied_for_every_format_on_every_decode_path(fmt):
         assert_same_picture(_decode_chunk([blob], None)[0], expected, fmt)  # in-memory folders (batched JPEGs)
         # The GPU path's logic (batched decode_jpeg on the device, orientation read on the CPU),
         # run on the CPU device.
-        assert_same_picture(decode_on_device([blob], ["x"], CPU)[0], expected, fmt)
+        assert_same_picture(decode_images([blob], ["x"], device=CPU)[0], expected, fmt)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (nvJPEG)")
 def test_exif_orientation_is_applied_by_the_gpu_decoder():
     for orientation in range(1, 9):
         blob = oriented("JPEG", orientation)
-        assert_same_picture(decode_on_device([blob], ["x"], torch.device("cuda"))[0], upright(blob), "JPEG")
+        assert_same_picture(decode_images([blob], ["x"], device=torch.device("cuda"))[0], upright(blob), "JPEG")
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
@@ -420,10 +415,10 @@ def test_synthetic_sizes_beyond_memory_are_refused_before_allocating():
 
 def test_every_decoded_allocation_is_checked_against_memory(tree, monkeypatch):
     # 16 + 8 synthetic images of 8x8 fit in 150 kB (with their work space); resizing them to 64x64 does not.
-    monkeypatch.setattr(data_mod, "available_memory", lambda: 150_000)
+    monkeypatch.setattr(memory_mod, "available_memory", lambda: 150_000)
     with pytest.raises(DataError, match="Resizing 16 images to 64x64.*Lower data.image_size"):
         load_splits(make_cfg(synthetic_train=16, synthetic_test=8, synthetic_size=8, image_size=64), seed=0)
-    monkeypatch.setattr(data_mod, "available_memory", lambda: 1000)  # six 8x8 images need 1,152 bytes
+    monkeypatch.setattr(memory_mod, "available_memory", lambda: 1000)  # six 8x8 images need 1,152 bytes
     with pytest.raises(DataError, match="Decoding 6 images of 8x8.*data.in_memory=auto"):
         load_splits(folder_cfg(tree, in_memory=True), seed=0)
 

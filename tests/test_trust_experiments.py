@@ -1,11 +1,11 @@
 """Choosing on the test set: experiments rank on validation by default, and say so when they don't.
 
 ``finetune compare`` and ``finetune sweep`` give every variant that has no validation split the
-same default hold-out (``finetune.experiments.experiment.DEFAULT_VAL_SPLIT``), rank on it and report test top-1
+same default hold-out (``finetune.experiments.spec.DEFAULT_VAL_SPLIT``), rank on it and report test top-1
 at the epoch chosen there. Opting out (``val_split: 0`` in the experiment file, or the override
 ``data.val_split=0``) ranks on test, and then every table, CSV and figure title says "ranked on
 test"; ``finetune report`` over any runs follows the same rule. Figures are checked through the
-titles ``finetune.experiments.report`` writes into each PNG's text chunks. Runs use the synthetic data of
+titles ``finetune.viz.plots`` writes into each PNG's text chunks. Runs use the synthetic data of
 ``recipes/quick_cpu.yaml`` and take a fraction of a second each; the shipped CIFAR experiments are
 only resolved and planned, never trained.
 """
@@ -22,15 +22,12 @@ from typer.testing import CliRunner
 
 from conftest import REPO_ROOT
 from finetune.cli import app
-from finetune.experiments.experiment import (
-    DEFAULT_VAL_SPLIT,
-    EXPERIMENT_FILE,
-    load_experiment,
-    plan_experiment,
-    run_experiment,
-)
+from finetune.experiments.execute import run_experiment
+from finetune.experiments.plan import plan_experiment
+from finetune.experiments.spec import DEFAULT_VAL_SPLIT, EXPERIMENT_FILE, load_experiment
 from finetune.recipe import SHIPPED_RECIPES
-from finetune.experiments.report import read_metrics, write_report
+from finetune.runs.records import read_metrics
+from finetune.experiments.report import write_report
 from test_experiment import FAST, read_csv, write_experiment
 from test_report import make_run
 
@@ -264,7 +261,8 @@ def test_a_variant_that_failed_before_its_run_folder_is_marked_and_replaced_on_t
     """A variant that fails before the engine creates its folder (here: its weights are missing)
     gets a folder from the experiment, with finetune's marker, so that the rerun may replace it
     once the cause is fixed (an unmarked folder is never replaced)."""
-    from finetune.models.build import create_model, save_model
+    from finetune.models.build import create_model
+    from finetune.models.saving import save_model
     from finetune.runs.folder import is_owned_run_folder
 
     weights = tmp_path / "weights"

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from conftest import REPO_ROOT
 from finetune import CheckpointError, FinetuneError, create_model, load_model, save_model
 from finetune.cli import app
-from finetune.models.build import model_config, model_from_config
+from finetune.models.saving import model_config, model_from_config
 
 QUICK = REPO_ROOT / "recipes" / "quick_cpu.yaml"
 runner = CliRunner()
@@ -173,13 +173,13 @@ def test_a_huge_img_size_is_refused_when_the_recipe_is_read():
 @pytest.fixture
 def no_data_loads(monkeypatch):
     """Fail the test if the data starts loading; report 4 GB of free memory whatever the machine."""
-    import finetune.training.engine as engine
+    import finetune.training.setup as setup
 
     def refuse(*args, **kwargs):
         raise AssertionError("the data was loaded")
 
-    monkeypatch.setattr(engine, "load_splits", refuse)
-    monkeypatch.setattr(engine, "available_memory", lambda device: 4 * 10**9)
+    monkeypatch.setattr(setup, "load_splits", refuse)
+    monkeypatch.setattr(setup, "available_memory", lambda device: 4 * 10**9)
 
 
 @pytest.mark.parametrize("source", ["scratch", "pretrained"])
@@ -198,8 +198,8 @@ def test_an_input_too_large_for_memory_is_refused_before_the_data_loads(tmp_path
 
 
 def test_the_memory_bound_is_a_lower_bound_that_real_runs_pass():
-    from finetune.training.engine import memory_lower_bound
-    from finetune.models.build import ModelShape
+    from finetune.training.setup import memory_lower_bound
+    from finetune.models.shape import ModelShape
 
     deit_tiny = ModelShape((224, 224), (16, 16), width=192, depth=12, prefix_tokens=1)
     # The main job (batch 128 at 224 px, bf16): 0.2 GB by this bound; it really takes about 3 GB.
@@ -275,7 +275,9 @@ def test_report_out_under_a_file_is_a_message(tmp_path):
 
 
 def test_the_ema_is_the_hand_computed_average_with_the_asked_decay(tmp_path):
-    from finetune.training.engine import Callback, build, fit, prepare
+    from finetune.training.callbacks import Callback
+    from finetune.training.loop import fit
+    from finetune.training.setup import build, prepare
     from finetune.recipe import load_recipe
 
     recipe = load_recipe(QUICK, [f"output.dir={tmp_path}", "train.ema=true", "train.ema_decay=0.9", "optim.lr=3e-3"])
@@ -299,7 +301,8 @@ def test_the_ema_is_the_hand_computed_average_with_the_asked_decay(tmp_path):
 
 
 def test_ema_warmup_is_opt_in_and_says_its_effective_decay(tmp_path):
-    from finetune.training.engine import TrainingWarning, build, ema_warmup_decay, prepare
+    from finetune.training.components import TrainingWarning, ema_warmup_decay
+    from finetune.training.setup import build, prepare
     from finetune.recipe import load_recipe
 
     recipe = load_recipe(QUICK, [f"output.dir={tmp_path}", "train.ema=true", "train.ema_warmup=true"])
@@ -316,7 +319,7 @@ def test_ema_warmup_is_opt_in_and_says_its_effective_decay(tmp_path):
 
 def test_each_rank_seeds_its_model_rng_with_seed_plus_rank(tmp_path):
     from finetune.training.distributed import model_rng_seed
-    from finetune.training.engine import build, prepare
+    from finetune.training.setup import build, prepare
     from finetune.recipe import load_recipe
 
     assert [model_rng_seed(7, rank) for rank in range(4)] == [7, 8, 9, 10]
@@ -331,7 +334,7 @@ TWO_RANKS = textwrap.dedent('''
     import json, sys
     import torch
     from finetune.training import distributed
-    from finetune.training.engine import build, prepare
+    from finetune.training.setup import build, prepare
     from finetune.recipe import load_recipe
 
     processes = distributed.from_environment(60, "cpu")
@@ -392,7 +395,7 @@ def test_half_precision_on_a_cpu_warns_once_and_records_fp32(tmp_path, precision
 def test_fp32_on_a_cpu_says_nothing(tmp_path):
     import warnings
 
-    from finetune.training.engine import build, prepare
+    from finetune.training.setup import build, prepare
     from finetune.recipe import load_recipe
 
     with warnings.catch_warnings():
@@ -450,7 +453,7 @@ def test_mixup_checks_the_per_process_batch_before_launching(tmp_path, monkeypat
 
 def test_mixup_per_process_batch_is_checked_in_each_process_before_the_data(tmp_path, no_data_loads):
     from finetune.training.distributed import Processes
-    from finetune.training.engine import prepare
+    from finetune.training.setup import prepare
     from finetune.recipe import load_recipe
 
     recipe = load_recipe(QUICK, [f"output.dir={tmp_path}", "train.cutmix_alpha=1.0", "data.batch_size=34"])

@@ -24,14 +24,15 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import finetune
-import finetune.training.engine as engine
+import finetune.training.loop as loop
 from conftest import REPO_ROOT, send_at_step
 from finetune.cli import app
 from finetune.errors import RunDirError, RunInterrupted
 from finetune.recipe import load_recipe
 from finetune.runs.folder import (
-    CHECKPOINT, MARKER, RunDir, is_legacy_run_folder, is_owned_run_folder, is_run_folder, parked_runs, run_status,
+    CHECKPOINT, MARKER, is_legacy_run_folder, is_owned_run_folder, is_run_folder, parked_runs, run_status,
 )
+from finetune.runs.rundir import RunDir
 from finetune.snapshot import load_state
 from finetune.runs.run import resume, run
 
@@ -221,7 +222,7 @@ def _crash(kind: str, monkeypatch) -> type[BaseException]:
         def broken(*args, **kwargs):
             raise RuntimeError("boom in evaluation")
 
-        monkeypatch.setattr(engine, "evaluate", broken)
+        monkeypatch.setattr(loop, "evaluate", broken)
         return RuntimeError
     if kind == "user_error":  # a full disk at the first checkpoint
         def full(*args, **kwargs):

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from conftest import REPO_ROOT
 from finetune import create_model, resize_pos_embed, save_model
 from finetune.cli import app
-from finetune.data.core import BatchLoader, ImageTensors
+from finetune.data.loader import BatchLoader
+from finetune.data.splits import ImageTensors
 from finetune.errors import GridError
 from finetune.viz.visual import (
     attention_maps,

@@ -98,8 +98,6 @@ def load_hf(path: str, *, image_column: str | None = None, label_column: str | N
             image cell is empty, or a label is missing or not one of the classes.
     """
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
 
     dataset = _open(path)
     names = list(dataset.keys())
@@ -111,50 +109,10 @@ def load_hf(path: str, *, image_column: str | None = None, label_column: str | N
             "'test' (or 'validation').",
             "Rename its splits, or save it with a train and a test split.",
         )
-    features = dataset["train"].features
-    image_col = image_column or _detect(features, "Image", path, "image_column")
-    label_col = label_column or _detect(features, "ClassLabel", path, "label_column")
-    for column in (image_col, label_col):
-        if column not in features:
-            raise DataError(
-                f"The dataset {path} has no column {column!r}; its columns are {', '.join(features)}.",
-                "Set data.image_column and data.label_column to the right columns.",
-            )
-    classes = _class_names(features[label_col])
+    image_col, label_col, classes = _columns(dataset["train"].features, path, image_column, label_column)
 
     def encoded(split: str) -> tuple[EncodedSplit, np.ndarray]:
-        table = dataset[split].with_format("arrow")[:]  # respects any selection, without decoding
-        if image_col not in table.column_names or label_col not in table.column_names:
-            raise DataError(f"{path}: the {split} split has no column {image_col!r} or {label_col!r}.",
-                            "Give every split the same columns, or set data.image_column and data.label_column.")
-        images = table.column(image_col)
-        if getattr(images.type, "num_fields", 0) < 2 or min(images.type.get_field_index(f) for f in ("bytes", "path")) < 0:
-            raise DataError(f"{path}: the column {image_col!r} does not hold images.", "Set data.image_column.")
-        # An empty cell: null, or neither bytes nor a path.
-        empty = pc.and_kleene(pc.is_null(pc.struct_field(images, "bytes")), pc.is_null(pc.struct_field(images, "path")))
-        if len(images) and pc.any(pc.or_kleene(pc.is_null(images), empty)).as_py():
-            rows = np.flatnonzero(pc.or_kleene(pc.is_null(images), empty).to_numpy(zero_copy_only=False))
-            raise DataError(
-                f"{path}: the {split} split has {_rows(rows)} with no image in the column {image_col!r} "
-                f"(e.g. {split}[{rows[0]}]).",
-                f"Remove or fill those rows (e.g. dataset.filter(lambda r: r[{image_col!r}] is not None)) and save "
-                "the dataset again.",
-            )
-        column = table.column(label_col)
-        if not pa.types.is_integer(column.type):
-            raise DataError(f"{path}: the column {label_col!r} does not hold class numbers.", "Set data.label_column.")
-        if column.null_count:
-            rows = np.flatnonzero(pc.is_null(column).to_numpy(zero_copy_only=False))
-            raise DataError(
-                f"{path}: the {split} split has {_rows(rows)} with no label in the column {label_col!r} "
-                f"(e.g. {split}[{rows[0]}]).",
-                f"Remove those rows (dataset.filter(lambda r: r[{label_col!r}] is not None)) or label them.",
-            )
-        labels = column.to_numpy().astype(np.int64, copy=False)
-        own = _class_names(dataset[split].features[label_col])
-        if classes is not None and own is not None and own != classes:
-            labels = _by_name(labels, own, classes, split, path)
-        return EncodedSplit(ArrowImages(images), labels, [f"{split}[{i}]" for i in range(len(images))]), labels
+        return _encoded_split(dataset, split, image_col, label_col, classes, path)
 
     test, test_labels = encoded(test_name)
     train, train_labels = (EncodedSplit([], [], []), np.zeros(0, np.int64)) if only_test else encoded("train")
@@ -168,6 +126,79 @@ def load_hf(path: str, *, image_column: str | None = None, label_column: str | N
             split.labels = labels.tolist()
     fingerprint = ":".join(getattr(dataset[n], "_fingerprint", n) for n in names)
     return HFSplits(train, val, test, classes, fingerprint, image_col)
+
+
+def _columns(features: Any, path: str, image_column: str | None, label_column: str | None
+             ) -> tuple[str, str, list[str] | None]:
+    """The image and label columns (given, else detected) and the train split's class names.
+
+    Raises:
+        DataError: a column cannot be detected or is not there.
+    """
+    image_col = image_column or _detect(features, "Image", path, "image_column")
+    label_col = label_column or _detect(features, "ClassLabel", path, "label_column")
+    for column in (image_col, label_col):
+        if column not in features:
+            raise DataError(
+                f"The dataset {path} has no column {column!r}; its columns are {', '.join(features)}.",
+                "Set data.image_column and data.label_column to the right columns.",
+            )
+    return image_col, label_col, _class_names(features[label_col])
+
+
+def _encoded_split(dataset: Any, split: str, image_col: str, label_col: str, classes: list[str] | None,
+                   path: str) -> tuple[EncodedSplit, Any]:
+    """One split's encoded images and labels (as numbers into ``classes``), every cell checked.
+
+    Raises:
+        DataError: a column is missing or holds the wrong kind of data, an image cell is empty, a
+            label is missing, or a label names a class the train split lacks.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = dataset[split].with_format("arrow")[:]  # respects any selection, without decoding
+    if image_col not in table.column_names or label_col not in table.column_names:
+        raise DataError(f"{path}: the {split} split has no column {image_col!r} or {label_col!r}.",
+                        "Give every split the same columns, or set data.image_column and data.label_column.")
+    images = table.column(image_col)
+    _check_images(images, split, image_col, path)
+    column = table.column(label_col)
+    if not pa.types.is_integer(column.type):
+        raise DataError(f"{path}: the column {label_col!r} does not hold class numbers.", "Set data.label_column.")
+    if column.null_count:
+        import numpy as np
+
+        rows = np.flatnonzero(pc.is_null(column).to_numpy(zero_copy_only=False))
+        raise DataError(
+            f"{path}: the {split} split has {_rows(rows)} with no label in the column {label_col!r} "
+            f"(e.g. {split}[{rows[0]}]).",
+            f"Remove those rows (dataset.filter(lambda r: r[{label_col!r}] is not None)) or label them.",
+        )
+    labels = column.to_numpy().astype("int64", copy=False)
+    own = _class_names(dataset[split].features[label_col])
+    if classes is not None and own is not None and own != classes:
+        labels = _by_name(labels, own, classes, split, path)
+    return EncodedSplit(ArrowImages(images), labels, [f"{split}[{i}]" for i in range(len(images))]), labels
+
+
+def _check_images(images: Any, split: str, image_col: str, path: str) -> None:
+    """Refuse an image column that is not one, or that has empty cells (null, or neither bytes nor
+    a path), naming how many and the first."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    if getattr(images.type, "num_fields", 0) < 2 or min(images.type.get_field_index(f) for f in ("bytes", "path")) < 0:
+        raise DataError(f"{path}: the column {image_col!r} does not hold images.", "Set data.image_column.")
+    empty = pc.and_kleene(pc.is_null(pc.struct_field(images, "bytes")), pc.is_null(pc.struct_field(images, "path")))
+    if len(images) and pc.any(pc.or_kleene(pc.is_null(images), empty)).as_py():
+        rows = np.flatnonzero(pc.or_kleene(pc.is_null(images), empty).to_numpy(zero_copy_only=False))
+        raise DataError(
+            f"{path}: the {split} split has {_rows(rows)} with no image in the column {image_col!r} "
+            f"(e.g. {split}[{rows[0]}]).",
+            f"Remove or fill those rows (e.g. dataset.filter(lambda r: r[{image_col!r}] is not None)) and save "
+            "the dataset again.",
+        )
 
 
 def _class_names(feature: Any) -> list[str] | None:
@@ -254,10 +285,10 @@ def _open(path: str):
 
 
 def _open_hub(repo_id: str):
-    from ..models.sources import _hub_endpoint, endpoint_reachable, hub_offline_forced
+    from ..hub import endpoint_reachable, hub_endpoint, hub_offline_forced
 
     offline = hub_offline_forced() or os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    if not offline and not endpoint_reachable(_hub_endpoint()):
+    if not offline and not endpoint_reachable(hub_endpoint()):
         offline = True
     if offline:
         # Read before `datasets` is first imported; set on its config too, in case it already was.

@@ -1,7 +1,9 @@
-"""Several runs compared: experiment files, ``compare`` and ``sweep``, and the reports (tables,
-rankings on validation, figures) read back from run folders.
+"""Several runs compared: experiment files (:mod:`.spec`) and sweeps (:mod:`.sweep`), planned
+(:mod:`.plan`) and run (:mod:`.execute`) into one folder, and the reports (:mod:`.report`: tables,
+rankings on validation, CSV, Markdown) over run folders read back by
+:mod:`finetune.runs.records`.
 
 May import: :mod:`finetune.errors`, :mod:`finetune.snapshot`, :mod:`finetune.recipe`,
-:mod:`finetune.runs` and :mod:`finetune.training` (distributed launching). Nothing here imports the
-CLI.
+:mod:`finetune.runs`, :mod:`finetune.training` (distributed launching) and
+:mod:`finetune.viz.plots` (the report's figures). Nothing here imports the CLI.
 """

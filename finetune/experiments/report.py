@@ -1,25 +1,11 @@
-"""Plots of one run and comparison reports over many runs.
+"""Comparison reports over many runs: ``report.md`` and ``report.csv`` with one row per run, the
+ranking line, and the figures of :mod:`finetune.viz.plots` (accuracy against epoch and against
+training time and, for a hyperparameter sweep, accuracy against the swept settings).
 
-A run directory (written by the training engine) holds ``summary.json``, ``metrics.jsonl`` and
-the resolved ``recipe.yaml``. This module reads them back and draws:
-
-- per run: loss and accuracy curves (:func:`plot_curves`) and a confusion matrix
-  (:func:`plot_confusion`);
-- over runs: ``report.md`` and ``report.csv`` with one row per run, accuracy against epoch and
-  against training time, and, for a hyperparameter sweep, accuracy against the swept settings
-  (:func:`write_report`).
-
-Runs are ranked honestly: by their best validation accuracy when every run has a validation split
-(each run's best epoch was chosen on validation, and its test accuracy is reported at that
-epoch), otherwise by the test accuracy after the last epoch. A report never ranks on test
-silently: then the table's heading and ranking column, the summary line, the CSV's ``ranked_on``
-column and every figure's title say "ranked on test" (:data:`RANKED_ON`). The best test accuracy
-over epochs is selected on the test set itself; it appears only in the CSV, labelled so, and never
-ranks a run.
-
-Figures are built with ``matplotlib.figure.Figure`` and saved through the Agg canvas instead of
-``pyplot``: no backend is switched (a notebook keeps its own), no global figure list can leak
-memory over a long sweep, and importing this module does not import matplotlib at all.
+Runs are read back by :mod:`.records` and ranked as it says: on validation when every run has a
+validation split, otherwise on test, and then the table's heading and ranking column, the summary
+line, the CSV's ``ranked_on`` column and every figure's title say "ranked on test"
+(:data:`~.records.RANKED_ON`). Importing this module does not import matplotlib.
 
 Example:
     >>> from finetune.experiments.report import write_report
@@ -31,250 +17,25 @@ Example:
 from __future__ import annotations
 
 import csv
-import json
-import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import yaml
 
 from ..errors import FinetuneError
-from ..runs.folder import run_status
+from ..viz.plots import plot_accuracy, plot_sweep, plot_tradeoff
+from ..runs.records import (
+    BASIS_LABEL,
+    IGNORED_KEYS,
+    IGNORED_PREFIXES,
+    RANKED_ON,
+    RunRecord,
+    format_value,
+    read_run,
+    selection_basis,
+    training_state_mb,
+    varied_keys,
+)
 
-if TYPE_CHECKING:
-    from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
-
-# Recipe keys that never describe the experiment: labels, and where/how the output is written.
-_IGNORED_KEYS = ("name", "description")
-_IGNORED_PREFIXES = ("output.",)
-# Statuses whose curves are worth drawing; a failed run's partial curve would look like a result.
-_PLOTTED = ("finished", "running")
-_BASIS_LABEL = {"val": "best val top-1", "final": "final test top-1"}
-RANKED_ON = {"val": "ranked on validation", "final": "ranked on test"}
-"""What every table, plot and summary line says about a report's ranking, by :func:`selection_basis`."""
 _ERROR_WIDTH = 60  # characters of an error message that fit in a table cell
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading runs.
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RunRecord:
-    """What a report needs from one run directory.
-
-    Attributes:
-        run_dir: the run directory.
-        name: the run name (summary, else recipe, else the folder name).
-        status: ``finished``, ``running``, ``interrupted`` (stopped, or its process died),
-            ``failed``, ``diverged``, or ``missing`` (no ``summary.json``).
-        error: what went wrong, for runs that did not finish.
-        selection: ``val`` (the run has a validation split and its best epoch was chosen on it) or
-            ``final`` (no validation split: the last epoch counts).
-        best_val_acc1: the best validation top-1 over epochs, 0..1 (``val`` runs).
-        best_epoch: the epoch of ``best_val_acc1``.
-        best_test_acc1: test top-1 at ``best_epoch``.
-        final_acc1: test top-1 accuracy after the last epoch, 0..1.
-        final_acc5: test top-5 accuracy after the last epoch, 0..1.
-        peak_test_acc1: the best test top-1 over epochs: selected on the test set, so optimistic;
-            reported only as such.
-        epochs: planned number of epochs.
-        epochs_done: epochs with an evaluation line in ``metrics.jsonl``.
-        wall_time_s: wall-clock time of the whole run.
-        train_time_s: time spent in training steps.
-        images_per_s: training throughput.
-        params_trainable: trainable parameter count.
-        params_total: total parameter count.
-        peak_memory_mb: peak accelerator memory; None on a CPU.
-        epoch_rows: the ``"kind": "epoch"`` lines of ``metrics.jsonl``, in order.
-        recipe: the resolved recipe, flattened to dotted keys (``{"optim.lr": 0.001, ...}``).
-        summary: ``summary.json`` as read, for any other field.
-    """
-
-    run_dir: Path
-    name: str
-    status: str
-    error: str | None = None
-    selection: str = "final"
-    best_val_acc1: float | None = None
-    best_epoch: int | None = None
-    best_test_acc1: float | None = None
-    final_acc1: float | None = None
-    final_acc5: float | None = None
-    peak_test_acc1: float | None = None
-    epochs: int | None = None
-    epochs_done: int = 0
-    wall_time_s: float | None = None
-    train_time_s: float | None = None
-    images_per_s: float | None = None
-    params_trainable: int | None = None
-    params_total: int | None = None
-    peak_memory_mb: float | None = None
-    epoch_rows: list[dict] = field(default_factory=list)
-    recipe: dict[str, Any] = field(default_factory=dict)
-    summary: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        """True when the run's curves can be plotted (finished or still running, with epochs)."""
-        return self.status in _PLOTTED and bool(self.epoch_rows)
-
-    def score(self, basis: str) -> float | None:
-        """What ranks the run: ``best_val_acc1`` for basis ``val``, ``final_acc1`` for ``final``."""
-        return self.best_val_acc1 if basis == "val" else self.final_acc1
-
-
-def selection_basis(records: Sequence[RunRecord]) -> str:
-    """``val`` when every finished run chose its best epoch on a validation split, else ``final``.
-
-    Runs are only ranked by validation accuracy when all of them have it; otherwise by the test
-    accuracy after the last epoch, which no run selected an epoch on, but which then chooses the
-    best run: every output of the report says "ranked on test" (:data:`RANKED_ON`).
-    """
-    finished = [r for r in records if r.status == "finished"] or list(records)
-    return "val" if finished and all(r.selection == "val" and r.best_val_acc1 is not None for r in finished) else "final"
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """Read ``metrics.jsonl``: one JSON object per line.
-
-    Unparseable lines are skipped: a run killed while writing leaves a truncated last line, and
-    the lines before it are still good.
-    """
-    rows = []
-    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
-    """Flatten nested mappings to dotted keys; lists stay values (``data.mean: [0.5, 0.5, 0.5]``)."""
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, dotted + "."))
-        else:
-            flat[dotted] = value
-    return flat
-
-
-def read_run(run_dir: str | Path) -> RunRecord:
-    """Read one run directory; never raises for a broken run.
-
-    A missing ``summary.json`` gives status ``missing``, an unreadable one status ``failed``,
-    each with the reason in ``error``, so that the run still gets its row in a report.
-    Accuracies missing from the summary (a run still going, or one that crashed) are taken from
-    the epoch lines of ``metrics.jsonl``.
-    """
-    run_dir = Path(run_dir)
-    record = RunRecord(run_dir=run_dir, name=run_dir.name, status="missing")
-    if not run_dir.is_dir():
-        record.error = f"no such run folder: {run_dir}"
-        return record
-
-    try:
-        raw_recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
-        record.recipe = flatten(raw_recipe) if isinstance(raw_recipe, dict) else {}
-    except (OSError, yaml.YAMLError):
-        pass  # the table then shows no settings for this run; the summary says what happened
-    if (run_dir / "metrics.jsonl").is_file():
-        record.epoch_rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "epoch"]
-
-    summary: Any = None
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        record.error = "no summary.json (the run never started, or was killed)"
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        record.status, record.error = "failed", f"unreadable summary.json: {err}"
-    if summary is not None and not isinstance(summary, dict):
-        record.status, record.error = "failed", "unreadable summary.json: not a JSON object"
-    elif isinstance(summary, dict):
-        record.summary = summary
-        record.status = str(summary.get("status") or "finished")
-        if record.status == "running" and run_status(run_dir) == "interrupted":
-            record.status = "interrupted"
-            record.error = (f"its process stopped without a word (killed?); continue it with "
-                            f"`finetune resume {run_dir}`")
-        record.error = summary.get("error") or record.error
-        for name in ("best_val_acc1", "best_test_acc1", "final_acc1", "final_acc5", "peak_test_acc1",
-                     "wall_time_s", "train_time_s", "images_per_s", "peak_memory_mb"):
-            setattr(record, name, _number(summary.get(name)))
-        for name in ("best_epoch", "epochs", "params_trainable", "params_total"):
-            value = _number(summary.get(name))
-            setattr(record, name, None if value is None else int(value))
-
-    record.name = str(record.summary.get("name") or record.recipe.get("name") or run_dir.name)
-    tested = [r for r in record.epoch_rows if _number(r.get("test_acc1")) is not None]
-    validated = [r for r in tested if _number(r.get("val_acc1")) is not None]
-    record.epochs_done = max((int(r.get("epoch", 0)) for r in record.epoch_rows), default=0)
-    # Runs written before selection was recorded, and runs still going, are read from their
-    # epoch lines: a validation split means selection on it.
-    record.selection = str(record.summary.get("selection") or ("val" if validated else "final"))
-    if record.selection == "val" and record.best_val_acc1 is None and validated:
-        best = max(validated, key=lambda r: r["val_acc1"])  # max keeps the first of equal epochs
-        record.best_val_acc1, record.best_test_acc1 = float(best["val_acc1"]), float(best["test_acc1"])
-        record.best_epoch = int(best.get("epoch", 0)) or None
-    if record.final_acc1 is None and tested:
-        record.final_acc1 = float(tested[-1]["test_acc1"])
-    if record.peak_test_acc1 is None and tested:
-        record.peak_test_acc1 = max(float(r["test_acc1"]) for r in tested)
-    if record.epochs is None and _number(record.recipe.get("train.epochs")) is not None:
-        record.epochs = int(record.recipe["train.epochs"])
-    return record
-
-
-def varied_keys(records: Sequence[RunRecord]) -> list[str]:
-    """The flattened recipe keys whose values differ across runs, in recipe order.
-
-    ``name``, ``description`` and ``output.*`` are ignored. Runs without a readable recipe are
-    left out, so that one broken run does not make every key look varied. A key that only some
-    recipes have counts as varied.
-    """
-    recipes = [r.recipe for r in records if r.recipe]
-    keys: dict[str, None] = {}  # ordered set: first-seen order keeps model/train/optim/... order
-    for recipe in recipes:
-        keys.update(dict.fromkeys(recipe))
-    return [
-        key for key in keys
-        if key not in _IGNORED_KEYS and not key.startswith(_IGNORED_PREFIXES)
-        and len({json.dumps(r.get(key, "<absent>"), sort_keys=True) for r in recipes}) > 1
-    ]
-
-
-# ---------------------------------------------------------------------------------------------
-# Formatting.
-# ---------------------------------------------------------------------------------------------
-
-
-def _number(value: Any) -> float | None:
-    """``value`` as a float, or None when it is missing, a bool, or not a finite number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
-def format_value(value: Any) -> str:
-    """A recipe value as it would be written in YAML: ``0.001``, ``1e-05``, ``true``, ``null``."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(format_value(v) for v in value) + "]"
-    return str(value)
 
 
 def _pct(acc: float | None) -> str:
@@ -405,408 +166,6 @@ def _legend_labels(records: Sequence[RunRecord], keys: Sequence[str]) -> list[st
     return [", ".join(f"{s}={format_value(r.recipe.get(k))}" for s, k in zip(shown, keys)) for r in records]
 
 
-# ---------------------------------------------------------------------------------------------
-# Plots.
-# ---------------------------------------------------------------------------------------------
-
-
-def _figure(width: float, height: float) -> Figure:
-    from matplotlib.figure import Figure  # lazily: importing this module stays light
-
-    return Figure(figsize=(width, height), layout="constrained")
-
-
-def figure_titles(fig: Figure) -> list[str]:
-    """The figure's title and its axes' titles and y labels, in drawing order, empty ones left out."""
-    texts = [fig.get_suptitle()]
-    for ax in fig.axes:
-        texts += [ax.get_title(), ax.get_ylabel()]
-    return [t for t in texts if t]
-
-
-def _save(fig: Figure, out_png: str | Path) -> Path:
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    # The titles go into the PNG's text chunks too, so a reader (or a test) can tell how a figure
-    # ranked its runs without looking at it: PIL's Image.open(path).text["Title"].
-    titles = figure_titles(fig)
-    metadata = {"Title": titles[0], "Description": " | ".join(titles)} if titles else {}
-    fig.savefig(out_png, dpi=120, metadata=metadata)  # a pyplot-free Figure is freed with its last reference
-    return out_png
-
-
-def _smooth(values: Sequence[float]) -> list[float]:
-    """Debiased exponential moving average with a window of about 1/30 of the curve."""
-    beta = 1.0 - 1.0 / max(1.0, len(values) / 30)
-    out, avg = [], 0.0
-    for i, v in enumerate(values, 1):
-        avg = beta * avg + (1 - beta) * v
-        out.append(avg / (1 - beta**i) if beta > 0 else v)  # debias: the average starts at 0
-    return out
-
-
-def _step_epochs(steps: list[dict], epochs: list[dict]) -> list[float]:
-    """Fractional epoch of each step line (epoch 1 runs from 0 to 1), from the epochs' last steps."""
-    end = {int(r["epoch"]): int(r["step"]) for r in epochs if "step" in r and "epoch" in r}
-    last_seen: dict[int, int] = {}
-    for s in steps:
-        last_seen[int(s["epoch"])] = max(last_seen.get(int(s["epoch"]), 0), int(s["step"]))
-    xs = []
-    for s in steps:
-        e = int(s["epoch"])
-        start = end.get(e - 1, 0 if e == 1 else last_seen.get(e - 1, 0))
-        stop = end.get(e, last_seen[e])  # an epoch still running ends, for now, at its last step
-        xs.append(e - 1 + (int(s["step"]) - start) / max(stop - start, 1))
-    return xs
-
-
-def plot_curves(
-    metrics_path_or_rows: str | Path | Iterable[dict], out_png: str | Path, *, title: str | None = None
-) -> Path:
-    """Plot a run's loss and accuracy against epoch, side by side.
-
-    Left: the training loss per logged step (faint) and smoothed, and the test loss per epoch.
-    Right: test top-1, and validation and train top-1 when the run recorded them.
-
-    Args:
-        metrics_path_or_rows: ``metrics.jsonl``, or its rows already read.
-        out_png: where to write the PNG.
-        title: figure title, e.g. the run name.
-
-    Returns:
-        ``out_png``.
-    """
-    rows = (read_metrics(metrics_path_or_rows) if isinstance(metrics_path_or_rows, (str, Path))
-            else list(metrics_path_or_rows))
-    steps = [r for r in rows if r.get("kind") == "step" and _number(r.get("loss")) is not None]
-    epochs = [r for r in rows if r.get("kind") == "epoch"]
-
-    fig = _figure(11, 4.2)
-    loss_ax, acc_ax = fig.subplots(1, 2)
-    if steps:
-        xs, losses = _step_epochs(steps, epochs), [float(r["loss"]) for r in steps]
-        loss_ax.plot(xs, losses, color="C0", alpha=0.25, linewidth=0.8)
-        loss_ax.plot(xs, _smooth(losses), color="C0", label="train (smoothed)")
-    for ax, key, label, color in (
-        (loss_ax, "test_loss", "test", "C1"),
-        (acc_ax, "test_acc1", "test", "C1"),
-        (acc_ax, "val_acc1", "validation", "C2"),
-        (acc_ax, "train_acc1", "train", "C0"),
-    ):
-        points = [(r["epoch"], r[key]) for r in epochs if _number(r.get(key)) is not None]
-        if points:
-            scale = 100 if ax is acc_ax else 1
-            ax.plot([p[0] for p in points], [scale * p[1] for p in points], "o-", color=color,
-                    label=label, markersize=4)
-    loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
-    acc_ax.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="Accuracy")
-    for ax in (loss_ax, acc_ax):
-        ax.grid(alpha=0.3)
-        ax.set_xlim(left=0)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-    if title:
-        fig.suptitle(title)
-    return _save(fig, out_png)
-
-
-def plot_confusion(
-    matrix: Sequence[Sequence[float]],
-    classes: Sequence[str] | None,
-    out_png: str | Path,
-    normalize: bool = True,
-    *,
-    title: str | None = None,
-) -> Path:
-    """Draw a confusion matrix as a heatmap (rows: true class, columns: predicted class).
-
-    Args:
-        matrix: ``(C, C)`` counts.
-        classes: the ``C`` class names; None numbers them.
-        out_png: where to write the PNG.
-        normalize: show each row as percentages of that class's images, so that classes of
-            different sizes compare; the diagonal is then the per-class accuracy.
-        title: figure title.
-
-    Returns:
-        ``out_png``. Cells are annotated for up to 20 classes; beyond that the numbers would not
-        fit, and class names are shown only up to 40 classes.
-    """
-    import numpy as np
-
-    counts = np.asarray(matrix, dtype=float)
-    n = counts.shape[0]
-    if counts.ndim != 2 or counts.shape[1] != n:
-        raise ValueError(f"the confusion matrix must be square, got shape {counts.shape}")
-    names = [str(c) for c in classes] if classes is not None else [str(i) for i in range(n)]
-    if len(names) != n:
-        raise ValueError(f"{len(names)} class names for a {n}x{n} confusion matrix")
-    if normalize:
-        totals = counts.sum(axis=1, keepdims=True)
-        # A class absent from the test set gives an empty (NaN, blank) row, not a division error.
-        values = np.divide(100 * counts, totals, out=np.full_like(counts, np.nan), where=totals > 0)
-    else:
-        values = counts
-
-    side = min(12.0, max(5.0, 0.55 * n + 2.5))
-    fig = _figure(side + 1.2, side)
-    ax = fig.subplots()
-    image = ax.imshow(values, cmap="Blues", vmin=0, vmax=100 if normalize else None)
-    fig.colorbar(image, ax=ax, shrink=0.8, label="% of the true class" if normalize else "images")
-    if n <= 20:
-        high = (100 if normalize else np.nanmax(values)) / 2
-        for i, j in np.ndindex(n, n):
-            v = values[i, j]
-            if not np.isnan(v):
-                ax.text(j, i, f"{v:.0f}" if normalize else f"{int(v)}", ha="center", va="center",
-                        fontsize=8 if n <= 12 else 6, color="white" if v > high else "black")
-    if n <= 40:
-        ax.set_xticks(range(n), names, rotation=45, ha="right", rotation_mode="anchor",
-                      fontsize=9 if n <= 12 else 6)
-        ax.set_yticks(range(n), names, fontsize=9 if n <= 12 else 6)
-    ax.set(xlabel="predicted class", ylabel="true class")
-    if normalize:
-        accuracy = 100 * np.trace(counts) / max(counts.sum(), 1)
-        title = f"{title} (top-1 {accuracy:.2f}%)" if title else f"Confusion matrix (top-1 {accuracy:.2f}%)"
-    if title:
-        ax.set_title(title)
-    return _save(fig, out_png)
-
-
-def _time_axis(max_seconds: float) -> tuple[float, str]:
-    """Divisor and unit that keep time-axis ticks readable."""
-    if max_seconds < 120:
-        return 1.0, "s"
-    if max_seconds < 7200:
-        return 60.0, "min"
-    return 3600.0, "h"
-
-
-def _plot_accuracy(
-    records: Sequence[RunRecord], labels: Sequence[str], out_png: Path, x_key: str, basis: str
-) -> Path:
-    """Test top-1 of each run against ``epoch`` or ``time_s``, one line per run.
-
-    With ``basis`` ``val`` a star marks each run's epoch chosen on validation, the test top-1 the
-    report gives for it; with ``final`` the title says the runs are ranked on test.
-    """
-    import matplotlib
-
-    fig = _figure(8, 5)
-    ax = fig.subplots()
-    series, chosen = [], []
-    for r in records:
-        rows = [row for row in r.epoch_rows
-                if _number(row.get(x_key)) is not None and _number(row.get("test_acc1")) is not None]
-        series.append([(float(row[x_key]), 100 * row["test_acc1"]) for row in rows])
-        picked = [row for row in rows if basis == "val" and row.get("epoch") == r.best_epoch]
-        chosen.append((float(picked[0][x_key]), 100 * picked[0]["test_acc1"]) if picked else None)
-    divisor, unit = 1.0, ""
-    if x_key == "time_s":
-        divisor, unit = _time_axis(max((p[0] for pts in series for p in pts), default=0.0))
-    cmap = matplotlib.colormaps["tab10" if len(records) <= 10 else "tab20"]
-    for i, (pts, label, point) in enumerate(zip(series, labels, chosen)):
-        if pts:
-            ax.plot([p[0] / divisor for p in pts], [p[1] for p in pts], "o-", markersize=3,
-                    color=cmap(i % cmap.N), label=label)
-        if point:
-            ax.plot([point[0] / divisor], [point[1]], "*", markersize=12, color=cmap(i % cmap.N),
-                    markeredgecolor="black", markeredgewidth=0.6)
-    how = ("runs ranked on validation; a star marks each run's epoch chosen on validation" if basis == "val"
-           else "runs ranked on test: the last epoch's test top-1, no validation split")
-    ax.set(xlabel="epoch" if x_key == "epoch" else f"training time ({unit})",
-           ylabel="test top-1 accuracy (%)",
-           title="Test accuracy against " + ("epoch" if x_key == "epoch" else "training time") + f"\n({how})")
-    ax.set_xlim(left=0)
-    ax.grid(alpha=0.3)
-    # Past a handful of runs the legend would cover the curves: put it beside the axes.
-    outside = len(records) > 6
-    ax.legend(fontsize=8, loc="upper left" if outside else "lower right",
-              bbox_to_anchor=(1.01, 1) if outside else None)
-    return _save(fig, out_png)
-
-
-def _is_log_key(key: str, values: Sequence[Any]) -> bool:
-    """Learning-rate-like keys whose values span at least 10x are best read on a log axis."""
-    leaf = key.rsplit(".", 1)[-1]
-    nums = [_number(v) for v in values]
-    if not (leaf.endswith("lr") or leaf == "weight_decay") or any(v is None or v <= 0 for v in nums):
-        return False
-    return max(nums) / min(nums) >= 10
-
-
-def _ordered(values: Iterable[Any]) -> list[Any]:
-    """Distinct values, sorted when all are numbers, else in first-seen order."""
-    distinct = list({json.dumps(v, sort_keys=True): v for v in values}.values())
-    if all(_number(v) is not None for v in distinct):
-        return sorted(distinct)
-    return distinct
-
-
-def _score_label(basis: str) -> str:
-    """The axis label of the figure runs are ranked by: ``final test top-1 (%), ranked on test``."""
-    return f"{_BASIS_LABEL[basis]} (%)" + ("" if basis == "val" else f", {RANKED_ON[basis]}")
-
-
-def _scores_by_value(records: Sequence[RunRecord], key: str, basis: str) -> list[tuple[Any, list[float]]]:
-    """Each value of ``key`` with the scores (%, see :func:`selection_basis`) of the runs that used it."""
-    return [(v, [100 * r.score(basis) for r in records if r.recipe.get(key) == v])
-            for v in _ordered(r.recipe.get(key) for r in records)]
-
-
-def _sweep_line(ax: Axes, records: Sequence[RunRecord], key: str, basis: str) -> None:
-    groups = _scores_by_value(records, key, basis)
-    values = [v for v, _ in groups]
-    numeric = all(_number(v) is not None for v in values)
-    xs = values if numeric else list(range(len(values)))
-    means = [sum(accs) / len(accs) for _, accs in groups]
-    # Every run as a dot, so repeated seeds (or other swept keys) show their spread; the line
-    # joins the means.
-    for x, (_, accs) in zip(xs, groups):
-        ax.plot([x] * len(accs), accs, "o", color="C0", alpha=0.4, markersize=4)
-    ax.plot(xs, means, "o-", color="C0", markersize=6)
-    for x, m in zip(xs, means):
-        ax.annotate(f"{m:.2f}", (x, m), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
-    if numeric and _is_log_key(key, values):
-        ax.set_xscale("log")
-    if not numeric or len(values) <= 8:
-        ax.set_xticks(xs, [format_value(v) for v in values])
-        ax.minorticks_off()
-    ax.set(xlabel=key, ylabel=_score_label(basis))
-    ax.margins(y=0.12)  # room for the labels above the top points
-    ax.grid(alpha=0.3)
-
-
-def _sweep_heatmap(
-    fig: Figure, ax: Axes, records: Sequence[RunRecord], row_key: str, col_key: str, basis: str
-) -> None:
-    import numpy as np
-    from matplotlib.patches import Rectangle
-
-    rows = _ordered(r.recipe.get(row_key) for r in records)
-    cols = _ordered(r.recipe.get(col_key) for r in records)
-    grid = np.full((len(rows), len(cols)), np.nan)
-    runs = np.zeros_like(grid, dtype=int)
-    for i, rv in enumerate(rows):
-        for j, cv in enumerate(cols):
-            accs = [100 * r.score(basis) for r in records
-                    if r.recipe.get(row_key) == rv and r.recipe.get(col_key) == cv]
-            if accs:
-                grid[i, j], runs[i, j] = sum(accs) / len(accs), len(accs)
-    image = ax.imshow(grid, cmap="viridis", aspect="auto")
-    fig.colorbar(image, ax=ax, label=_score_label(basis))
-    lo, hi = np.nanmin(grid), np.nanmax(grid)
-    for i, j in np.ndindex(grid.shape):
-        if not np.isnan(grid[i, j]):
-            text = f"{grid[i, j]:.2f}" + (f"\n(n={runs[i, j]})" if runs[i, j] > 1 else "")
-            # viridis is dark at the low end: white text there, black on the bright cells.
-            light = hi > lo and (grid[i, j] - lo) / (hi - lo) > 0.6
-            ax.text(j, i, text, ha="center", va="center", fontsize=9, color="black" if light else "white")
-    best_i, best_j = np.unravel_index(np.nanargmax(grid), grid.shape)
-    ax.add_patch(Rectangle((best_j - 0.5, best_i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
-    ax.set_xticks(range(len(cols)), [format_value(v) for v in cols])
-    ax.set_yticks(range(len(rows)), [format_value(v) for v in rows])
-    ax.set(xlabel=col_key, ylabel=row_key)
-
-
-def plot_sweep(
-    records: Sequence[RunRecord], keys: Sequence[str], out_png: str | Path, *, basis: str | None = None
-) -> Path:
-    """Accuracy against the swept settings: the best validation top-1 when every run has a
-    validation split, else the final test top-1 (:func:`selection_basis`).
-
-    One key: a line over its values. Two keys: a heatmap, rows the first key, columns the
-    second. More keys: one line per key, each point the mean over the other keys' values.
-
-    Args:
-        records: finished runs.
-        keys: flattened recipe keys.
-        out_png: where to write the PNG.
-        basis: ``val`` or ``final``; default :func:`selection_basis` of ``records``. The title
-            says which (:data:`RANKED_ON`).
-
-    Returns:
-        ``out_png``.
-    """
-    basis = basis or selection_basis(records)
-    records = [r for r in records if r.score(basis) is not None]
-    if len(keys) == 2:
-        fig = _figure(7, 5.5)
-        ax = fig.subplots()
-        _sweep_heatmap(fig, ax, records, keys[0], keys[1], basis)
-    else:
-        ncols = min(3, len(keys))
-        nrows = math.ceil(len(keys) / ncols)
-        fig = _figure(5 * ncols, 4 * nrows)
-        axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-        for ax, key in zip(axes, keys):
-            _sweep_line(ax, records, key, basis)
-        for ax in axes[len(keys):]:
-            ax.set_visible(False)
-    box = ", red box: the best cell" if len(keys) == 2 else ""
-    fig.suptitle(f"{_BASIS_LABEL[basis].capitalize()} over {len(records)} runs, {RANKED_ON[basis]}{box}\n"
-                 "(one seed each unless repeated)")
-    return _save(fig, out_png)
-
-
-def training_state_mb(record: RunRecord) -> float | None:
-    """Memory that grows with what trains: the trainable weights' fp32 gradients plus the
-    optimizer's state (``optimizer_state_mb``). Measured the same way on every device."""
-    optimizer = _number(record.summary.get("optimizer_state_mb"))
-    if optimizer is None or record.params_trainable is None:
-        return None
-    return optimizer + 4 * record.params_trainable / 2**20
-
-
-def plot_tradeoff(records: Sequence[RunRecord], out_png: str | Path, *, basis: str | None = None) -> Path:
-    """What each way of fine-tuning costs for what it gets: accuracy against trainable parameters
-    (log scale), training time, and training-state memory (gradients + optimizer state; log scale).
-
-    Runs with the same name (one variant trained with several seeds, from several experiments)
-    are one point at their mean, with a bar over their range; points are labelled with the name.
-    The accuracy is the one runs are ranked by (``basis``, default :func:`selection_basis`), and
-    the title says which (:data:`RANKED_ON`).
-    """
-    basis = basis or selection_basis(records)
-    groups: dict[str, list[RunRecord]] = {}
-    for r in records:
-        if r.score(basis) is not None:
-            groups.setdefault(r.name, []).append(r)
-    fig = _figure(16, 5)
-    axes = fig.subplots(1, 3)
-    xs = (("params_trainable", "trainable parameters", True), ("train_time_s", "training time (s)", False),
-          ("state", "gradients + optimizer state (MB)", True))
-    modes = sorted({str(r.recipe.get("train.mode")) for rs in groups.values() for r in rs})
-    colours = {mode: f"C{i % 10}" for i, mode in enumerate(modes)}
-    for ax, (key, label, log) in zip(axes, xs):
-        for name, rs in groups.items():
-            values = [training_state_mb(r) if key == "state" else getattr(r, key) for r in rs]
-            if any(v is None for v in values):
-                continue
-            accs = [100 * r.score(basis) for r in rs]
-            x, y = sum(values) / len(values), sum(accs) / len(accs)
-            mode = str(rs[0].recipe.get("train.mode"))
-            ax.errorbar([x], [y], yerr=[[y - min(accs)], [max(accs) - y]], fmt="o", color=colours[mode],
-                        markersize=7, capsize=3)
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-        ax.set(xlabel=label, ylabel=_score_label(basis))
-        if log:
-            ax.set_xscale("log")
-        ax.grid(alpha=0.3)
-        ax.margins(x=0.15, y=0.1)
-    handles = [axes[0].plot([], [], "o", color=c, label=m)[0] for m, c in colours.items()]
-    axes[0].legend(handles=handles, title="train.mode", fontsize=8, loc="upper left")
-    seeds = max(len(rs) for rs in groups.values()) if groups else 0
-    fig.suptitle(f"{_BASIS_LABEL[basis].capitalize()} against cost, per fine-tuning mode, {RANKED_ON[basis]} "
-                 f"({seeds} run(s) per point: mean, bar over the range)")
-    return _save(fig, out_png)
-
-
-# ---------------------------------------------------------------------------------------------
-# The report.
-# ---------------------------------------------------------------------------------------------
-
-
 def write_report(
     run_dirs: Iterable[str | Path],
     out_dir: str | Path,
@@ -837,8 +196,26 @@ def write_report(
     records = [read_run(d) for d in run_dirs]
     if not records:
         raise FinetuneError("No run directories to report on.", "Pass one or more run folders.")
-    keys = varied_keys(records)
     sweep_keys = list(sweep_keys or [])
+    keys = _columns(records, sweep_keys)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    basis = selection_basis(records)  # one ranking for the table, the CSV and every plot
+    paths = _draw_figures(records, keys, sweep_keys, out_dir, basis)
+    paths["csv"] = _write_csv(records, keys, out_dir / "report.csv")
+    paths["markdown"] = out_dir / "report.md"
+    paths["markdown"].write_text(_markdown(records, keys, title, paths), encoding="utf-8")
+    return paths
+
+
+def _columns(records: Sequence[RunRecord], sweep_keys: list[str]) -> list[str]:
+    """The report's settings columns: the swept keys first, then whatever else differs (a seed, a
+    changed default).
+
+    Raises:
+        FinetuneError: a sweep key that no run's recipe has.
+    """
+    keys = varied_keys(records)
     known = {k for r in records for k in r.recipe}
     unknown = [k for k in sweep_keys if k not in known]
     if unknown:
@@ -846,27 +223,25 @@ def write_report(
             f"Sweep key(s) {', '.join(unknown)} are in none of the runs' recipes.",
             f"Use dotted recipe keys; these differ across the runs: {', '.join(keys) or 'none'}.",
         )
-    # Swept keys first, then whatever else differs (a seed, a changed default).
-    keys = sweep_keys + [k for k in keys if k not in sweep_keys]
+    return sweep_keys + [k for k in keys if k not in sweep_keys]
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    basis = selection_basis(records)  # one ranking for the table, the CSV and every plot
+
+def _draw_figures(
+    records: Sequence[RunRecord], keys: list[str], sweep_keys: list[str], out_dir: Path, basis: str
+) -> dict[str, Path]:
+    """The report's figures, by kind: accuracy against epoch and time for the runs with epochs to
+    plot, the sweep's plot, and the trade-off when finished runs differ in ``train.mode``."""
     paths: dict[str, Path] = {}
     plotted = [r for r in records if r.ok]
     if plotted:
         labels = _legend_labels(plotted, sweep_keys or keys)
-        paths["acc_vs_epoch"] = _plot_accuracy(plotted, labels, out_dir / "acc_vs_epoch.png", "epoch", basis)
-        paths["acc_vs_time"] = _plot_accuracy(plotted, labels, out_dir / "acc_vs_time.png", "time_s", basis)
+        paths["acc_vs_epoch"] = plot_accuracy(plotted, labels, out_dir / "acc_vs_epoch.png", "epoch", basis)
+        paths["acc_vs_time"] = plot_accuracy(plotted, labels, out_dir / "acc_vs_time.png", "time_s", basis)
     finished = [r for r in records if r.status == "finished" and r.final_acc1 is not None]
     if sweep_keys and finished:
         paths["sweep"] = plot_sweep(finished, sweep_keys, out_dir / "sweep.png", basis=basis)
     if len({r.recipe.get("train.mode") for r in finished}) > 1:
         paths["tradeoff"] = plot_tradeoff(finished, out_dir / "tradeoff.png", basis=basis)
-
-    paths["csv"] = _write_csv(records, keys, out_dir / "report.csv")
-    paths["markdown"] = out_dir / "report.md"
-    paths["markdown"].write_text(_markdown(records, keys, title, paths), encoding="utf-8")
     return paths
 
 
@@ -928,7 +303,7 @@ def _markdown(
                   "![Test top-1 against training time](acc_vs_time.png)"]
     if "sweep" in paths:
         lines += ["", f"## Sweep ({ranked})", "",
-                  f"![{_BASIS_LABEL[basis].capitalize()} against the swept settings, {ranked}](sweep.png)"]
+                  f"![{BASIS_LABEL[basis].capitalize()} against the swept settings, {ranked}](sweep.png)"]
     if "tradeoff" in paths:
         lines += ["", f"## Accuracy against cost ({ranked})", "",
                   "![Accuracy against trainable parameters, training time and training-state memory](tradeoff.png)"]
@@ -942,7 +317,28 @@ def _markdown(
     recipes = [r.recipe for r in records if r.recipe]
     if recipes:
         shared = {k: v for k, v in recipes[0].items()
-                  if k not in keys and k not in _IGNORED_KEYS and not k.startswith(_IGNORED_PREFIXES)}
+                  if k not in keys and k not in IGNORED_KEYS and not k.startswith(IGNORED_PREFIXES)}
         lines += ["", "<details><summary>Settings shared by all runs</summary>", "", "```yaml",
                   *(f"{k}: {format_value(v)}" for k, v in shared.items()), "```", "", "</details>"]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def write_experiment_report(
+    run_dirs: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    title: str | None = None,
+    sweep_keys: Sequence[str] | None = None,
+) -> tuple[dict[str, Path], str]:
+    """:func:`write_report`, plus its comparison table as Markdown text to print.
+
+    Returns:
+        The files written by kind, and the table followed by its ranking line (as in ``report.md``):
+        ``Ranked on validation: best ...`` or ``Ranked on test (...): best ...``, so that what is
+        printed never ranks on test without saying so.
+    """
+    paths = write_report(run_dirs, out_dir, title=title, sweep_keys=sweep_keys)
+    records = [read_run(d) for d in run_dirs]
+    swept = list(sweep_keys or [])
+    keys = swept + [k for k in varied_keys(records) if k not in swept]  # write_report's column order
+    return paths, format_table(records, keys) + "\n\n" + ranking_summary(records)

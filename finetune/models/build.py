@@ -1,12 +1,12 @@
-"""Creating models, loading pretrained weights from any source, and adapting them on load.
+"""Building models: from scratch, or from pretrained weights adapted on load; and a fresh head.
 
 ``load_model`` always works in three steps, whatever the source:
 
-1. read the weights and what the source says about itself (``finetune.checkpoint``);
+1. read the weights and what the source says about itself (:mod:`finetune.models.sources`);
 2. build the architecture at the checkpoint's *own* shape (its class count, grid and patch size)
    and load every tensor exactly, reporting by name anything that does not fit;
 3. adapt: a fresh head for ``num_classes``, ``pos_embed`` refitted to ``img_size`` and the patch
-   kernel resampled for ``patch_size`` (``finetune.pos_embed``).
+   kernel resampled for ``patch_size`` (:mod:`finetune.models.pos_embed`).
 
 Because step 2 loads at the checkpoint's own shape, every weight outside the new head equals the
 checkpoint's (or is the documented resize of it), for hub weights and local files alike; timm's
@@ -15,11 +15,7 @@ checkpoint's (or is the documented resize of it), for hub weights and local file
 
 from __future__ import annotations
 
-import difflib
-import json
 import math
-import os
-import re
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -28,26 +24,16 @@ from typing import Any
 
 import timm
 import torch
+from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 from torch import nn
 
+from ..errors import CheckpointError, FinetuneError
 from . import presets  # noqa: F401  (registers the from-scratch presets with timm)
-from .sources import (
-    HUB_PREFIX,
-    PICKLE_SUFFIXES,
-    ResolvedSource,
-    check_model_args,
-    check_pretrained_cfg,
-    file_sha256,
-    read_checkpoint,
-    resolve_folder,
-    resolve_hub,
-)
-from ..errors import CheckpointError, FinetuneError, SourceNotFoundError
 from .pos_embed import PosEmbedMode, check_image_size, pos_embed_prefix_tokens, resize_model_input, to_2tuple
-from ..snapshot import write_atomically, write_text_atomically
+from .reading import check_model_args, describe_checkpoint
+from .sources import HUB_PREFIX, ResolvedSource, check_arch, resolve_source
 
 CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 @dataclass
@@ -88,166 +74,8 @@ class LoadReport:
         return "; ".join(parts)
 
 
-# --------------------------------------------------------------------------------------------
-# Names and sources
-
-
-def check_arch(arch: str) -> None:
-    """Raise a :class:`SourceNotFoundError` with close matches unless timm knows ``arch``."""
-    if not timm.is_model(arch):
-        raise SourceNotFoundError(
-            f"Unknown model architecture '{arch}'.", _suggest(arch, timm.list_models())
-        )
-
-
-def _suggest(name: str, candidates: list[str]) -> str:
-    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
-    if close:
-        return f"Did you mean: {', '.join(close)}? (`timm.list_models('*deit*')` lists more.)"
-    return "See `timm.list_models('*vit*')` or `timm.list_models('*deit*')` for valid names."
-
-
-def _looks_like_path(source: str) -> bool:
-    return (
-        os.sep in source
-        or source.startswith(".")
-        or source.endswith(".safetensors")
-        or source.endswith(PICKLE_SUFFIXES)
-    )
-
-
-def resolve_source(
-    source: str | Path,
-    *,
-    arch: str | None = None,
-    use_ema: bool = False,
-    cache_dir: str | Path | None = None,
-) -> ResolvedSource:
-    """Find the weights of ``source`` and what it says about itself.
-
-    Args:
-        source: a timm name with or without tag (``deit_tiny_patch16_224.fb_in1k``),
-            ``hf-hub:org/name``, a weights file, or a hub-style folder (``config.json`` + weights;
-            a finetune run directory is one).
-        arch: the timm architecture, when the source does not record it (bare weights files).
-        use_ema: prefer EMA weights in timm training checkpoints.
-        cache_dir: hub cache folder (default: the hub client's, ``HF_HUB_CACHE``).
-    """
-    text = str(source)
-    path = Path(text).expanduser()
-    if text.startswith(HUB_PREFIX):
-        repo_id, _, revision = text[len(HUB_PREFIX):].partition("@")
-        resolved = resolve_hub(repo_id, revision=revision or None, cache_dir=cache_dir)
-    elif path.is_dir():
-        resolved = resolve_folder(path, use_ema=use_ema)
-    elif path.is_file():
-        resolved = _resolve_file(path, arch=arch, use_ema=use_ema)
-    elif _looks_like_path(text):
-        hint = "Check the path; or pass a timm model name such as deit_tiny_patch16_224 to download weights."
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", text):
-            hint = f"For a Hugging Face hub repository write hf-hub:{text}. " + hint
-        raise SourceNotFoundError(f"No such file or folder: {path}.", hint)
-    else:
-        resolved = _resolve_timm_name(text, cache_dir=cache_dir)
-    if arch is not None:
-        resolved.arch = arch
-    if resolved.arch is None:
-        raise CheckpointError(
-            f"Cannot tell which architecture {resolved.origin} is for: the file does not record it "
-            f"({describe_checkpoint(resolved.state_dict)}).",
-            "Pass arch=..., e.g. arch='deit_tiny_patch16_224' (in a recipe: model.arch).",
-        )
-    check_arch(resolved.arch)
-    base_cfg = timm.models.get_pretrained_cfg(resolved.arch)
-    cfg = base_cfg.to_dict() if base_cfg is not None else {}
-    cfg.update(resolved.pretrained_cfg)
-    cfg["architecture"] = resolved.arch
-    resolved.pretrained_cfg = cfg
-    return resolved
-
-
-def _resolve_file(path: Path, *, arch: str | None, use_ema: bool) -> ResolvedSource:
-    state_dict, meta = read_checkpoint(path, use_ema=use_ema)
-    saved = meta.get("finetune", {})
-    if saved:  # a file finetune saved carries its config in its metadata: data, checked like config.json
-        if not isinstance(saved, dict) or not isinstance(saved.get("model_args", {}), dict) or not isinstance(
-                saved.get("pretrained_cfg", {}), dict):
-            raise CheckpointError(f"{path} has malformed finetune metadata.", "Save the model again with finetune.save_model.")
-        check_model_args(saved.get("model_args", {}), state_dict, str(path))
-        check_pretrained_cfg(saved.get("pretrained_cfg", {}), str(path))
-    found_arch = arch or saved.get("arch") or meta.get("arch") or _arch_from_filename(path)
-    return ResolvedSource(
-        state_dict,
-        found_arch,
-        dict(saved.get("pretrained_cfg", {})),
-        dict(saved.get("model_args", {})),
-        origin=str(path),
-    )
-
-
-def _arch_from_filename(path: Path) -> str | None:
-    # Release files are named after the model (deit_tiny_patch16_224-a1311bcf.pth); take the
-    # longest leading run of "_"-separated words that timm knows.
-    words = path.name.split(".")[0].split("-")[0].split("_")
-    for end in range(len(words), 0, -1):
-        if timm.is_model("_".join(words[:end])):
-            return "_".join(words[:end])
-    return None
-
-
-def _resolve_timm_name(name: str, *, cache_dir: str | Path | None) -> ResolvedSource:
-    arch, tag = timm.models.split_model_name_tag(name)
-    check_arch(arch)
-    try:
-        cfg = timm.models.get_pretrained_cfg(name)
-    except RuntimeError:
-        tags = timm.list_pretrained(f"{arch}.*")
-        raise SourceNotFoundError(
-            f"'{arch}' has no pretrained weights tagged '{tag}'.",
-            f"Valid names: {', '.join(tags) or '(none)'}.",
-        ) from None
-    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
-        raise SourceNotFoundError(
-            f"timm has no pretrained weights for '{name}'.",
-            "Train it from scratch (train.mode=scratch with model.arch=...) or pass a weights file.",
-        )
-    if not cfg.hf_hub_id:
-        raise SourceNotFoundError(
-            f"The weights of '{name}' are not on the Hugging Face hub (only at {cfg.url or cfg.file}).",
-            "Download that file and pass its path as the source, with arch=...",
-        )
-    repo_id, _, revision = cfg.hf_hub_id.partition("@")
-    resolved = resolve_hub(repo_id, revision=revision or None, cache_dir=cache_dir)
-    resolved.arch = arch
-    resolved.pretrained_cfg = {**cfg.to_dict(), **resolved.pretrained_cfg}
-    return resolved
-
-
-def describe_checkpoint(state_dict: dict[str, torch.Tensor]) -> str:
-    """A short description of a ViT state dict's shape, for error messages."""
-    facts = []
-    if "cls_token" in state_dict:
-        facts.append(f"embed dim {state_dict['cls_token'].shape[-1]}")
-    blocks = {int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.") and k.split(".")[1].isdigit()}
-    if blocks:
-        facts.append(f"{max(blocks) + 1} blocks")
-    proj = state_dict.get("patch_embed.proj.weight")
-    if proj is not None and proj.ndim == 4:
-        facts.append(f"patch {proj.shape[-2]}x{proj.shape[-1]}")
-    if "pos_embed" in state_dict:
-        facts.append(f"{state_dict['pos_embed'].shape[1]} position slots")
-    if "dist_token" in state_dict:
-        facts.append("distilled (dist_token, head_dist)")
-    if "head.weight" in state_dict:
-        facts.append(f"{state_dict['head.weight'].shape[0]} classes")
-    return ", ".join(facts) or f"{len(state_dict)} tensors"
-
-
-# --------------------------------------------------------------------------------------------
-# Building and loading
-
-
-def _timm_create(arch: str, **kwargs: Any) -> nn.Module:
+def timm_create(arch: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(arch, pretrained=False, **kwargs)``; an unknown name or argument is a message."""
     check_arch(arch)
     try:
         return timm.create_model(arch, pretrained=False, **kwargs)
@@ -264,7 +92,7 @@ def non_persistent_buffers(model: nn.Module) -> list[str]:
             for prefix, module in model.named_modules() for name in module._non_persistent_buffers_set]
 
 
-def _materialise(meta_model: nn.Module, arch: str, build_args: dict[str, Any]) -> nn.Module:
+def materialise(meta_model: nn.Module, arch: str, build_args: dict[str, Any]) -> nn.Module:
     """``meta_model`` (built on the meta device) on the CPU, its weights about to be loaded.
 
     ``to_empty`` gives storage without values, which the state dict then fills. It cannot fill
@@ -276,7 +104,7 @@ def _materialise(meta_model: nn.Module, arch: str, build_args: dict[str, Any]) -
     if not non_persistent_buffers(meta_model):
         return meta_model.to_empty(device="cpu")
     with torch.random.fork_rng(devices=[]):
-        return _timm_create(arch, **build_args)
+        return timm_create(arch, **build_args)
 
 
 def head_names(model: nn.Module) -> list[str]:
@@ -287,7 +115,8 @@ def head_names(model: nn.Module) -> list[str]:
     return [names[id(h)] for h in heads if id(h) in names]
 
 
-def _architecture_args(args: dict[str, Any]) -> dict[str, Any]:
+def architecture_args(args: dict[str, Any]) -> dict[str, Any]:
+    """The constructor arguments that shape the weights: ``args`` without the dropout rates."""
     # Regularisation rates change training, not the weights' layout; keep them out of saved specs.
     return {k: v for k, v in args.items() if not k.startswith(("drop", "attn_drop", "proj_drop"))}
 
@@ -311,16 +140,16 @@ def create_model(
         kwargs["img_size"] = img_size
     if patch_size is not None:
         kwargs["patch_size"] = patch_size
-    model = _timm_create(arch, **kwargs)
+    model = timm_create(arch, **kwargs)
     if hasattr(model, "patch_embed"):  # timm would silently drop the pixels that do not fill a patch
         check_image_size(to_2tuple(model.patch_embed.img_size), to_2tuple(model.patch_embed.patch_size))
     model.pretrained_cfg = dict(model.pretrained_cfg)
-    model.finetune_spec = {"arch": arch, "model_args": _architecture_args(model_kwargs)}
-    _sync_cfg(model)
+    model.finetune_spec = {"arch": arch, "model_args": architecture_args(model_kwargs)}
+    sync_pretrained_cfg(model)
     return model
 
 
-def _native_shape_kwargs(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple | None:
+def checkpoint_input_size(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple | None:
     """(img_size, patch_size) at which ``model`` matches the checkpoint's pos_embed and kernel."""
     pos = state_dict.get("pos_embed")
     proj = state_dict.get("patch_embed.proj.weight")
@@ -344,11 +173,39 @@ def _filter_fn(arch: str):
     return getattr(module, "checkpoint_filter_fn", None)
 
 
-def _rename_layer_scale(state_dict: dict[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch.Tensor]:
-    """DeiT-III release files name layer scale ``blocks.N.gamma_1``; timm names it ``blocks.N.ls1.gamma``."""
-    if not any(".gamma_" in k for k in state_dict) or not any(".ls1.gamma" in k for k in model_keys):
+def _rename_layer_scale(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """DeiT-III release files name layer scale ``blocks.N.gamma_1``; timm names it ``blocks.N.ls1.gamma``.
+
+    The renaming is timm's own (its ViT ``checkpoint_filter_fn`` with ``adapt_layer_scale``, as
+    timm's DeiT-III entries use it), given the layer-scale tensors alone: on the whole state dict
+    the filter would also resample ``pos_embed`` and the patch kernel to the model's default grid,
+    where ``load_model`` loads them at the checkpoint's own grid and resizes once, as asked.
+    """
+    gammas = {k: v for k, v in state_dict.items() if ".gamma_" in k}
+    if not gammas or not any(".ls1.gamma" in k for k in model.state_dict()):
         return state_dict
-    return {re.sub(r"\.gamma_([12])$", r".ls\1.gamma", k): v for k, v in state_dict.items()}
+    renamed = vit_checkpoint_filter_fn(gammas, model, adapt_layer_scale=True)  # same order, same tensors
+    new_names = dict(zip(gammas, renamed))
+    return {new_names.get(k, k): v for k, v in state_dict.items()}
+
+
+def _convert_layout(resolved: ResolvedSource, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under the names ``model`` (built on the meta device) uses."""
+    model_keys = set(model.state_dict())
+    state_dict = _rename_layer_scale(resolved.state_dict, model)
+    filter_fn = _filter_fn(resolved.arch)
+    if filter_fn is not None and len(model_keys & set(state_dict)) < len(model_keys) / 2:
+        # Mostly foreign names (OpenAI CLIP, DINOv2, big_vision...): let timm's converter rename
+        # them. timm-layout checkpoints skip it, so nothing is resized behind our back.
+        try:
+            state_dict = filter_fn(state_dict, model)
+        except Exception as exc:  # noqa: BLE001  (any failure means: not this architecture)
+            raise CheckpointError(
+                f"{resolved.origin} is not in a layout {resolved.arch} can read "
+                f"({describe_checkpoint(state_dict)}; timm's converter said: {exc}).",
+                "Pass the architecture the checkpoint was made for (arch=... / model.arch).",
+            ) from None
+    return state_dict
 
 
 def load_state_dict_exact(
@@ -420,7 +277,8 @@ def reset_head(model: nn.Module, num_classes: int) -> list[str]:
     return [f"{n}.{p}" for n in names for p, _ in model.get_submodule(n).named_parameters()]
 
 
-def _sync_cfg(model: nn.Module) -> None:
+def sync_pretrained_cfg(model: nn.Module) -> None:
+    """Set ``model.pretrained_cfg``'s ``input_size`` and ``num_classes`` to the model's own."""
     # Keep pretrained_cfg's input size and class count describing the model as it now is, so
     # timm.data.resolve_data_config(model=model) and saved configs stay truthful.
     cfg = dict(model.pretrained_cfg)
@@ -479,6 +337,21 @@ def load_model(
         >>> model.load_report.summary()
     """
     name = source.origin if isinstance(source, ResolvedSource) else str(source)
+    _check_load_args(name, num_classes, model_kwargs)
+    if not isinstance(source, ResolvedSource):
+        source = resolve_source(source, arch=arch, use_ema=use_ema, cache_dir=cache_dir)
+    model, report = _load_at_checkpoint_shape(source, name, model_kwargs, keep_head=num_classes is None, strict=strict)
+    if num_classes is not None:
+        report.new_head = reset_head(model, num_classes)
+        report.loaded = [k for k in report.loaded if k not in report.new_head]
+    if img_size is not None or patch_size is not None:
+        report.resized = _resize_input(model, img_size, patch_size, mode=pos_embed_mode, antialias=antialias)
+    model.load_report = report
+    sync_pretrained_cfg(model)
+    return model
+
+
+def _check_load_args(name: str, num_classes: Any, model_kwargs: dict[str, Any]) -> None:
     if num_classes is not None and not (
             isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes >= 1):
         raise FinetuneError(
@@ -489,69 +362,53 @@ def load_model(
     # The keywords go to timm's constructor: the same checks as a config.json's model_args, so that
     # they can neither make timm open a file (checkpoint_path=) nor build without bound (depth=100000).
     check_model_args(model_kwargs, {}, name, keywords=True)
-    if isinstance(source, ResolvedSource):
-        resolved, source = source, name
-    else:
-        resolved = resolve_source(source, arch=arch, use_ema=use_ema, cache_dir=cache_dir)
-    arch_name = resolved.arch
-    state_dict = resolved.state_dict
-    classifier = resolved.pretrained_cfg.get("classifier") or "head"
-    first_head = classifier[0] if isinstance(classifier, (list, tuple)) else classifier
-    head_weight = state_dict.get(f"{first_head}.weight")
-    ckpt_classes = int(head_weight.shape[0]) if head_weight is not None else 0
-    if num_classes is None:
-        _check_label_names(resolved, ckpt_classes)
 
-    build_args = {**resolved.model_args, **model_kwargs, "num_classes": ckpt_classes}
+
+def _load_at_checkpoint_shape(
+    resolved: ResolvedSource, name: str, model_kwargs: dict[str, Any], *, keep_head: bool, strict: bool
+) -> tuple[nn.Module, LoadReport]:
+    """Step 2 of :func:`load_model`: ``resolved.arch`` built at the checkpoint's own head, grid and
+    patch size, every tensor loaded exactly; returns the model and its report."""
+    head_classes = _head_classes(resolved)
+    if keep_head:
+        _check_label_names(resolved, head_classes)
+    build_args = {**resolved.model_args, **model_kwargs, "num_classes": head_classes}
     if model_kwargs:  # and they must agree with the weights' shapes
-        check_model_args({**resolved.model_args, **model_kwargs}, state_dict, name, keywords=True)
+        check_model_args({**resolved.model_args, **model_kwargs}, resolved.state_dict, name, keywords=True)
     # Build on the meta device first: random init of a ViT costs seconds on a CPU and is wasted
     # when the checkpoint overwrites every tensor.
     with torch.device("meta"):
-        model = _timm_create(arch_name, **build_args)
-    model_keys = set(model.state_dict())
-    state_dict = _rename_layer_scale(state_dict, model_keys)
-    filter_fn = _filter_fn(arch_name)
-    if filter_fn is not None and len(model_keys & set(state_dict)) < len(model_keys) / 2:
-        # Mostly foreign names (OpenAI CLIP, DINOv2, big_vision...): let timm's converter rename
-        # them. timm-layout checkpoints skip it, so nothing is resized behind our back.
-        try:
-            state_dict = filter_fn(state_dict, model)
-        except Exception as exc:  # noqa: BLE001  (any failure means: not this architecture)
-            raise CheckpointError(
-                f"{resolved.origin} is not in a layout {arch_name} can read "
-                f"({describe_checkpoint(state_dict)}; timm's converter said: {exc}).",
-                "Pass the architecture the checkpoint was made for (arch=... / model.arch).",
-            ) from None
-    if model_keys <= set(state_dict):
-        model = _materialise(model, arch_name, build_args)  # every tensor is about to be loaded
+        model = timm_create(resolved.arch, **build_args)
+    state_dict = _convert_layout(resolved, model)
+    if set(model.state_dict()) <= set(state_dict):
+        model = materialise(model, resolved.arch, build_args)  # every tensor is about to be loaded
     else:
-        model = _timm_create(arch_name, **build_args)  # keep a real init for what stays unloaded
+        model = timm_create(resolved.arch, **build_args)  # keep a real init for what stays unloaded
     model.pretrained_cfg = dict(resolved.pretrained_cfg)
-    native = _native_shape_kwargs(model, state_dict)
+    native = checkpoint_input_size(model, state_dict)
     if native is not None:
         resize_model_input(model, native[0], patch_size=native[1])
-
-    loaded, missing, unexpected = load_state_dict_exact(
-        model, state_dict, strict=strict, source=resolved.origin
-    )
-    report = LoadReport(str(source), resolved.origin, arch_name, loaded, missing, unexpected)
-
-    if num_classes is not None:
-        report.new_head = reset_head(model, num_classes)
-        report.loaded = [k for k in report.loaded if k not in report.new_head]
-    if img_size is not None or patch_size is not None:
-        before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        resize_model_input(model, img_size, patch_size=patch_size, mode=pos_embed_mode, antialias=antialias)
-        for k, v in model.state_dict().items():
-            if k in before and before[k] != tuple(v.shape):
-                report.resized[k] = (before[k], tuple(v.shape))
-
-    model.finetune_spec = {"arch": arch_name, "model_args": _architecture_args(build_args)}
+    loaded, missing, unexpected = load_state_dict_exact(model, state_dict, strict=strict, source=resolved.origin)
+    model.finetune_spec = {"arch": resolved.arch, "model_args": architecture_args(build_args)}
     model.finetune_spec["model_args"].pop("num_classes", None)
-    model.load_report = report
-    _sync_cfg(model)
-    return model
+    return model, LoadReport(name, resolved.origin, resolved.arch, loaded, missing, unexpected)
+
+
+def _head_classes(resolved: ResolvedSource) -> int:
+    """Outputs of the checkpoint's (first) classifier head; 0 when it has none."""
+    classifier = resolved.pretrained_cfg.get("classifier") or "head"
+    first_head = classifier[0] if isinstance(classifier, (list, tuple)) else classifier
+    head_weight = resolved.state_dict.get(f"{first_head}.weight")
+    return int(head_weight.shape[0]) if head_weight is not None else 0
+
+
+def _resize_input(model: nn.Module, img_size: Any, patch_size: Any, *, mode: PosEmbedMode,
+                  antialias: bool) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Step 3's resize; returns name -> (old shape, new shape) of the tensors it changed."""
+    before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    resize_model_input(model, img_size, patch_size=patch_size, mode=mode, antialias=antialias)
+    return {k: (before[k], tuple(v.shape)) for k, v in model.state_dict().items()
+            if k in before and before[k] != tuple(v.shape)}
 
 
 def _check_label_names(resolved: ResolvedSource, head_classes: int) -> None:
@@ -570,171 +427,3 @@ def _check_label_names(resolved: ResolvedSource, head_classes: int) -> None:
         f"Give label_names one name per class, in the head's order (or delete it, to number the classes 0-"
         f"{head_classes - 1}); or pass num_classes=... to replace the head.",
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Shapes, before anything is allocated
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What sets a ViT's memory use: its input, patch grid, width and depth.
-
-    Attributes:
-        img_size: ``(H, W)`` input in pixels.
-        patch_size: ``(ph, pw)``.
-        width: the token width (``embed_dim``).
-        depth: transformer blocks.
-        prefix_tokens: class, distillation and register tokens before the patches.
-    """
-
-    img_size: tuple[int, int]
-    patch_size: tuple[int, int]
-    width: int
-    depth: int
-    prefix_tokens: int
-
-    @property
-    def tokens(self) -> int:
-        """Tokens per image: the prefix tokens and one per patch."""
-        return self.prefix_tokens + (self.img_size[0] // self.patch_size[0]) * (self.img_size[1] // self.patch_size[1])
-
-
-def model_shape(model: nn.Module) -> ModelShape | None:
-    """The :class:`ModelShape` of a timm ViT (on any device, the meta device included); ``None``
-    for a model without a patch embedding, blocks and a width."""
-    embed, blocks = getattr(model, "patch_embed", None), getattr(model, "blocks", None)
-    width = getattr(model, "embed_dim", None)
-    if embed is None or blocks is None or not isinstance(width, int) or getattr(embed, "img_size", None) is None:
-        return None
-    return ModelShape(to_2tuple(embed.img_size), to_2tuple(embed.patch_size), width, len(blocks),
-                      int(getattr(model, "num_prefix_tokens", 1)))
-
-
-def planned_shape(
-    arch: str,
-    *,
-    resolved: ResolvedSource | None = None,
-    img_size: int | tuple[int, int] | None = None,
-    patch_size: int | None = None,
-    **model_kwargs: Any,
-) -> ModelShape | None:
-    """The shape :func:`create_model` (``resolved`` is ``None``) or :func:`load_model` (from
-    ``resolved``) would give, found by building the architecture on the meta device: no memory is
-    allocated and no weight initialised, so it is safe for sizes that could never run.
-
-    Raises:
-        GridError: the image does not split into whole patches.
-    """
-    if resolved is None:
-        with torch.device("meta"):
-            model = create_model(arch, num_classes=1, img_size=img_size, patch_size=patch_size, **model_kwargs)
-        return model_shape(model)
-    with torch.device("meta"):
-        model = _timm_create(arch, **{**resolved.model_args, **model_kwargs, "num_classes": 1})
-    shape = model_shape(model)
-    if shape is None:
-        return None
-    native = _native_shape_kwargs(model, resolved.state_dict)  # the checkpoint's own grid and patch
-    native_img, native_patch = native if native is not None else (shape.img_size, shape.patch_size)
-    new_img = to_2tuple(img_size) if img_size is not None else to_2tuple(native_img)
-    new_patch = to_2tuple(patch_size) if patch_size is not None else to_2tuple(native_patch)
-    check_image_size(new_img, new_patch)
-    return ModelShape(new_img, new_patch, shape.width, shape.depth, shape.prefix_tokens)
-
-
-# --------------------------------------------------------------------------------------------
-# Saving
-
-
-def model_config(model: nn.Module) -> dict[str, Any]:
-    """A timm-style ``config.json`` that rebuilds ``model`` with :func:`load_model`."""
-    spec = getattr(model, "finetune_spec", None) or {
-        # A model built with timm.create_model: timm (>= 1.0.22) records its constructor arguments.
-        "arch": model.pretrained_cfg.get("architecture"),
-        "model_args": {
-            k: v for k, v in _architecture_args(dict(getattr(model, "_model_args", {}))).items()
-            if k not in ("num_classes", "img_size", "patch_size")
-        },
-    }
-    args = dict(spec["model_args"])
-    if hasattr(model, "patch_embed"):
-        args["img_size"] = list(to_2tuple(model.patch_embed.img_size))
-        args["patch_size"] = list(to_2tuple(model.patch_embed.patch_size))
-    keep = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std", "first_conv",
-            "classifier", "label_names", "hf_hub_id", "tag")
-    cfg = {k: model.pretrained_cfg[k] for k in keep if model.pretrained_cfg.get(k) is not None}
-    return {
-        "architecture": spec["arch"],
-        "num_classes": model.num_classes,
-        "num_features": getattr(model, "num_features", None),
-        "global_pool": getattr(model, "global_pool", None),
-        "model_args": args,
-        "pretrained_cfg": cfg,
-    }
-
-
-def save_model(model: nn.Module, directory: str | Path, *, class_names: list[str] | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` so that ``load_model(directory)`` rebuilds it.
-
-    The weights file also carries the config in its metadata, so the ``.safetensors`` file alone
-    loads too; ``config.json`` records the weights' SHA-256, which :func:`load_model` checks. Each
-    file is written under a temporary name, flushed to disk and renamed, so an interrupted save
-    never leaves a half-written file.
-
-    Raises:
-        FinetuneError: the folder cannot be created or written (it is under a file, read-only, full).
-    """
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    if class_names is not None:
-        model.pretrained_cfg = dict(model.pretrained_cfg, label_names=list(class_names))
-    config = model_config(model)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    meta = {
-        "format": "pt",
-        "arch": config["architecture"],
-        "finetune": json.dumps(
-            {"arch": config["architecture"], "model_args": config["model_args"], "pretrained_cfg": config["pretrained_cfg"]}
-        ),
-    }
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        write_atomically(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-        config["weights_sha256"] = file_sha256(directory / WEIGHTS_NAME)
-        write_text_atomically(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
-    except OSError as exc:
-        raise FinetuneError(
-            f"Cannot save the model to {directory}: {exc.strerror or exc}.",
-            "Pass a folder you can write to (not one under a file, nor on a read-only or full disk).",
-        ) from None
-    return directory
-
-
-def model_from_config(
-    config: dict[str, Any], state_dict: dict[str, torch.Tensor] | None = None, **model_kwargs: Any
-) -> nn.Module:
-    """The architecture a :func:`model_config` dict describes, with uninitialised weights (and
-    non-persistent buffers, which no state dict holds, computed as at construction).
-
-    For loading a state dict saved from the same model (a training checkpoint): nothing is read
-    from the model's original source, so a run resumes even where that source is not available.
-
-    Args:
-        config: :func:`model_config`'s output.
-        state_dict: the weights it will be loaded with; its shapes are checked against ``config``
-            before anything is built.
-        **model_kwargs: constructor arguments it leaves out (``drop_path_rate``).
-    """
-    arch = config["architecture"]
-    args = dict(config.get("model_args") or {})
-    check_model_args(args, state_dict or {}, "the checkpoint's model config")
-    build_args = {"num_classes": config["num_classes"], **args, **model_kwargs}
-    with torch.device("meta"):  # no random init: every tensor is about to be loaded
-        model = _timm_create(arch, **build_args)
-    model = _materialise(model, arch, build_args)
-    model.pretrained_cfg = dict(model.pretrained_cfg, **config.get("pretrained_cfg", {}))
-    model.finetune_spec = {"arch": arch, "model_args": args}
-    _sync_cfg(model)
-    return model

@@ -64,7 +64,7 @@ def set_trainable(model: nn.Module, mode: TrainMode, *, last_k: int = 0, bitfit_
         return count_parameters(model)
     if mode == "lora":
         if not hasattr(model, "peft_config"):
-            raise FinetuneError("train.mode lora needs the model wrapped with adapters.", "Call finetune.params.add_lora first.")
+            raise FinetuneError("train.mode lora needs the model wrapped with adapters.", "Call finetune.models.params.add_lora first.")
         return count_parameters(model)  # peft marked the adapters and the saved head trainable
     model.requires_grad_(False)
     trained: list[nn.Module] = head_modules(model)

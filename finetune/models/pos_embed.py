@@ -1,8 +1,8 @@
 """Position-embedding and patch-embedding surgery.
 
-``resize_pos_embed`` is a pure tensor function; ``resize_model_input`` applies it (and, when the
-patch size changes, a resampled patch-embedding kernel) to a timm ``VisionTransformer`` and keeps
-``patch_embed``'s image size, grid and patch count consistent with the new weights.
+``resize_pos_embed`` is a pure tensor function; ``resize_model_input`` resizes a timm
+``VisionTransformer``'s input in place through timm's ``set_input_size`` (new patch kernel, grid
+and patch count), refitting ``pos_embed`` with ``resize_pos_embed`` in the modes timm lacks.
 """
 
 from __future__ import annotations
@@ -99,6 +99,19 @@ def resize_pos_embed(
         >>> resize_pos_embed(pe, (2, 2), mode="truncate").shape
         torch.Size([1, 5, 192])
     """
+    num_tokens = _check_pos_embed(pos_embed, num_prefix_tokens, mode)
+    new_h, new_w = _grid_arg(new_grid, "new_grid")
+    old_h, old_w = _old_grid(old_grid, num_tokens, num_prefix_tokens)
+    if (new_h, new_w) == (old_h, old_w):
+        return pos_embed
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    grid = _refit_grid(grid, (old_h, old_w), (new_h, new_w), mode=mode, antialias=antialias)
+    return torch.cat([prefix, grid], dim=1)
+
+
+def _check_pos_embed(pos_embed: object, num_prefix_tokens: object, mode: str) -> int:
+    """Raise a :class:`GridError` unless ``pos_embed`` is ``(B, tokens, dim)`` with room for the prefix
+    and ``mode`` is known; return the number of tokens."""
     if mode not in POS_EMBED_MODES:
         raise GridError(
             f"Unknown position-embedding mode {mode!r}.", f"Use one of: {', '.join(POS_EMBED_MODES)}."
@@ -113,7 +126,7 @@ def resize_pos_embed(
             f"pos_embed must have shape (B, tokens, dim); got {tuple(pos_embed.shape)}.",
             "Pass the model's pos_embed parameter as it is, e.g. model.pos_embed.",
         )
-    batch, num_tokens, dim = pos_embed.shape
+    num_tokens = pos_embed.shape[1]
     if not isinstance(num_prefix_tokens, int) or isinstance(num_prefix_tokens, bool) or not 0 <= num_prefix_tokens < num_tokens:
         raise GridError(
             f"num_prefix_tokens must be a whole number from 0 to {num_tokens - 1} (pos_embed has {num_tokens} "
@@ -121,8 +134,12 @@ def resize_pos_embed(
             "Use 1 for ViT/DeiT (cls), 2 for distilled DeiT (cls + dist), 0 for models whose prefix tokens "
             "have no position (no_embed_class); model.num_prefix_tokens says which.",
         )
+    return num_tokens
+
+
+def _old_grid(old_grid: object, num_tokens: int, num_prefix_tokens: int) -> tuple[int, int]:
+    """The grid ``pos_embed``'s slots after the prefix form: ``old_grid`` checked, or the square."""
     num_grid = num_tokens - num_prefix_tokens
-    new_h, new_w = _grid_arg(new_grid, "new_grid")
     if old_grid is None:
         side = math.isqrt(max(num_grid, 0))
         if side * side != num_grid:
@@ -131,19 +148,22 @@ def resize_pos_embed(
                 f"{num_prefix_tokens} prefix) is not a square number.",
                 "Pass old_grid=(H, W), or check num_prefix_tokens.",
             )
-        old_h, old_w = side, side
-    else:
-        old_h, old_w = _grid_arg(old_grid, "old_grid")
-        if old_h * old_w != num_grid:
-            raise GridError(
-                f"old_grid {old_h}x{old_w} has {old_h * old_w} slots but pos_embed has {num_grid} "
-                f"grid slots ({num_tokens} tokens minus {num_prefix_tokens} prefix).",
-                "Pass the grid the embedding was trained with, or check num_prefix_tokens.",
-            )
-    if (new_h, new_w) == (old_h, old_w):
-        return pos_embed
+        return side, side
+    old_h, old_w = _grid_arg(old_grid, "old_grid")
+    if old_h * old_w != num_grid:
+        raise GridError(
+            f"old_grid {old_h}x{old_w} has {old_h * old_w} slots but pos_embed has {num_grid} "
+            f"grid slots ({num_tokens} tokens minus {num_prefix_tokens} prefix).",
+            "Pass the grid the embedding was trained with, or check num_prefix_tokens.",
+        )
+    return old_h, old_w
 
-    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+
+def _refit_grid(grid: torch.Tensor, old: tuple[int, int], new: tuple[int, int], *, mode: str,
+                antialias: bool) -> torch.Tensor:
+    """``(B, H*W, D)`` grid slots, row-major, to ``(B, H'*W', D)`` in ``mode`` (see :func:`resize_pos_embed`)."""
+    (old_h, old_w), (new_h, new_w) = old, new
+    batch, num_grid, dim = grid.shape
     if mode == "truncate":
         if new_h * new_w > num_grid:
             raise GridError(
@@ -151,22 +171,18 @@ def resize_pos_embed(
                 f"larger {new_h}x{new_w} grid ({new_h * new_w} slots).",
                 "Truncation only shrinks; use mode='bicubic' (interpolation) to grow the grid.",
             )
-        grid = grid[:, : new_h * new_w]
-    elif mode == "crop":
+        return grid[:, : new_h * new_w]
+    if mode == "crop":
         if new_h > old_h or new_w > old_w:
             raise GridError(
                 f"Cannot crop a {old_h}x{old_w} position embedding to a larger {new_h}x{new_w} grid.",
                 "Cropping only shrinks; use mode='bicubic' (interpolation) to grow the grid.",
             )
-        grid = grid.reshape(batch, old_h, old_w, dim)[:, :new_h, :new_w].reshape(batch, -1, dim)
-    else:
-        # (B, H*W, D) -> (B, D, H, W) image layout for F.interpolate; float32 like timm.
-        image = grid.float().reshape(batch, old_h, old_w, dim).permute(0, 3, 1, 2)
-        image = F.interpolate(
-            image, size=(new_h, new_w), mode=mode, antialias=antialias and mode != "nearest"
-        )
-        grid = image.permute(0, 2, 3, 1).reshape(batch, new_h * new_w, dim).to(pos_embed.dtype)
-    return torch.cat([prefix, grid], dim=1)
+        return grid.reshape(batch, old_h, old_w, dim)[:, :new_h, :new_w].reshape(batch, -1, dim)
+    # (B, H*W, D) -> (B, D, H, W) image layout for F.interpolate; float32 like timm.
+    image = grid.float().reshape(batch, old_h, old_w, dim).permute(0, 3, 1, 2)
+    image = F.interpolate(image, size=(new_h, new_w), mode=mode, antialias=antialias and mode != "nearest")
+    return image.permute(0, 2, 3, 1).reshape(batch, new_h * new_w, dim).to(grid.dtype)
 
 
 def pos_embed_prefix_tokens(model: nn.Module) -> int:
@@ -201,72 +217,40 @@ def resize_model_input(
 ) -> nn.Module:
     """Make a timm ViT accept a new image size and/or patch size, in place.
 
-    The patch-embedding kernel is resampled with timm's ``resample_patch_embed`` (FlexiViT's
-    pseudo-inverse resize) when the patch size changes; ``pos_embed`` is refitted to the new grid
-    with :func:`resize_pos_embed` in the given ``mode``; ``patch_embed.img_size``, ``grid_size``,
-    ``num_patches`` and ``patch_size`` are updated to match.
+    timm's ``set_input_size`` does the work: when the patch size changes, the patch-embedding
+    kernel is resampled with ``resample_patch_embed`` (FlexiViT's pseudo-inverse resize), and
+    ``patch_embed``'s image size, grid and patch count follow. ``pos_embed`` is refitted to the new
+    grid by timm's model-level ``set_input_size`` in the default mode (bicubic, antialiased), and by
+    :func:`resize_pos_embed` in every other (timm's method knows only that one: no ``bilinear``,
+    ``nearest``, ``antialias=False``, ``truncate`` or ``crop``).
 
     Example:
         >>> model = timm.create_model("deit_tiny_patch16_224", num_classes=10)
         >>> resize_model_input(model, 32, mode="truncate").pos_embed.shape
         torch.Size([1, 5, 192])
     """
-    from timm.layers import resample_patch_embed
-
     patch_embed = model.patch_embed
-    old_patch = to_2tuple(patch_embed.patch_size)
-    new_patch = _grid_arg(patch_size, "patch_size", high=1024, unit="pixels") if patch_size is not None else old_patch
+    new_patch = (_grid_arg(patch_size, "patch_size", high=1024, unit="pixels") if patch_size is not None
+                 else to_2tuple(patch_embed.patch_size))
     new_img = (_grid_arg(img_size, "img_size", high=MAX_GRID_SIDE * 16, unit="pixels") if img_size is not None
                else to_2tuple(patch_embed.img_size))
     # A convolutional tokenizer (timm's HybridEmbed) shrinks the image by its feature_ratio before
     # the patch projection: a token then covers patch x ratio pixels.
     ratio = to_2tuple(getattr(patch_embed, "feature_ratio", 1))
-    stride = (new_patch[0] * ratio[0], new_patch[1] * ratio[1])
-    check_image_size(new_img, stride)
-
-    if new_patch != old_patch:
-        old_proj = patch_embed.proj
-        new_proj = nn.Conv2d(
-            old_proj.in_channels,
-            old_proj.out_channels,
-            kernel_size=new_patch,
-            stride=new_patch,
-            bias=old_proj.bias is not None,
-            device=old_proj.weight.device,
-            dtype=old_proj.weight.dtype,
-        )
-        with torch.no_grad():
-            new_proj.weight.copy_(resample_patch_embed(old_proj.weight, list(new_patch)))
-            if old_proj.bias is not None:
-                new_proj.bias.copy_(old_proj.bias)
-        new_proj.weight.requires_grad_(old_proj.weight.requires_grad)
-        if new_proj.bias is not None:
-            new_proj.bias.requires_grad_(old_proj.bias.requires_grad)
-        new_proj.train(old_proj.training)
-        patch_embed.proj = new_proj
-        patch_embed.patch_size = new_patch
-
+    check_image_size(new_img, (new_patch[0] * ratio[0], new_patch[1] * ratio[1]))
+    if mode == "bicubic" and antialias and hasattr(model, "set_input_size"):
+        model.set_input_size(img_size=new_img, patch_size=new_patch)  # timm's resample, the same tensors
+        return model
     old_grid = to_2tuple(patch_embed.grid_size)
-    new_grid = (new_img[0] // stride[0], new_img[1] // stride[1])
+    patch_embed.set_input_size(img_size=new_img, patch_size=new_patch)
+    new_grid = to_2tuple(patch_embed.grid_size)
     if getattr(model, "pos_embed", None) is not None and new_grid != old_grid:
         old = model.pos_embed
         with torch.no_grad():
-            resized = resize_pos_embed(
-                old.detach(),
-                new_grid,
-                old_grid=old_grid,
-                num_prefix_tokens=pos_embed_prefix_tokens(model),
-                mode=mode,
-                antialias=antialias,
-            )
+            resized = resize_pos_embed(old.detach(), new_grid, old_grid=old_grid,
+                                       num_prefix_tokens=pos_embed_prefix_tokens(model), mode=mode, antialias=antialias)
         model.pos_embed = nn.Parameter(resized.clone(), requires_grad=old.requires_grad)
-
-    patch_embed.img_size = new_img
-    if hasattr(patch_embed, "feature_size"):
-        patch_embed.feature_size = (new_img[0] // ratio[0], new_img[1] // ratio[1])
-    patch_embed.grid_size = new_grid
-    patch_embed.num_patches = new_grid[0] * new_grid[1]
-    try:  # timm >= 1.0.22 records constructor args for re-creation; keep them truthful
+    try:  # timm >= 1.0.22 records constructor args for re-creation; keep them truthful, as set_input_size does
         from timm.models._input import update_model_input_size
 
         update_model_input_size(model, new_img, patch_size=new_patch)

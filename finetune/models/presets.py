@@ -105,18 +105,31 @@ def conv_stem(in_chans: int, channels: tuple[int, ...]) -> nn.Sequential:
 
 class ConvTokenizer(HybridEmbed):
     """timm's ``HybridEmbed`` over :func:`conv_stem`: the feature grid is computed, not probed with
-    a forward pass, so the model can be built on the meta device."""
+    a forward pass, so the model can be built (and resized) on the meta device."""
 
     def __init__(self, *, img_size: Any = 32, patch_size: Any = 1, in_chans: int = 3,
                  stem_channels: tuple[int, ...] = (64, 128), **kwargs: Any) -> None:
-        img = img_size if isinstance(img_size, (tuple, list)) else (img_size, img_size)
         ratio = 2 ** len(stem_channels)
-        if img[0] % ratio or img[1] % ratio:
-            raise GridError(f"Image size {img[0]}x{img[1]} is not a multiple of the conv stem's stride {ratio}.",
-                            f"Use an image size that is a multiple of {ratio} (e.g. 32 or 64).")
         super().__init__(conv_stem(in_chans, tuple(stem_channels)), img_size=img_size, patch_size=patch_size,
-                         feature_size=(img[0] // ratio, img[1] // ratio), feature_ratio=ratio, in_chans=in_chans,
-                         **kwargs)
+                         feature_size=_feature_size(img_size, (ratio, ratio)), feature_ratio=ratio,
+                         in_chans=in_chans, **kwargs)
+
+    def set_input_size(self, img_size: Any = None, patch_size: Any = None, feature_size: Any = None,
+                       feature_ratio: Any = None, feature_dim: int | None = None) -> None:
+        """timm's resize, given the feature grid the stem's stride makes of ``img_size``."""
+        if feature_size is None:
+            feature_ratio = self.feature_ratio
+            feature_size = _feature_size(img_size if img_size is not None else self.img_size, feature_ratio)
+        super().set_input_size(img_size, patch_size, feature_size, feature_ratio, feature_dim)
+
+
+def _feature_size(img_size: Any, ratio: tuple[int, int]) -> tuple[int, int]:
+    """The stem's output grid for ``img_size`` (int or (H, W)); a :class:`GridError` unless it divides."""
+    img = img_size if isinstance(img_size, (tuple, list)) else (img_size, img_size)
+    if img[0] % ratio[0] or img[1] % ratio[1]:
+        raise GridError(f"Image size {img[0]}x{img[1]} is not a multiple of the conv stem's stride {ratio[0]}.",
+                        f"Use an image size that is a multiple of {ratio[0]} (e.g. 32 or 64).")
+    return img[0] // ratio[0], img[1] // ratio[1]
 
 
 def _build(variant: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:

@@ -1,6 +1,6 @@
 """The run folder as an observer of the training loop: :class:`RunRecorder` writes metrics lines,
 checkpoints on schedule (and when a stop is requested), the best model on validation, the final
-model and plots, and the summary, through ``finetune.rundir.RunDir``.
+model and plots, and the summary, through ``finetune.runs.rundir.RunDir``.
 """
 
 from __future__ import annotations
@@ -11,10 +11,13 @@ from typing import Any
 
 import torch
 
-from ..training.engine import Callback, TrainState, check_finite, throughput
+from ..training.callbacks import Callback
+from ..training.loop import check_finite
+from ..training.state import TrainState, throughput
 from ..errors import RunDirError
 from ..models.params import merge_lora
-from .folder import BEST_DIR, RunDir
+from .folder import BEST_DIR
+from .rundir import RunDir
 
 
 def result_fields(state: TrainState) -> dict[str, Any]:
@@ -127,7 +130,7 @@ class RunRecorder(Callback):
                 self.rundir.save_adapter(state.eval_model)
         if r.output.plots:
             from ..viz.figures import draw_mistakes, draw_samples
-            from ..experiments.report import plot_confusion, plot_curves
+            from ..viz.plots import plot_confusion, plot_curves
             from ..viz.visual import run_pictures
 
             folder = self.rundir.path

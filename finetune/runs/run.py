@@ -1,8 +1,8 @@
 """``finetune run`` and ``finetune resume``: a recipe in, a self-describing run folder out.
 
 The recipe reads top to bottom: :func:`prepare` loads the data and the model (raising before
-anything is written), ``engine.build`` makes the training state, ``RunDir.create`` claims the run
-folder, and ``engine.fit`` trains with two callbacks, the run folder's recorder and the progress
+anything is written), ``training.setup.build`` makes the training state, ``RunDir.create`` claims the
+run folder, and ``training.loop.fit`` trains with two callbacks, the run folder's recorder and the progress
 bar. :func:`resume` does the same from a run folder's last checkpoint.
 
 Signals: the first SIGINT (Ctrl-C) or SIGTERM asks the loop to stop at the next optimizer step;
@@ -19,21 +19,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..training import distributed, engine
-from ..training.device import environment, reset_peak_memory, resolve_device
-from ..training.engine import Callbacks, Prepared, StopRequested, TrainState, build, fit
 from ..errors import DivergedError, FinetuneError, RunInterrupted
-from ..models.build import model_from_config
-from ..training.progress import TrainProgress, console
+from ..models.saving import model_from_config
 from ..recipe import Recipe, load_recipe
+from ..training import distributed, setup
+from ..training.callbacks import Callbacks, StopRequested
+from ..training.components import optimizer_kernel
+from ..training.device import environment, reset_peak_memory, resolve_device
+from ..training.loop import fit
+from ..training.progress import TrainProgress, console
+from ..training.setup import Prepared, build
+from ..training.state import TrainState
+from .folder import check_run_dir, run_dir_for
 from .recorder import RunRecorder
-from .folder import RunDir, check_run_dir, read_checkpoint, run_dir_for
+from .rundir import RunDir, read_checkpoint
 
 
 def prepare(recipe: Recipe) -> Prepared:
     """Check the run folder, load the data and build the model; raise before writing anything."""
     check_run_dir(run_dir_for(recipe), recipe.output.overwrite)
-    return engine.prepare(recipe)
+    return setup.prepare(recipe)
 
 
 def run(
@@ -60,7 +65,7 @@ def run(
         if prepared is None:
             processes.on_main(lambda: check_run_dir(folder, recipe.output.overwrite))
         _require_extras(recipe)
-        p = prepared or engine.prepare(recipe, processes=processes)
+        p = prepared or setup.prepare(recipe, processes=processes)
         quiet = quiet or not processes.is_main
         _warn_skipped(p, quiet)
         state = build(p, processes)
@@ -107,35 +112,16 @@ def resume(run_dir: str | Path, *, quiet: bool = False) -> dict[str, Any]:
         rundir = processes.on_main(lambda: RunDir.reopen(run_dir))
         # Checked here on every process (a damaged file must stop them all), before any data loads.
         checkpoint = read_checkpoint(run_dir, recipe)
-        model = model_from_config(checkpoint["model_config"], checkpoint["model"], **engine.model_kwargs(recipe))
-        p = engine.prepare(recipe, model=model, processes=processes)
+        model = model_from_config(checkpoint["model_config"], checkpoint["model"], **setup.model_kwargs(recipe))
+        # The data path the run took (checkpoints from before it was recorded: chosen again).
+        p = setup.prepare(recipe, model=model, processes=processes, data_path=checkpoint.get("data_path"))
         quiet = quiet or not processes.is_main
         _warn_skipped(p, quiet)
         # The precision the run chose; checkpoints from before train.precision=auto ran fp32 on a CPU.
         chosen = checkpoint.get("precision") or ("fp32" if p.device.type == "cpu" else None)
         state = build(p, processes, precision=chosen)
         state.load_state_dict(checkpoint)
-        summary: dict[str, Any] = {}
-        if rundir is not None:
-            rundir.last_checkpoint = (checkpoint["progress"]["epoch"], checkpoint["progress"]["step"])
-            # Warnings about what was lost are printed even with -q (which hides progress only).
-            warning = rundir.truncate_metrics(checkpoint["metrics_offset"])
-            if warning:
-                console.print(f"warning: {warning}", highlight=False, markup=False)
-            summary = rundir.read_summary()
-            if not isinstance(summary.get("name"), str):
-                summary = _rebuilt_summary(state, p, summary)
-                console.print(f"warning: {summary['summary_rebuilt']}", highlight=False, markup=False)
-            summary.pop("replaced_runs", None)  # earlier finetune versions wrote it; nothing reads it
-            summary.setdefault("resumed", []).append({
-                "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "epoch": state.progress.epoch,
-                "step": state.progress.step,
-                "processes": processes.world_size,
-                "previous_status": rundir.previous_status,
-            })
-            summary.update(status="running", error=None, **environment(state.device))
-            rundir.write_summary(summary)
+        summary = _resumed_summary(rundir, state, p, checkpoint) if rundir is not None else {}
     except BaseException as exc:
         if rundir is not None:
             rundir.close()
@@ -148,6 +134,31 @@ def resume(run_dir: str | Path, *, quiet: bool = False) -> dict[str, Any]:
         return summary
     finally:
         distributed.shutdown(processes)
+
+
+def _resumed_summary(rundir: RunDir, state: TrainState, p: Prepared, checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """On the main process of a resumed run: cut ``metrics.jsonl`` back to the checkpoint, record
+    the resume in the summary (rebuilt if it was lost), mark the run running again, write it."""
+    rundir.last_checkpoint = (checkpoint["progress"]["epoch"], checkpoint["progress"]["step"])
+    # Warnings about what was lost are printed even with -q (which hides progress only).
+    warning = rundir.truncate_metrics(checkpoint["metrics_offset"])
+    if warning:
+        console.print(f"warning: {warning}", highlight=False, markup=False)
+    summary = rundir.read_summary()
+    if not isinstance(summary.get("name"), str):
+        summary = _rebuilt_summary(state, p, summary)
+        console.print(f"warning: {summary['summary_rebuilt']}", highlight=False, markup=False)
+    summary.pop("replaced_runs", None)  # earlier finetune versions wrote it; nothing reads it
+    summary.setdefault("resumed", []).append({
+        "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "epoch": state.progress.epoch,
+        "step": state.progress.step,
+        "processes": state.processes.world_size,
+        "previous_status": rundir.previous_status,
+    })
+    summary.update(status="running", error=None, **environment(state.device))
+    rundir.write_summary(summary)
+    return summary
 
 
 def _warn_skipped(p: Prepared, quiet: bool) -> None:
@@ -175,11 +186,13 @@ def _initial_summary(state: TrainState, p: Prepared, recipe_path: str | None) ->
         "params_trainable": state.counts.trainable,
         "params_total": state.counts.total,
         "img_size": list(p.out_size),
+        "data_path": p.data.path,
+        "stored_size": list(p.data.stored_size) if p.data.stored_size else None,
         "precision": state.precision,
         "precision_asked": r.train.precision,
         "precision_choice": state.precision_choice,  # auto on a CPU: fp32 and bf16 step times, measured here
         "cpu_threads": state.cpu_threads,
-        "optimizer_kernel": engine.optimizer_kernel(state.optimizer),
+        "optimizer_kernel": optimizer_kernel(state.optimizer),
         "classes": state.classes,
         **environment(state.device),
     }

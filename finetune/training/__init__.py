@@ -1,8 +1,10 @@
 """One training run in memory: its state, its parts, and the loop that advances it.
 
-Owns the training state (model, optimizer, schedule, EMA, scaler, RNG, counters), the components
-built from a recipe (optimizer, schedule, EMA, mixup, loss, gradient clipping, precision), the
-epoch loop and evaluation, callbacks, the device and precision helpers, and distributed processes.
+Owns the training state and random states (``state``), the components built from a recipe
+(``components``: optimizer, schedule, EMA, mixup, loss, gradient clipping, precision), preparing
+the data and model and building the state (``setup``), the epoch loop (``loop``) and evaluation
+(``evaluate``), the loop's callbacks (``callbacks``, ``progress``), the device and precision helpers
+(``device``) and distributed processes (``distributed``).
 
 May import: :mod:`finetune.errors`, :mod:`finetune.snapshot`, :mod:`finetune.recipe`,
 :mod:`finetune.data`, :mod:`finetune.models`. Nothing here writes a run folder (that is

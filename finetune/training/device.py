@@ -9,11 +9,11 @@ import contextlib
 import os
 import platform
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..data.memory import host_available_memory
 from ..errors import FinetuneError
 
 
@@ -181,33 +181,6 @@ def available_memory(device: torch.device) -> int | None:
         recommended = getattr(getattr(torch, "mps", None), "recommended_max_memory", None)
         return int(recommended()) if recommended is not None else None
     return host_available_memory()
-
-
-def host_available_memory() -> int:
-    """Bytes of memory this process can allocate now: Linux's ``MemAvailable`` (free memory plus
-    the page cache it can drop; else the free pages), and at most what is left under the memory
-    limit of the process's control group (a container's limit)."""
-    available = None
-    try:
-        with open("/proc/meminfo", "rb") as f:
-            for line in f:
-                if line.startswith(b"MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError, IndexError):
-        pass
-    if available is None:
-        try:
-            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):  # pragma: no cover - platforms without sysconf
-            available = 1 << 63
-    for limit, usage in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
-        try:  # cgroup v2, then v1; "max" (no limit) is not a number
-            left = int(Path("/sys/fs/cgroup", limit).read_text()) - int(Path("/sys/fs/cgroup", usage).read_text())
-        except (OSError, ValueError):
-            continue
-        return max(0, min(available, left))
-    return available
 
 
 def format_bytes(count: float) -> str:

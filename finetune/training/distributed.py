@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from ..data.plan import check_global_batch
 from ..errors import FinetuneError
 
 T = TypeVar("T")
@@ -93,20 +94,6 @@ class Processes:
 
 
 SINGLE = Processes()
-
-
-def check_global_batch(batch_size: int, world_size: int) -> None:
-    """``data.batch_size`` is the global batch, split evenly between the processes.
-
-    Raises:
-        FinetuneError: it does not divide by ``world_size``.
-    """
-    if batch_size % world_size:
-        raise FinetuneError(
-            f"data.batch_size is {batch_size}, which does not divide among {world_size} processes.",
-            f"data.batch_size is the global batch, split evenly: use a multiple of {world_size} "
-            f"(e.g. {max(world_size, batch_size // world_size * world_size)}), or another number of processes.",
-        )
 
 
 def check_batch_split(batch_size: int, world_size: int, *, pairs: bool = False) -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.core import BatchLoader
+from ..data.loader import BatchLoader
 from .device import autocast
 from .distributed import SINGLE, Processes
 

@@ -1,6 +1,6 @@
 """Terminal progress for a training run: a rich progress bar plus one line per evaluated epoch.
 
-:class:`TrainProgress` is a callback of the training loop (``finetune.engine.Callback``).
+:class:`TrainProgress` is a callback of the training loop (``finetune.training.callbacks.Callback``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .engine import Callback, TrainState
+from .callbacks import Callback
+from .state import TrainState
 
 console = Console(stderr=True, soft_wrap=True)  # epoch lines stay one line in logs
 

@@ -1,4 +1,4 @@
-"""Pictures of what a ViT sees, drawn from ``finetune.visual``'s tensors: the patch grid, attention,
+"""Pictures of what a ViT sees, drawn from ``finetune.viz.visual``'s tensors: the patch grid, attention,
 position-embedding similarity, training samples as the model receives them, and its most
 confident mistakes. Each function writes one PNG and returns its path.
 """
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..experiments.report import _figure, _save
+from .plots import new_figure, save_figure
 
 
 def _hwc(image: torch.Tensor):
@@ -31,7 +31,7 @@ def draw_patches(image: torch.Tensor, patch_size: int, out_png: str | Path, *, p
 
     patches, (gh, gw) = patch_grid(image, patch_size)
     height, width = image.shape[-2:]
-    fig = _figure(13, 5.5)
+    fig = new_figure(13, 5.5)
     left, right = fig.subfigures(1, 2, width_ratios=[1, 1.4])
     ax = left.subplots()
     ax.imshow(_hwc(image))
@@ -59,7 +59,7 @@ def draw_patches(image: torch.Tensor, patch_size: int, out_png: str | Path, *, p
             ax.imshow(_hwc(patches[cell]))
             ax.set_title(str(cell), fontsize=7)
     right.suptitle(f"The sequence the transformer reads: {prefix_tokens} prefix token(s) + {gh * gw} patches")
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def draw_attention(
@@ -71,15 +71,15 @@ def draw_attention(
 
     Args:
         images: ``uint8 (B, 3, H, W)``.
-        rollout: ``(B, gh, gw)`` (:func:`finetune.visual.attention_rollout`).
-        heads: ``(B, heads, gh, gw)`` (:func:`finetune.visual.last_layer_attention`).
+        rollout: ``(B, gh, gw)`` (:func:`finetune.viz.visual.attention_rollout`).
+        heads: ``(B, heads, gh, gw)`` (:func:`finetune.viz.visual.last_layer_attention`).
         titles: one line per image (e.g. the predicted class).
     """
     import torch.nn.functional as F
 
     count, num_heads = images.shape[0], heads.shape[1]
     size = images.shape[-2:]
-    fig = _figure(2.2 * (2 + num_heads), 2.4 * count)
+    fig = new_figure(2.2 * (2 + num_heads), 2.4 * count)
     axes = fig.subplots(count, 2 + num_heads, squeeze=False)
 
     def overlay(ax, image, grid_map, title):
@@ -97,7 +97,7 @@ def draw_attention(
         for ax in axes[b]:
             ax.axis("off")
     fig.suptitle("Attention rollout (Abnar and Zuidema, 2020) and each head's last-layer attention, from the token(s) the head reads")
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def draw_pos_embed_similarity(maps: Mapping[str, torch.Tensor], out_png: str | Path) -> Path:
@@ -105,9 +105,9 @@ def draw_pos_embed_similarity(maps: Mapping[str, torch.Tensor], out_png: str | P
     cosine similarity of position (i, j)'s embedding to every position.
 
     Args:
-        maps: label -> ``(gh * gw, gh, gw)`` (:func:`finetune.visual.pos_embed_similarity`).
+        maps: label -> ``(gh * gw, gh, gw)`` (:func:`finetune.viz.visual.pos_embed_similarity`).
     """
-    fig = _figure(5 * len(maps), 5.4)
+    fig = new_figure(5 * len(maps), 5.4)
     axes = fig.subplots(1, len(maps), squeeze=False)[0]
     for ax, (label, sims) in zip(axes, maps.items()):
         _, gh, gw = sims.shape
@@ -121,7 +121,7 @@ def draw_pos_embed_similarity(maps: Mapping[str, torch.Tensor], out_png: str | P
         ax.axis("off")
     fig.colorbar(image, ax=list(axes), shrink=0.8, label="cosine similarity")
     fig.suptitle("Position-embedding similarity: each small map is one position's similarity to all the others")
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def draw_samples(
@@ -131,7 +131,7 @@ def draw_samples(
     count = images.shape[0]
     cols = min(8, count)
     rows = -(-count // cols)
-    fig = _figure(1.7 * cols, 1.9 * rows + 0.6)
+    fig = new_figure(1.7 * cols, 1.9 * rows + 0.6)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes:
         ax.axis("off")
@@ -139,7 +139,7 @@ def draw_samples(
         ax.imshow(_hwc(image))
         ax.set_title(str(classes[label]), fontsize=8)
     fig.suptitle(title, fontsize=10)
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def draw_mistakes(
@@ -150,7 +150,7 @@ def draw_mistakes(
     count = images.shape[0]
     cols = min(6, max(count, 1))
     rows = max(1, -(-count // cols))
-    fig = _figure(2.1 * cols, 2.4 * rows + 0.6)
+    fig = new_figure(2.1 * cols, 2.4 * rows + 0.6)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes:
         ax.axis("off")
@@ -158,4 +158,4 @@ def draw_mistakes(
         ax.imshow(_hwc(image))
         ax.set_title(f"true: {classes[t]}\npred: {classes[p]} ({100 * c:.0f}%)", fontsize=8, color="darkred")
     fig.suptitle(f"Most confident mistakes on {where}" if count else f"No mistakes on {where}", fontsize=10)
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)

@@ -11,11 +11,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..training.engine import Callback, TrainState
+from ..training.callbacks import Callback
+from ..training.state import TrainState
 from ..errors import FinetuneError
-from ..runs.folder import WRITE_ERRORS, RunDir, write_error
+from ..runs.folder import WRITE_ERRORS, write_error
+
+if TYPE_CHECKING:  # an annotation only: viz reads no more of runs than its folder helpers
+    from ..runs.rundir import RunDir
 
 _EPOCH_SCALARS = {
     "train_loss": "train/epoch_loss", "train_acc1": "train/acc1", "test_acc1": "test/acc1",

@@ -1,5 +1,5 @@
 """What a ViT sees, as tensors: its patch grid, its attention, its position embeddings, and its
-inputs as they really arrive. ``finetune.figures`` draws them; ``finetune show`` is the command.
+inputs as they really arrive. ``finetune.viz.figures`` draws them; ``finetune show`` is the command.
 
 Every function here returns tensors with documented shapes, so a notebook can use them without
 the pictures.
@@ -24,7 +24,7 @@ MAX_PICTURE_SIDE = 4096
 on one CPU thread); no figure shows more detail."""
 MAX_PICTURE_GRID = 1024
 """Most patches per side of a patch-grid picture (about 6 s to draw at 1,024; as many as
-``finetune.pos_embed.MAX_GRID_SIDE``, the largest grid a model is resized to)."""
+``finetune.models.pos_embed.MAX_GRID_SIDE``, the largest grid a model is resized to)."""
 
 
 def check_patch_picture(img_size: int, patch_size: int) -> None:

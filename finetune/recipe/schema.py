@@ -1,45 +1,25 @@
-"""Recipes: YAML files validated once, at the edge, into typed objects.
+"""The recipe schema: one frozen pydantic section per part of a run (``model``, ``train``,
+``optim``, ``schedule``, ``data``, ``output``) and :class:`Recipe`, which holds them and checks the
+rules between them; and the plain words (``a number or null``) messages use for types and values.
 
-A recipe is a YAML mapping with the sections ``model``, ``train``, ``optim``, ``schedule``,
-``data`` and ``output``. :func:`load_recipe` reads it, applies ``key.sub=value`` overrides from
-the command line and validates the result into a frozen :class:`Recipe`; everything after that
-works with typed attributes, never with raw dicts. Every mistake a user can make here (a file that
-is missing, bad YAML, an unknown key, a wrong type, settings that contradict each other) becomes a
-:class:`RecipeError` whose message names the file, the dotted key and what to do.
+Field names are a contract with the engine and the command line; every field has a description,
+which ``finetune validate`` and the docs show.
 """
 
 from __future__ import annotations
 
-import copy
-import difflib
 import re
 import reprlib
 import types
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
-import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
-
-from finetune.errors import RecipeError
-
-SHIPPED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-"""The recipes folder of the repository, next to the package."""
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 TrainMode = Literal["head", "full", "last_k", "scratch", "lora", "bitfit", "attn"]
-"""What a run trains (``train.mode``); ``finetune.params.set_trainable`` implements each."""
+"""What a run trains (``train.mode``); ``finetune.models.params.set_trainable`` implements each."""
 TRAIN_MODES: tuple[str, ...] = get_args(TrainMode)
 MAX_IMG_SIDE = 16_384
-"""Largest ``model.img_size`` per side: ``finetune.pos_embed.MAX_GRID_SIDE`` patches of 16 px."""
+"""Largest ``model.img_size`` per side: ``finetune.models.pos_embed.MAX_GRID_SIDE`` patches of 16 px."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,7 +40,7 @@ class _Section(BaseModel):
         # pydantic's lax mode reads `batch_size: true` as 1 and `lr: true` as 1.0.
         annotation = cls.model_fields[info.field_name].annotation
         if isinstance(value, bool) and annotation is not bool and bool not in get_args(annotation):
-            raise ValueError(f"expected {_describe(annotation)}, got {_brief(value)}")
+            raise ValueError(f"expected {describe_type(annotation)}, got {short_repr(value)}")
         return value
 
 
@@ -433,424 +413,38 @@ class Recipe(_Section):
 
 
 # ---------------------------------------------------------------------------------------------
-# YAML reading.
+# Plain-words types and values, for error messages.
 # ---------------------------------------------------------------------------------------------
 
 
-class _RecipeLoader(yaml.SafeLoader):
-    """SafeLoader that reads ``1e-3`` as a float and rejects duplicate keys.
-
-    PyYAML follows YAML 1.1, where a float needs a dot, so ``lr: 1e-3`` would be the string
-    ``'1e-3'``; YAML 1.2 and every user read it as a number. A duplicate key would silently keep
-    only the last value.
-    """
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<: *anchor` merges are resolved by the base class
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-_RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789")
-)
-
-
-class RecipeDumper(yaml.SafeDumper):
-    """SafeDumper that writes lists inline (``betas: [0.9, 0.999]``) and sections as blocks."""
-
-
-RecipeDumper.add_representer(
-    list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
-)
-
-
-def parse_yaml(
-    text: str, where: str, fix: str = "Check the indentation and write each entry as `key: value`."
-) -> Any:
-    try:
-        return yaml.load(text, Loader=_RecipeLoader)  # safe: a SafeLoader subclass
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        if "could not determine a constructor for the tag" in str(err.problem):
-            tag = str(err.problem).rsplit("tag", 1)[-1].strip(" '")
-            raise RecipeError(
-                f"{where}{at} uses the YAML tag {tag}. Recipes hold plain values only, and finetune never "
-                "builds objects from tags (nothing was run).",
-                "Write the value as plain YAML: a number, text, true/false, a list or a mapping.",
-            ) from None
-        raise RecipeError(f"{where}: YAML syntax error{at}: {err.problem or err.context}.", fix) from None
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{where}: YAML syntax error: {err}.", fix) from None
-    except RecursionError:
-        raise RecipeError(f"{where}: the YAML is nested too deeply to be a recipe.", fix) from None
-
-
-RECIPE_MAX_BYTES = 1 << 20
-"""Largest recipe or experiment file read (1 MiB); real ones are a few kB."""
-
-
-def read_yaml_file(path: Path, what: str = "recipe") -> Any:
-    """Read and parse a recipe or experiment file: at most 1 MiB, UTF-8 text, plain YAML.
-
-    Raises:
-        RecipeError: the file cannot be read, is too large, is not UTF-8 text, or is not valid YAML.
-    """
-    try:
-        size = path.stat().st_size
-        if size > RECIPE_MAX_BYTES:
-            raise RecipeError(
-                f"{what} {str(path)!r} is {size:,} bytes; a {what} is a short YAML file (at most "
-                f"{RECIPE_MAX_BYTES:,} bytes are read).",
-                "Check that you passed the right file.",
-            )
-        data = path.read_bytes()
-    except OSError as err:
-        raise RecipeError(f"cannot read {what} {str(path)!r}: {err.strerror or err}.") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise RecipeError(
-            f"{what} {str(path)!r} is not UTF-8 text (byte {err.start} cannot be decoded): it looks like a "
-            "binary file.",
-            "Pass a YAML file; recipes are plain text (see `finetune ls`).",
-        ) from None
-    if "\x00" in text:
-        raise RecipeError(f"{what} {str(path)!r} contains NUL bytes: it is not a text file.", "Pass a YAML file.")
-    return parse_yaml(text, path.name)
-
-
-# ---------------------------------------------------------------------------------------------
-# Overrides.
-# ---------------------------------------------------------------------------------------------
-
-_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
-_OVERRIDE_EXAMPLE = "Write overrides as dotted.key=value, e.g. optim.lr=3e-4 data.batch_size=64"
-
-
-def _split_override(override: str) -> tuple[str, Any]:
-    key, sep, text = override.partition("=")
-    key = key.strip()
-    if not sep or not _KEY.fullmatch(key):
-        raise RecipeError(f"bad override {override!r}.", _OVERRIDE_EXAMPLE + ".")
-    return key, parse_yaml(text, f"override {override!r}", "Quote text values; write lists as [0.9, 0.99].")
-
-
-def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
-    """Set dotted keys in a raw recipe mapping.
-
-    Args:
-        raw: The recipe as read from YAML; it is not modified.
-        overrides: Items like ``optim.lr=3e-4``. The value is read as YAML, so ``true``, ``null``,
-            ``[1, 2]`` and ``1e-3`` have their usual types. Missing sections are created.
-
-    Returns:
-        A new mapping with the overrides applied, still unvalidated.
-
-    Raises:
-        RecipeError: An override without ``=``, with a malformed key, or one that descends into a
-            value that is not a section.
-    """
-    result = copy.deepcopy(raw)
-    for override in overrides:
-        key, value = _split_override(override)
-        *parents, leaf = key.split(".")
-        node = result
-        for depth, part in enumerate(parents):
-            child = node.get(part)
-            if child is None:  # absent, or a YAML section left empty (`augment:`)
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                section = ".".join(parents[: depth + 1])
-                raise RecipeError(
-                    f"bad override {override!r}: {section!r} is a value ({_brief(child)}), not a section.",
-                    _OVERRIDE_EXAMPLE + ".",
-                )
-            node = child
-        node[leaf] = value
-    return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Turning pydantic's ValidationError into one line per bad field.
-# ---------------------------------------------------------------------------------------------
-
-
-def _section_type(annotation: Any) -> type[BaseModel] | None:
+def section_type(annotation: Any) -> type[BaseModel] | None:
+    """The section class an annotation names (``DataConfig``), or None for a plain value."""
     return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
-def valid_keys() -> list[str]:
-    """All dotted leaf keys of the schema, e.g. ``optim.lr`` and ``data.augment.hflip``."""
-
-    def walk(model: type[BaseModel], prefix: str) -> list[str]:
-        keys = []
-        for name, field in model.model_fields.items():
-            section = _section_type(field.annotation)
-            keys += walk(section, f"{prefix}{name}.") if section else [f"{prefix}{name}"]
-        return keys
-
-    return walk(Recipe, "")
-
-
-def _describe(annotation: Any) -> str:
+def describe_type(annotation: Any) -> str:
     """Plain-words type name for error messages: ``float | None`` -> 'a number or null'."""
     origin, args = get_origin(annotation), get_args(annotation)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin in (Union, types.UnionType):
-        words = [_describe(a) for a in args if a is not type(None)]
+        words = [describe_type(a) for a in args if a is not type(None)]
         return " or ".join(words + (["null"] if type(None) in args else []))
     if origin is tuple:
         element = {float: "numbers", int: "integers", str: "strings"}.get(args[0], "values")
         return f"a list of {element}" if args[-1] is Ellipsis else f"a list of {len(args)} {element}"
-    if _section_type(annotation):
+    if section_type(annotation):
         return "a section of keys (a mapping)"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
         annotation, str(annotation)
     )
 
 
-def suggest_key(path: list[str]) -> str | None:
-    """Nearest valid key to an unknown dotted key: a close sibling, the same leaf elsewhere, or any."""
-    keys = valid_keys()
-    parent, leaf = path[:-1], path[-1]
-    model: type[BaseModel] | None = Recipe
-    for part in parent:
-        model = (
-            _section_type(model.model_fields[part].annotation)
-            if model and part in model.model_fields
-            else None
-        )
-    prefix = "".join(f"{p}." for p in parent)
-    # The same name in another section first (train.lr -> optim.lr), then a close one in this section.
-    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
-    if same_leaf:
-        return same_leaf[0]
-    if model:
-        siblings = difflib.get_close_matches(leaf, list(model.model_fields), n=1, cutoff=0.6)
-        if siblings:
-            return prefix + siblings[0]
-    anywhere = difflib.get_close_matches(".".join(path), keys, n=1, cutoff=0.6)
-    return anywhere[0] if anywhere else None
+_SHORT = reprlib.Repr()  # Python 3.11's takes no arguments: set the limits one by one
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxtuple = 3, 6, 8, 8
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 60, 60, 40
 
 
-def _field_path(loc: tuple) -> tuple[list[str], Any]:
-    """Schema field named by a pydantic error location, dropping union tags and tuple indices."""
-    model: type[BaseModel] | None = Recipe
-    path, annotation = [], None
-    for item in loc:
-        if model is None or item not in model.model_fields:
-            break
-        path.append(item)
-        annotation = model.model_fields[item].annotation
-        model = _section_type(annotation)
-    return path, annotation
-
-
-def _lookup(raw: Any, path: list[str]) -> Any:
-    for part in path:
-        raw = raw[part]
-    return raw
-
-
-_BRIEF = reprlib.Repr()  # Python 3.11's takes no arguments: set the limits one by one
-_BRIEF.maxlevel, _BRIEF.maxdict, _BRIEF.maxlist, _BRIEF.maxtuple = 3, 6, 8, 8
-_BRIEF.maxstring, _BRIEF.maxother, _BRIEF.maxlong = 60, 60, 40
-
-
-def _brief(value: Any) -> str:
+def short_repr(value: Any) -> str:
     """``repr`` cut short, so that a huge or deeply nested bad value gives a short message quickly."""
-    return _BRIEF.repr(value)
-
-
-_LIMITS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
-
-
-def _error_lines(
-    err: ValidationError, raw: dict, file_label: str, override_keys: dict[str, str]
-) -> list[str]:
-    """One message line per bad field, each starting with where the bad value came from."""
-
-    def origin(dotted: str) -> str:
-        # A key set (or whose section was set) on the command line is blamed on that override.
-        for key, override in reversed(override_keys.items()):
-            if dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + "."):
-                return f"override {override!r}"
-        return file_label
-
-    by_field: dict[str, str] = {}
-    is_constraint: dict[str, bool] = {}
-    for error in err.errors():
-        kind, loc = error["type"], error["loc"]
-        if kind == "extra_forbidden":
-            dotted = ".".join(str(p) for p in loc)
-            hint = suggest_key([str(p) for p in loc])
-            message = f"unknown key {dotted!r}." + (f" Did you mean {hint!r}?" if hint else "")
-            by_field.setdefault(dotted, f"{origin(dotted)}: {message}")
-            continue
-        path, annotation = _field_path(loc)
-        dotted = ".".join(path)
-        if kind == "value_error":
-            # Our own validators; cross-field ones (empty path) already name their fields.
-            text = str(error["ctx"]["error"])
-            if not path:
-                for line in text.splitlines():
-                    by_field[line] = f"{origin(line.split(':', 1)[0])}: {line}"
-                continue
-            message, constraint = text, True
-        elif kind in _LIMITS:
-            limit = next(iter(error["ctx"].values()))  # ctx is {"gt": 0.0}, {"ge": 1}, ...
-            message, constraint = f"must be {_LIMITS[kind]} {limit}, got {_brief(error['input'])}", True
-        else:
-            try:
-                given = _lookup(raw, path)
-            except (KeyError, TypeError):
-                given = error["input"]
-            message, constraint = f"expected {_describe(annotation)}, got {_brief(given)}", False
-        # A union reports one error per member; a range error means the type itself was right.
-        if dotted not in by_field or (constraint and not is_constraint[dotted]):
-            by_field[dotted] = f"{origin(dotted)}: {dotted}: {message}"
-            is_constraint[dotted] = constraint
-    return list(by_field.values())
-
-
-# ---------------------------------------------------------------------------------------------
-# Public entry points.
-# ---------------------------------------------------------------------------------------------
-
-
-def recipe_from_dict(raw: Any, where: str = "recipe", overrides: Sequence[str] = ()) -> Recipe:
-    """Validate a raw mapping (e.g. read from YAML) into a :class:`Recipe`.
-
-    Args:
-        raw: The unvalidated recipe mapping.
-        where: How messages name the origin of the mapping, usually the file name.
-        overrides: ``dotted.key=value`` items applied before validation.
-
-    Raises:
-        RecipeError: One line per bad field, or a bad override.
-    """
-    if not isinstance(raw, dict):
-        got = "nothing (the file is empty)" if raw is None else f"{type(raw).__name__} {_brief(raw)}"
-        raise RecipeError(
-            f"{where}: the top level must be a mapping of keys and sections (model:, train:, ...), "
-            f"got {got}.",
-            "See the recipes that `finetune ls` lists for the layout.",
-        )
-    raw = apply_overrides(raw, overrides)
-    override_keys = {_split_override(o)[0]: o for o in overrides}
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as err:
-        raise RecipeError("\n".join(_error_lines(err, raw, where, override_keys))) from None
-
-
-def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
-    """Read, override and validate a recipe.
-
-    Args:
-        path: A YAML file, or the name of a shipped recipe (see :func:`find_recipe`).
-        overrides: ``dotted.key=value`` items, e.g. ``("optim.lr=3e-4", "data.batch_size=64")``.
-
-    Returns:
-        The validated recipe; ``name`` defaults to the file's stem.
-
-    Raises:
-        RecipeError: A missing or unreadable file, bad YAML, a bad override or an invalid recipe.
-    """
-    file = find_recipe(path)
-    recipe = recipe_from_dict(read_yaml_file(file), file.name, overrides)
-    if recipe.name is None:
-        recipe = recipe.model_copy(update={"name": file.stem})
-    return recipe
-
-
-def recipe_to_dict(recipe: Recipe) -> dict:
-    """Every field of the recipe, defaults included, as plain JSON/YAML types (tuples become lists)."""
-    return recipe.model_dump(mode="json")
-
-
-def computed_settings(recipe: Recipe | dict) -> dict:
-    """The recipe as a dict without the keys that do not change what a run computes
-    (``description``, ``output.dir``, ``output.overwrite``): runs with equal settings train alike.
-
-    Args:
-        recipe: a recipe, or :func:`recipe_to_dict`'s output.
-    """
-    data = copy.deepcopy(recipe_to_dict(recipe) if isinstance(recipe, Recipe) else recipe)
-    data.pop("description", None)
-    for key in ("dir", "overwrite"):
-        data.get("output", {}).pop(key, None)
-    return data
-
-
-def dump_recipe_yaml(recipe: Recipe) -> str:
-    """The resolved recipe as YAML that :func:`load_recipe` reads back to an equal recipe."""
-    header = "# Resolved recipe: defaults filled in, overrides applied. Rerun with: finetune run THIS_FILE name=NEW_NAME\n"
-    return header + yaml.dump(recipe_to_dict(recipe), Dumper=RecipeDumper, sort_keys=False)
-
-
-def is_experiment(raw: Any) -> bool:
-    """True for an experiment file (``finetune compare``): a mapping with ``variants``."""
-    return isinstance(raw, dict) and "variants" in raw
-
-
-def list_recipes(directory: str | Path = SHIPPED_RECIPES) -> list[tuple[str, str]]:
-    """``(file name, description)`` for each ``*.yaml`` recipe in ``directory``, sorted by name.
-
-    Only the ``description:`` field is read; a file that is not valid YAML still gets listed so
-    that ``finetune ls`` shows it, and ``finetune validate`` says what is wrong with it.
-    """
-    entries = []
-    for file in sorted(Path(directory).glob("*.y*ml")):
-        try:
-            raw = read_yaml_file(file)
-            description = str(raw.get("description", "")) if isinstance(raw, dict) else ""
-            if is_experiment(raw):
-                description = f"[finetune compare] {description}"
-        except RecipeError:
-            description = "(unreadable: run `finetune validate` on it)"
-        entries.append((file.name, description))
-    return entries
-
-
-def find_recipe(name_or_path: str | Path) -> Path:
-    """Locate a recipe file.
-
-    Args:
-        name_or_path: A path to a YAML file, or a bare name such as ``deit_tiny_cifar`` (with or
-            without ``.yaml``), looked up in ``./recipes/`` and then in the shipped recipes folder.
-
-    Raises:
-        RecipeError: Nothing found; the message lists the shipped recipes.
-    """
-    given = Path(name_or_path)
-    if given.is_file():
-        return given
-    if given.is_dir():
-        raise RecipeError(f"recipe {str(given)!r} is a folder.", "Give the path of a .yaml file inside it.")
-    names = [given.name] if given.suffix in (".yaml", ".yml") else [given.name + ".yaml", given.name + ".yml"]
-    candidates = [given.with_name(n) for n in names]
-    if given.parent == Path("."):  # a bare name, not a path that happens to be missing
-        candidates += [folder / n for folder in (Path("recipes"), SHIPPED_RECIPES) for n in names]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    shipped = [Path(name).stem for name, _ in list_recipes(SHIPPED_RECIPES)]
-    # Suggest only a name that is really close: `deit_tiny_cifr` -> deit_tiny_cifar, `nope` -> nothing.
-    close = difflib.get_close_matches(Path(given.name).stem, shipped, n=1, cutoff=0.75)
-    hint = f"Did you mean {close[0]!r}? " if close else ""
-    raise RecipeError(
-        f"recipe {str(name_or_path)!r} not found.",
-        f"{hint}Give a path to a YAML file or a shipped recipe: {', '.join(shipped)}.",
-    )
+    return _SHORT.repr(value)

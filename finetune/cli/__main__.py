@@ -1,0 +1,7 @@
+"""``python -m finetune.cli``, as ``python -m finetune``."""
+
+import sys
+
+from .app import main
+
+sys.exit(main())

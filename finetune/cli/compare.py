@@ -1,0 +1,142 @@
+"""``finetune compare``, ``sweep`` and ``report``: several runs planned, trained and compared in one
+report, or a report over run and experiment folders that exist already."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ..errors import FinetuneError
+from .common import NprocOpt, OverridesArg, check_writable_folder, friendly_errors, out
+
+
+def _print_plan(plans: list) -> None:
+    table = Table("variant", "action", "run folder", box=None, header_style="bold")
+    for plan in plans:
+        action = f"{plan.action} ({plan.reason})" if plan.reason else plan.action
+        table.add_row(plan.name, action, str(plan.run_dir))
+    out.print(table)
+
+
+def _run_and_report(experiment: Any, dry_run: bool, quiet: bool, nproc: int = 1) -> None:
+    """Shared tail of compare and sweep: plan or run, print the table, fail if a variant failed."""
+    from ..experiments.execute import run_experiment
+    from ..experiments.plan import plan_experiment
+
+    if dry_run:
+        _print_plan(plan_experiment(experiment))
+        out.print(experiment.describe_ranking(), highlight=False, markup=False)
+        out.print(f"[green]ok[/] {len(experiment.variants)} variants validate -> {escape(str(experiment.dir))}", highlight=False)
+        return
+    result = run_experiment(experiment, quiet=quiet, nproc=nproc)
+    out.print(result.table, markup=False, highlight=False, soft_wrap=True)
+    out.print(f"report: {result.report['markdown']}", highlight=False, markup=False)
+    if result.failed:
+        names = ", ".join(v.name for v in result.failed)
+        raise FinetuneError(
+            f"{len(result.failed)} of {len(result.variants)} variants failed: {names}.",
+            f"The errors are in {result.report['markdown']}. Fix them and rerun the same command: "
+            "finished runs are reused, the others resume from their last checkpoint or start again.",
+        )
+
+
+ExperimentNameOpt = Annotated[
+    str | None,
+    typer.Option("--name", help="Experiment name, the folder under output.dir (default: from the file or recipe)."),
+]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Validate every variant and show what would run, reuse or be replaced.")
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or status lines.")]
+
+
+@friendly_errors
+def compare(
+    experiment: Annotated[
+        str, typer.Argument(help="Experiment file (a base recipe plus named variants), or an experiment folder.")
+    ],
+    overrides: OverridesArg = None,
+    name: ExperimentNameOpt = None,
+    dry_run: DryRunOpt = False,
+    quiet: QuietOpt = False,
+    nproc: NprocOpt = 1,
+) -> None:
+    """Run the variants of an experiment on the same data and seed, and compare them in one report.
+
+    Overrides apply to every variant. Rerunning reuses finished runs and resumes unfinished ones.
+    With --nproc N each variant trains in N processes.
+
+    Example: finetune compare recipes/compare_cifar.yaml train.epochs=1
+    """
+    from ..experiments.spec import load_experiment
+
+    _run_and_report(load_experiment(experiment, overrides or [], name=name), dry_run, quiet, nproc)
+
+
+@friendly_errors
+def sweep(
+    recipe: Annotated[str, typer.Argument(help="Recipe file, or the name of a shipped recipe.")],
+    overrides: OverridesArg = None,
+    grid: Annotated[
+        list[str] | None,
+        typer.Option("--grid", "-g", help="KEY=VALUE1,VALUE2,...; repeat for more keys (Cartesian product).",
+                     show_default=False),
+    ] = None,
+    name: ExperimentNameOpt = None,
+    dry_run: DryRunOpt = False,
+    quiet: QuietOpt = False,
+    nproc: NprocOpt = 1,
+) -> None:
+    """Train every combination of the --grid values, and compare them in one report.
+
+    Example: finetune sweep recipes/vit_lab_cifar.yaml --grid optim.lr=1e-3,3e-4 --grid data.batch_size=32,128
+    """
+    from ..experiments.sweep import sweep_experiment
+
+    _run_and_report(sweep_experiment(recipe, grid or [], overrides or [], name=name), dry_run, quiet, nproc)
+
+
+@friendly_errors
+def report(
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="Run folders, or experiment folders (all their variants).", show_default=False)
+    ],
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Folder for the report (default: the experiment folder, else ./report)."),
+    ] = None,
+    sweep_keys: Annotated[
+        str | None, typer.Option("--sweep-keys", help="Comma-separated swept keys for sweep.png, e.g. optim.lr,data.batch_size.")
+    ] = None,
+    title: Annotated[str | None, typer.Option(help="Heading of report.md.")] = None,
+) -> None:
+    """Compare finished runs: a Markdown and CSV table, accuracy curves and, for a sweep, its plot.
+
+    Example: finetune report runs/compare_cifar --out runs/compare_cifar
+    """
+    from ..experiments.report import write_experiment_report
+    from ..experiments.spec import EXPERIMENT_FILE, read_experiment_folder
+
+    dirs: list[Path] = []
+    experiments = []
+    for path in run_dirs:
+        if not path.exists():
+            raise FinetuneError(f"{path} does not exist.", "Pass run folders (runs/NAME) or experiment folders.")
+        if not path.is_dir():
+            raise FinetuneError(f"{path} is a file, not a run folder.", "Pass run folders (runs/NAME) or experiment folders.")
+        if (path / EXPERIMENT_FILE).is_file():
+            experiments.append((path, *read_experiment_folder(path)))
+            dirs += experiments[-1][1]
+        else:
+            dirs.append(path)
+    single = experiments[0] if len(experiments) == 1 and len(run_dirs) == 1 else None
+    keys = [k.strip() for k in sweep_keys.split(",") if k.strip()] if sweep_keys else (single[2] if single else [])
+    target = out_dir or (single[0] if single else Path("report"))
+    check_writable_folder(target, "--out")
+    paths, table = write_experiment_report(dirs, target, title=title or (single[3] if single else None), sweep_keys=keys)
+    out.print(table, markup=False, highlight=False, soft_wrap=True)
+    out.print(f"report: {paths['markdown']}", highlight=False, markup=False)

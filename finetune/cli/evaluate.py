@@ -1,0 +1,124 @@
+"""``finetune eval`` and ``predict``: a trained model's accuracy on a test set, and its top classes
+for a few photos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ..errors import FinetuneError
+from .common import err, friendly_errors, model_class_names, out, refuse_unfinished_run, stored_size
+
+
+def _eval_data_config(target: Path, data: str | None, root: str | None, image_size: int | None):
+    """The data to evaluate on, and the seed it needs: the run's own unless --data says otherwise."""
+    from ..recipe import DataConfig, load_recipe
+
+    if data is None:
+        # A run folder, its best/ model, or a weights file inside a run folder.
+        folders = [target, target.parent] if target.is_dir() else [target.parent]
+        recipe_file = next((f / "recipe.yaml" for f in folders if (f / "recipe.yaml").is_file()), folders[0] / "recipe.yaml")
+        if not recipe_file.is_file():
+            raise FinetuneError(
+                f"{target} has no recipe.yaml to say which data it was trained on.",
+                "Pass --data cifar10 (or cifar100, or an image folder).",
+            )
+        trained = load_recipe(recipe_file)  # its seed also fixes synthetic data and the val split
+        update = {k: v for k, v in (("root", root), ("image_size", image_size)) if v is not None}
+        return trained.data.model_copy(update=update), trained.seed
+    if Path(data).expanduser().is_dir():
+        return DataConfig(name="imagefolder", root=str(Path(data).expanduser()), image_size=image_size), 0
+    if data not in ("cifar10", "cifar100", "synthetic"):
+        raise FinetuneError(
+            f"--data {data!r} is neither a folder nor a dataset name.",
+            "Pass cifar10, cifar100, or a folder of <class>/<image> folders (or one holding test/).",
+        )
+    return DataConfig(name=data, root=root or "data", image_size=image_size), 0
+
+
+@friendly_errors
+def eval_cmd(
+    model: Annotated[Path, typer.Argument(help="A run directory, or a saved model folder or .safetensors file.")],
+    data: Annotated[
+        str | None,
+        typer.Option(help="cifar10, cifar100, or an image folder; default: the data the run was trained on."),
+    ] = None,
+    root: Annotated[str | None, typer.Option(help="Where CIFAR lives (or is downloaded to).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.", min=1)] = 256,
+    image_size: Annotated[
+        int | None, typer.Option(help="Resize (shorter side, centre crop) images of mixed sizes to this size on load.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+) -> None:
+    """Accuracy of a trained model on a test set: top-1, top-5, loss and per-class accuracy.
+
+    Example: finetune eval runs/deit_tiny_cifar --data data/cifar10-jpeg
+    """
+    from ..data.load import load_eval_split
+    from ..data.loader import BatchLoader
+    from ..data.preprocess import Preprocess
+    from ..training.device import autocast_dtype, resolve_device
+    from ..training.evaluate import evaluate
+    from ..models.build import load_model
+
+    refuse_unfinished_run(model)
+    model_obj = load_model(model)
+    classes = model_obj.pretrained_cfg.get("label_names")
+    cfg, seed = _eval_data_config(model, data, root, image_size)
+    split, class_names, skipped = load_eval_split(cfg, seed=seed, classes=classes)
+    if skipped:
+        err.print(f"[yellow]warning:[/] {escape(skipped.describe())}", highlight=False)
+    dev = resolve_device(device)
+    model_obj = model_obj.to(dev)
+    loader = BatchLoader(split, batch_size=batch_size, train=False, device=dev, preprocess=Preprocess.from_model(model_obj))
+    result = evaluate(model_obj, loader, model_obj.num_classes, amp_dtype=autocast_dtype("auto", dev))
+    out.print(
+        f"{escape(str(model))}: top-1 {100 * result.acc1:.2f}%  top-5 {100 * result.acc5:.2f}%  "
+        f"loss {result.loss:.4f}  ({result.images} images)",
+        highlight=False,
+    )
+    table = Table("class", "accuracy", box=None, header_style="bold")
+    for name, acc in zip(class_names, result.per_class_acc):
+        table.add_row(name, "n/a (no images)" if acc is None else f"{100 * acc:.1f}%")
+    out.print(table)
+
+
+@friendly_errors
+def predict(
+    model: Annotated[Path, typer.Argument(help="A run directory, a saved model, or any load_model source.")],
+    images: Annotated[list[Path], typer.Argument(help="One or more image files.")],
+    topk: Annotated[int, typer.Option(help="How many classes to show per image.", min=1)] = 3,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+) -> None:
+    """Classify photos: the top classes and their probabilities, as the course does with one photo.
+
+    MODEL may also be any pretrained source, e.g. deit_tiny_patch16_224 (ImageNet class names).
+
+    Example: finetune predict runs/deit_tiny_cifar cat.jpg --topk 3
+    """
+    import torch
+
+    from ..data.decode import read_image
+    from ..data.preprocess import Preprocess
+    from ..training.device import resolve_device
+    from ..models.build import load_model
+
+    decoded = [read_image(path) for path in images]  # every file checked before the model loads
+    refuse_unfinished_run(model)
+    model_obj = load_model(model)
+    names = model_class_names(model_obj)
+    dev = resolve_device(device)
+    model_obj = model_obj.to(dev).eval()
+    batch = Preprocess.from_model(model_obj, load_size=stored_size(model))(decoded).to(dev)
+    with torch.no_grad():
+        probs = model_obj(batch).float().softmax(dim=-1)
+    k = min(topk, probs.shape[1])
+    top = probs.topk(k, dim=-1)
+    for path, values, indices in zip(images, top.values.tolist(), top.indices.tolist()):
+        out.print(f"[bold]{escape(str(path))}[/]", highlight=False)
+        for rank, (p, i) in enumerate(zip(values, indices), start=1):
+            out.print(f"  {rank}. {names[i]:<20} {100 * p:6.2f}%", highlight=False, markup=False)
