@@ -105,11 +105,18 @@ def show_pos_embed(
     """
     from ..viz.figures import draw_pos_embed_similarity
     from ..models.build import load_model
-    from ..models.pos_embed import POS_EMBED_MODES, pos_embed_prefix_tokens, resize_pos_embed, to_2tuple
+    from ..models.pos_embed import (POS_EMBED_MODES, pos_embed_prefix_tokens, position_encodings, resize_pos_embed,
+                                    supported_modes, to_2tuple)
     from ..viz.visual import check_similarity_picture, pos_embed_similarity
 
     _check_output_file(out)
     loaded = load_model(model)
+    if supported_modes(loaded) != POS_EMBED_MODES:  # BEiT, Swin: nothing to draw
+        raise FinetuneError(
+            f"{model} has no absolute position embedding to draw: its position comes from "
+            f"{', '.join(position_encodings(loaded)) or 'nothing a picture could show'}.",
+            "Use a model with one (ViT, DeiT, DINOv2, CLIP, SigLIP, FlexiViT, EVA).",
+        )
     prefix = pos_embed_prefix_tokens(loaded)
     grid = to_2tuple(loaded.patch_embed.grid_size)
     check_similarity_picture(grid, f"The model's {loaded.patch_embed.img_size[0]} px input")

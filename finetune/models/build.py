@@ -19,17 +19,21 @@ import math
 import sys
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
+from timm.layers import get_norm_layer
+from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 from torch import nn
 
 from ..errors import CheckpointError, FinetuneError
 from . import presets  # noqa: F401  (registers the from-scratch presets with timm)
-from .pos_embed import PosEmbedMode, check_image_size, pos_embed_prefix_tokens, resize_model_input, to_2tuple
+from .pos_embed import (PosEmbedMode, check_image_size, check_runs_at_input_size, pos_embed_prefix_tokens,
+                        resize_model_input, to_2tuple)
 from .reading import check_model_args, describe_checkpoint
 from .sources import HUB_PREFIX, ResolvedSource, check_arch, resolve_source
 
@@ -77,6 +81,10 @@ class LoadReport:
 def timm_create(arch: str, **kwargs: Any) -> nn.Module:
     """``timm.create_model(arch, pretrained=False, **kwargs)``; an unknown name or argument is a message."""
     check_arch(arch)
+    if "norm_eps" in kwargs:  # timm takes a norm layer, not its eps (transformers' ViT uses 1e-12, timm's 1e-6)
+        kwargs = dict(kwargs)
+        eps = kwargs.pop("norm_eps")
+        kwargs["norm_layer"] = partial(get_norm_layer(kwargs.get("norm_layer")) or nn.LayerNorm, eps=eps)
     try:
         return timm.create_model(arch, pretrained=False, **kwargs)
     except TypeError as exc:
@@ -404,9 +412,20 @@ def _head_classes(resolved: ResolvedSource) -> int:
 
 def _resize_input(model: nn.Module, img_size: Any, patch_size: Any, *, mode: PosEmbedMode,
                   antialias: bool) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
-    """Step 3's resize; returns name -> (old shape, new shape) of the tensors it changed."""
+    """Step 3's resize; returns name -> (old shape, new shape) of the tensors it changed.
+
+    Families other than ViT (EVA, BEiT, Swin) are then run once at the new size
+    (:func:`check_runs_at_input_size`), so that a model that cannot be adapted is refused here,
+    not at its first batch; a Swin's new stage windows join ``finetune_spec``, so that a saved
+    copy is rebuilt with them."""
     before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    old_size = to_2tuple(model.patch_embed.img_size) if getattr(model, "patch_embed", None) is not None else None
     resize_model_input(model, img_size, patch_size=patch_size, mode=mode, antialias=antialias)
+    if not isinstance(model, VisionTransformer):
+        check_runs_at_input_size(model, old_size)
+        windows = getattr(model, "_ref_window_sizes", None)
+        if windows is not None and hasattr(model, "finetune_spec"):
+            model.finetune_spec["model_args"]["window_size"] = [list(w) for w in windows]
     return {k: (before[k], tuple(v.shape)) for k, v in model.state_dict().items()
             if k in before and before[k] != tuple(v.shape)}
 

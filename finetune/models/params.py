@@ -123,6 +123,11 @@ def add_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, target_m
     # Full names of the Linear layers only: peft matches by name suffix, and "proj" would also
     # catch the patch embedding's convolution (patch_embed.proj).
     targets = [name for name, short in linears.items() if short in target_modules]
+    # EVA, BEiT and Swin V2 attention with q/v biases calls F.linear on qkv.weight, bypassing the
+    # qkv module and so its adapter; timm's qkv_bias_separate makes them call qkv(x) + bias instead.
+    for name, module in model.named_modules():
+        if getattr(module, "q_bias", None) is not None and f"{name}.qkv" in targets and hasattr(module, "qkv_bias_separate"):
+            module.qkv_bias_separate = True
     config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                              modules_to_save=sorted(heads))
     return peft.get_peft_model(model, config)

@@ -1,8 +1,12 @@
 """Position-embedding and patch-embedding surgery.
 
 ``resize_pos_embed`` is a pure tensor function; ``resize_model_input`` resizes a timm
-``VisionTransformer``'s input in place through timm's ``set_input_size`` (new patch kernel, grid
-and patch count), refitting ``pos_embed`` with ``resize_pos_embed`` in the modes timm lacks.
+ViT-family model's input in place through timm's ``set_input_size`` (new patch kernel, grid and
+patch count; rotary embeddings, relative position tables and attention windows for EVA, BEiT and
+Swin), refitting an absolute ``pos_embed`` with ``resize_pos_embed`` in the modes timm lacks.
+:func:`position_encodings` and :func:`supported_modes` say what each model carries and which
+``pos_embed_mode`` it takes; :func:`check_runs_at_input_size` is the load-time check that an
+adapted model of those families runs.
 """
 
 from __future__ import annotations
@@ -207,6 +211,92 @@ def check_image_size(img_size: tuple[int, int], patch_size: tuple[int, int]) -> 
         )
 
 
+# What carries position in each family timm offers, and so which pos_embed_mode it takes. The
+# mode shapes an *absolute* embedding only: rotary embeddings are recomputed for the new grid and
+# relative tables are resized by timm's own interpolation, with no choice of method.
+#
+# | family (timm class)                         | position                          | pos_embed_mode        |
+# |---------------------------------------------|-----------------------------------|-----------------------|
+# | ViT, DeiT (+distilled, III), DINOv2, CLIP,  | absolute (any prefix / registers) | all five, antialias   |
+# |   SigLIP, FlexiViT (VisionTransformer)      |                                   |                       |
+# | EVA-02 (Eva)                                | absolute + rotary                 | all five (absolute)   |
+# | BEiT (Beit)                                 | relative tables (+ optional abs.) | bicubic only, unless  |
+# |                                             |                                   | it has an absolute one|
+# | Swin, Swin V2                               | relative tables / continuous bias | bicubic only          |
+#
+# The test of record is tests/test_families.py.
+_WINDOWED = "shifted attention windows"
+
+
+def position_encodings(model: nn.Module) -> list[str]:
+    """What carries position in ``model``, in words: ``["absolute position embedding (pos_embed)",
+    "rotary embedding (rope)", "relative position bias tables", ...]``."""
+    found = []
+    if isinstance(getattr(model, "pos_embed", None), torch.Tensor):
+        found.append("absolute position embedding (pos_embed)")
+    if getattr(model, "rope", None) is not None:
+        found.append("rotary embedding (rope)")
+    names = [name for name, _ in model.named_parameters()]
+    if any(n.endswith("relative_position_bias_table") for n in names):
+        found.append("relative position bias tables")
+    if any(".cpb_mlp." in n for n in names):
+        found.append("continuous position bias (cpb_mlp)")
+    if _is_windowed(model):
+        found.append(_WINDOWED)
+    return found
+
+
+def _is_windowed(model: nn.Module) -> bool:
+    """Whether attention runs in (shifted) windows, as in Swin: blocks with a window and a shift."""
+    return any(hasattr(m, "window_size") and hasattr(m, "shift_size") for m in model.modules())
+
+
+def _is_vit(model: nn.Module) -> bool:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return isinstance(model, VisionTransformer)
+
+
+def supported_modes(model: nn.Module) -> tuple[str, ...]:
+    """The ``pos_embed_mode`` values ``model`` can be resized in: all of :data:`POS_EMBED_MODES`
+    when it has an absolute embedding (which the mode shapes), else timm's own ``bicubic`` only."""
+    if isinstance(getattr(model, "pos_embed", None), torch.Tensor):
+        return POS_EMBED_MODES
+    return ("bicubic",)
+
+
+def _arch(model: nn.Module) -> str:
+    return getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+
+
+def check_resize_mode(model: nn.Module, mode: str, antialias: bool) -> None:
+    """Raise a :class:`GridError` unless ``model``'s input can be resized, in ``mode``.
+
+    Raises:
+        GridError: an unknown mode; a model with no patch embedding or no ``set_input_size`` (not
+            a ViT-family model); a mode other than the default, or ``antialias=False``, on a
+            model with no absolute embedding for it to shape.
+    """
+    if mode not in POS_EMBED_MODES:
+        raise GridError(f"Unknown position-embedding mode {mode!r}.", f"Use one of: {', '.join(POS_EMBED_MODES)}.")
+    if getattr(model, "patch_embed", None) is None or not (_is_vit(model) or hasattr(model, "set_input_size")):
+        raise GridError(
+            f"Cannot resize the input of {_arch(model)} ({type(model).__name__}): finetune resizes ViT-family models "
+            "(ViT, DeiT, DINOv2, CLIP, SigLIP, FlexiViT, EVA, BEiT, Swin) through timm's set_input_size, "
+            "which this model does not have.",
+            "Load it at its own size (no img_size / patch_size), or choose a ViT-family architecture.",
+        )
+    if mode in supported_modes(model) and (antialias or "absolute position embedding (pos_embed)" in position_encodings(model)):
+        return
+    asked = f"pos_embed_mode={mode!r}" if mode != "bicubic" else "antialias=False"
+    raise GridError(
+        f"{asked} cannot be used with {_arch(model)}: it has no absolute position embedding for it to shape. Its "
+        f"position comes from {', '.join(position_encodings(model)) or 'nothing that a resize changes'}, which timm "
+        "resizes by its own method (set_input_size) at any new size.",
+        "Use pos_embed_mode='bicubic' (the default) with antialias on; the new size itself is fine.",
+    )
+
+
 def resize_model_input(
     model: nn.Module,
     img_size: int | tuple[int, int] | None = None,
@@ -224,11 +314,17 @@ def resize_model_input(
     :func:`resize_pos_embed` in every other (timm's method knows only that one: no ``bilinear``,
     ``nearest``, ``antialias=False``, ``truncate`` or ``crop``).
 
+    EVA, BEiT, Swin and Swin V2 go through their own ``set_input_size`` (rotary embeddings
+    recomputed, relative tables resized by ``resize_rel_pos_bias_table``, index buffers and masks
+    rebuilt, Swin's windows set by :func:`stage_window_sizes`); an absolute embedding is then
+    refitted in ``mode`` as on ViT. Raises ``GridError`` (:func:`check_resize_mode`, :func:`check_image_size`).
+
     Example:
         >>> model = timm.create_model("deit_tiny_patch16_224", num_classes=10)
         >>> resize_model_input(model, 32, mode="truncate").pos_embed.shape
         torch.Size([1, 5, 192])
     """
+    check_resize_mode(model, mode, antialias)
     patch_embed = model.patch_embed
     new_patch = (_grid_arg(patch_size, "patch_size", high=1024, unit="pixels") if patch_size is not None
                  else to_2tuple(patch_embed.patch_size))
@@ -238,6 +334,8 @@ def resize_model_input(
     # the patch projection: a token then covers patch x ratio pixels.
     ratio = to_2tuple(getattr(patch_embed, "feature_ratio", 1))
     check_image_size(new_img, (new_patch[0] * ratio[0], new_patch[1] * ratio[1]))
+    if not _is_vit(model):
+        return _resize_family(model, new_img, new_patch, mode=mode, antialias=antialias)
     if mode == "bicubic" and antialias and hasattr(model, "set_input_size"):
         model.set_input_size(img_size=new_img, patch_size=new_patch)  # timm's resample, the same tensors
         return model
@@ -257,3 +355,72 @@ def resize_model_input(
     except ImportError:
         pass
     return model
+
+
+def stage_window_sizes(model: nn.Module, new_grid: tuple[int, int]) -> tuple[tuple[int, int], ...] | None:
+    """Each Swin stage's window for a new patch grid: grown with the grid by timm's rule (keeping
+    the window-to-grid ratio, as Swin's own 384-px checkpoints have 12-px windows for 7 at 224),
+    never shrunk below the checkpoint's own (timm's blocks clip a window to a stage grid smaller
+    than it, and shift no more). Shrinking with the grid would leave 1x1 windows at 32 px: no
+    attention at all. ``None`` for a model without stage windows (timm's default then applies)."""
+    ref, ref_grid = getattr(model, "_ref_window_sizes", None), getattr(model, "_ref_grid_size", None)
+    if ref is None or ref_grid is None:
+        return None
+    from timm.models.swin_transformer import calc_stage_window_sizes
+
+    scaled = calc_stage_window_sizes(tuple(new_grid), ref, ref_grid)
+    return tuple((max(s[0], r[0]), max(s[1], r[1])) for s, r in zip(scaled, ref))
+
+
+def _resize_family(model: nn.Module, new_img: tuple[int, int], new_patch: tuple[int, int], *, mode: str,
+                   antialias: bool) -> nn.Module:
+    """:func:`resize_model_input` for EVA, BEiT and Swin: timm's ``set_input_size`` resizes what
+    the family carries; an absolute embedding is then refitted in ``mode`` from the original."""
+    old_grid, old_img = to_2tuple(model.patch_embed.grid_size), to_2tuple(model.patch_embed.img_size)
+    old_pos = model.pos_embed.detach().clone() if isinstance(getattr(model, "pos_embed", None), torch.Tensor) else None
+    new_grid = (new_img[0] // new_patch[0], new_img[1] // new_patch[1])
+    windows = stage_window_sizes(model, new_grid) if _is_windowed(model) else None
+    extra = {"window_size": windows} if windows is not None else {}
+    try:
+        model.set_input_size(img_size=new_img, patch_size=new_patch, **extra)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:  # timm's own refusal, in words
+        raise GridError(
+            f"timm cannot resize {_arch(model)} to {new_img[0]}x{new_img[1]} px with {new_patch[0]}-px patches "
+            f"({type(exc).__name__}: {exc}).",
+            f"Load it at its own size ({old_img[0]}x{old_img[1]} px) or try another size.",
+        ) from None
+    grid = to_2tuple(model.patch_embed.grid_size)
+    if old_pos is not None and (mode, antialias) != ("bicubic", True) and grid != old_grid:
+        with torch.no_grad():  # timm refitted it bicubically: redo it from the original in the mode asked
+            resized = resize_pos_embed(old_pos, grid, old_grid=old_grid, num_prefix_tokens=pos_embed_prefix_tokens(model),
+                                       mode=mode, antialias=antialias)
+        model.pos_embed = nn.Parameter(resized, requires_grad=model.pos_embed.requires_grad)
+    return model
+
+
+def check_runs_at_input_size(model: nn.Module, old_size: tuple[int, int]) -> None:
+    """The load-time guarantee for the families timm resizes (EVA, BEiT, Swin): one forward pass
+    of a blank image at the model's new input size, without gradients, in eval mode (the model's
+    mode is restored; no random number is drawn). ViT needs no such check: its resize is shape
+    arithmetic on one tensor, and :func:`resize_model_input` refuses what would not fit.
+
+    Raises:
+        GridError: the adapted model does not run, naming what could not be resized and
+            ``old_size``, at which the checkpoint runs.
+    """
+    h, w = to_2tuple(model.patch_embed.img_size)
+    in_chans = getattr(getattr(model.patch_embed, "proj", None), "in_channels", 3)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, in_chans, h, w))
+    except (RuntimeError, ValueError, AssertionError, IndexError) as exc:
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise GridError(
+            f"{_arch(model)} cannot be adapted to {h}x{w} px: after resizing its "
+            f"{', '.join(position_encodings(model)) or 'input'}, a forward pass fails ({reason}).",
+            f"Use another image size, e.g. its own {old_size[0]}x{old_size[1]} or a multiple of it, or another patch size.",
+        ) from None
+    finally:
+        model.train(was_training)

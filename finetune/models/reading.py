@@ -224,17 +224,25 @@ def read_config(path: Path) -> dict[str, Any]:
 
 _CONFIG_FIX = "Use the config.json that came with the weights, or save the model again with finetune.save_model."
 
-# What a model folder may ask of timm's ViT constructor: numbers, flags and layer names, each
-# bounded. Anything else (checkpoint_path, pretrained_cfg_overlay, pretrained, a class...) could
-# make timm open another file or build something unbounded, so it is refused.
+# What a model folder may ask of timm's ViT-family constructors (ViT, EVA, BEiT, Swin, Swin V2):
+# numbers, flags and layer names, each bounded. Anything else (checkpoint_path,
+# pretrained_cfg_overlay, pretrained, a class...) could make timm open another file or build
+# something unbounded, so it is refused.
 _FLAG_ARGS = ("qkv_bias", "qk_norm", "scale_attn_norm", "scale_mlp_norm", "proj_bias", "class_token", "no_embed_class",
-              "pre_norm", "final_norm", "pool_include_prefix", "dynamic_img_size", "dynamic_img_pad", "fix_init")
-_INT_ARGS = {"depth": (1, 256), "embed_dim": (1, 16384), "num_heads": (1, 1024), "reg_tokens": (0, 64),
+              "pre_norm", "final_norm", "pool_include_prefix", "dynamic_img_size", "dynamic_img_pad", "fix_init",
+              # EVA, BEiT and Swin
+              "use_rot_pos_emb", "use_abs_pos_emb", "use_rel_pos_bias", "use_shared_rel_pos_bias", "swiglu_mlp",
+              "scale_mlp", "scale_attn_inner", "qkv_fused", "use_fc_norm", "always_partition", "strict_img_size")
+_INT_ARGS = {"depth": (1, 256), "embed_dim": (1, 16384), "reg_tokens": (0, 64),
              "in_chans": (1, 64), "num_classes": (0, 1_000_000)}
-_SIZE_ARGS = {"img_size": (1, 16384), "patch_size": (1, 1024)}
+# One whole number, or one per stage (Swin's depths and heads): at most MAX_STAGES of them.
+_STAGE_ARGS = {"num_heads": (1, 1024), "depths": (1, 256), "pretrained_window_sizes": (0, 1024)}
+MAX_STAGES = 8
+_SIZE_ARGS = {"img_size": (1, 16384), "patch_size": (1, 1024), "ref_feat_shape": (1, 1024)}
 _RATE_ARGS = ("drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate")
 _NAME_ARGS = ("global_pool", "pos_embed", "weight_init", "act_layer", "norm_layer", "embed_norm_layer")
-ALLOWED_MODEL_ARGS = (*_FLAG_ARGS, *_INT_ARGS, *_SIZE_ARGS, *_RATE_ARGS, *_NAME_ARGS, "mlp_ratio", "init_values", "fc_norm")
+ALLOWED_MODEL_ARGS = (*_FLAG_ARGS, *_INT_ARGS, *_STAGE_ARGS, *_SIZE_ARGS, *_RATE_ARGS, *_NAME_ARGS, "mlp_ratio",
+                      "init_values", "fc_norm", "window_size", "head_dim", "norm_eps")
 
 
 def check_model_args(
@@ -266,15 +274,23 @@ def check_model_args(
             bad(key, "should be true, false or null")
         elif key in _INT_ARGS and not _int_in(value, *_INT_ARGS[key]):
             bad(key, f"should be a whole number from {_INT_ARGS[key][0]} to {_INT_ARGS[key][1]}")
-        elif key in _SIZE_ARGS and not (_int_in(value, *_SIZE_ARGS[key]) or (
-                isinstance(value, (list, tuple)) and len(value) == 2 and all(_int_in(v, *_SIZE_ARGS[key]) for v in value))):
+        elif key in _SIZE_ARGS and not _size_in(value, *_SIZE_ARGS[key]):
             bad(key, f"should be a whole number (or two) from {_SIZE_ARGS[key][0]} to {_SIZE_ARGS[key][1]}")
+        elif key in _STAGE_ARGS and not (_int_in(value, *_STAGE_ARGS[key]) or _per_stage(value, _int_in, *_STAGE_ARGS[key])):
+            bad(key, f"should be a whole number from {_STAGE_ARGS[key][0]} to {_STAGE_ARGS[key][1]}, or one per stage "
+                     f"(at most {MAX_STAGES})")
+        elif key == "window_size" and not (_size_in(value, 1, 1024) or _per_stage(value, _size_in, 1, 1024)):
+            bad(key, f"should be a whole number (or two) from 1 to 1024, or one such per stage (at most {MAX_STAGES})")
+        elif key == "head_dim" and not (value is None or _int_in(value, 1, 4096)):
+            bad(key, "should be null or a whole number from 1 to 4096")
         elif key in _RATE_ARGS and not _number_in(value, 0.0, 1.0, high_open=True):
             bad(key, "should be a number in [0, 1)")
         elif key in _NAME_ARGS and not (isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_]{0,40}", value)):
             bad(key, "should be a short name such as 'token', 'avg' or 'gelu'")
         elif key == "mlp_ratio" and not _number_in(value, 0.0, 64.0, low_open=True):
             bad(key, "should be a number in (0, 64]")
+        elif key == "norm_eps" and not _number_in(value, 0.0, 0.1, low_open=True):  # LayerNorm eps
+            bad(key, "should be a number in (0, 0.1]")
         elif key == "init_values" and not (value is None or _number_in(value, 0.0, 10.0)):
             bad(key, "should be null or a number in [0, 10]")
     if not problems:
@@ -298,7 +314,16 @@ def _disagreements(args: dict[str, Any], state_dict: dict[str, torch.Tensor]) ->
     width = next((state_dict[k].shape[-1] for k in ("cls_token", "pos_embed") if k in state_dict), None)
     if "embed_dim" in args and width is not None and args["embed_dim"] != width:
         problems.append(f"embed_dim={args['embed_dim']} but the weights are {width} wide")
-    if "num_heads" in args and (args.get("embed_dim") or width or 0) % args["num_heads"]:
+    stages = {}  # Swin's layers.{stage}.blocks.{block}: blocks per stage
+    for key in state_dict:
+        parts = key.split(".")
+        if len(parts) > 3 and parts[0] == "layers" and parts[2] == "blocks" and parts[1].isdigit() and parts[3].isdigit():
+            stages[int(parts[1])] = max(stages.get(int(parts[1]), 0), int(parts[3]) + 1)
+    depths = args.get("depths")
+    if isinstance(depths, (list, tuple)) and stages and list(depths) != [stages.get(i, 0) for i in range(max(stages) + 1)]:
+        problems.append(f"depths={_short(depths)} but the weights have {[stages.get(i, 0) for i in range(max(stages) + 1)]} "
+                        "blocks per stage")
+    if isinstance(args.get("num_heads"), int) and (args.get("embed_dim") or width or 0) % args["num_heads"]:
         problems.append(f"num_heads={args['num_heads']} does not divide the width {args.get('embed_dim') or width}")
     proj = state_dict.get("patch_embed.proj.weight")
     if "patch_size" in args and proj is not None and proj.ndim == 4:
@@ -327,6 +352,18 @@ def check_pretrained_cfg(cfg: dict[str, Any], origin: str) -> None:
 
 def _int_in(value: Any, low: int, high: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _size_in(value: Any, low: int, high: int) -> bool:
+    """One whole number in ``low..high``, or a pair of them (an (H, W) size)."""
+    return _int_in(value, low, high) or (
+        isinstance(value, (list, tuple)) and len(value) == 2 and all(_int_in(v, low, high) for v in value))
+
+
+def _per_stage(value: Any, check: Any, low: int, high: int) -> bool:
+    """A list of 1 to :data:`MAX_STAGES` values, each passing ``check(v, low, high)``."""
+    return (isinstance(value, (list, tuple)) and 1 <= len(value) <= MAX_STAGES
+            and all(check(v, low, high) for v in value))
 
 
 def _number_in(value: Any, low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> bool:

@@ -21,6 +21,7 @@ import torch
 from ..errors import CheckpointError, FinetuneError, OfflineError, SourceNotFoundError
 from ..hub import endpoint_reachable, hub_cache_dir, hub_endpoint, hub_offline_forced
 from .reading import check_model_args, check_pretrained_cfg, describe_checkpoint, file_sha256, read_checkpoint, read_config
+from .transformers_ckpt import load_transformers_checkpoint, read_transformers_config
 
 SAFETENSORS_NAME = "model.safetensors"
 PICKLE_NAMES = ("pytorch_model.bin", "model.pth", "model.pt")
@@ -195,7 +196,8 @@ def resolve_folder(folder: Path, *, use_ema: bool = False) -> ResolvedSource:
             f"{folder} is a folder but has no config.json.",
             "Pass the weights file inside it instead, with arch=..., or add a timm-style config.json.",
         )
-    cfg = read_config(config_path)
+    transformers_config = read_transformers_config(config_path)  # a folder transformers saved
+    cfg = read_config(config_path) if transformers_config is None else {}
     for name in (SAFETENSORS_NAME, *PICKLE_NAMES):
         if (folder / name).is_file():
             weights = folder / name
@@ -205,6 +207,9 @@ def resolve_folder(folder: Path, *, use_ema: bool = False) -> ResolvedSource:
             f"{folder} has a config.json but no weights ({SAFETENSORS_NAME} or pytorch_model.bin).",
             "Copy the weights file into the folder.",
         )
+    if transformers_config is not None:
+        return ResolvedSource(**load_transformers_checkpoint(
+            transformers_config, weights, config_path=config_path, origin=str(folder)))
     if cfg["weights_sha256"] is not None and file_sha256(weights) != cfg["weights_sha256"]:
         raise CheckpointError(
             f"{weights} does not match the SHA-256 recorded in {config_path}: the file was changed or damaged "
@@ -272,6 +277,10 @@ def resolve_hub(repo_id: str, *, revision: str | None = None, cache_dir: str | P
         if not endpoint_reachable(endpoint):
             raise _offline_error(repo_id, cache, f"the hub ({endpoint}) cannot be reached")
         config_path, weights_path = _download_hub(repo_id, revision, cache)
+    transformers_config = read_transformers_config(config_path)  # a transformers ViT/DeiT repository
+    if transformers_config is not None:
+        return ResolvedSource(**load_transformers_checkpoint(
+            transformers_config, weights_path, config_path=config_path, origin=f"hf-hub:{repo_id}"))
     cfg = read_config(config_path)
     state_dict, _ = read_checkpoint(weights_path)
     check_model_args(cfg["model_args"], state_dict, f"hf-hub:{repo_id}")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import GridError
-from ..models.pos_embed import to_2tuple
+from ..models.pos_embed import position_encodings, to_2tuple
 
 
 MAX_PICTURE_SIDE = 4096
@@ -131,6 +131,14 @@ def _grid(model: nn.Module) -> tuple[int, int]:
 def _global_maps(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """:func:`attention_maps`, checked to be global attention over prefix tokens + the patch grid
     (windowed attention, as in Swin, attends within windows and has no such map)."""
+    windows = [kind for kind in position_encodings(model) if "window" in kind]
+    if windows:  # refuse before running: per-window maps have no row for a token the head reads
+        raise GridError(
+            f"{model.pretrained_cfg.get('architecture') or type(model).__name__}'s attention is not global attention "
+            f"over its patch grid: it attends within {windows[0]} (Swin), each block within one window, and has no "
+            "class token whose attention could be rolled out over the image.",
+            "Draw attention for a model with global attention (ViT, DeiT, DINOv2, CLIP, SigLIP, EVA, BEiT).",
+        )
     maps = attention_maps(model, x)
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
     prefix, _ = _read_tokens(model)
@@ -168,9 +176,11 @@ def attention_rollout(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Where the model looks for its prediction: the rollout from the token its head reads, over
     the patch grid.
 
-    The head reads the class token on DeiT and ViT (1 prefix token), the class and distillation
-    tokens on distilled DeiT (2: their two rollouts averaged), and the mean of the patch tokens
-    on mean-pooled models (the course lab's, or one with no prefix token at all).
+    The head reads the class token on DeiT, ViT, EVA, BEiT and DINOv2 (whose register tokens are
+    left out), the class and distillation tokens on distilled DeiT (2: their two rollouts
+    averaged), and the mean of the patch tokens on mean-pooled models (the course lab's, or one
+    with no prefix token at all, such as SigLIP, whose attention-pool head is stood for by the
+    mean). Swin's windowed attention has no such map and is refused with a message.
 
     Args:
         model: a timm ViT, at any input size it was resized to.
@@ -182,7 +192,7 @@ def attention_rollout(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     rollout = attention_rollout_matrix(_global_maps(model, x))  # (B, N, N)
     prefix, pooled = _read_tokens(model)
-    sources = rollout[:, prefix:] if pooled else rollout[:, :prefix]  # the rows of the tokens the head reads
+    sources = rollout[:, prefix:] if pooled else rollout[:, :_readout_tokens(model)]  # rows of the tokens the head reads
     gh, gw = _grid(model)
     return sources.mean(dim=1)[:, prefix:].reshape(-1, gh, gw)
 
@@ -198,7 +208,7 @@ def last_layer_attention(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     last = _global_maps(model, x)[-1]  # (B, heads, N, N)
     prefix, pooled = _read_tokens(model)
-    rows = last[:, :, prefix:] if pooled else last[:, :, :prefix]
+    rows = last[:, :, prefix:] if pooled else last[:, :, :_readout_tokens(model)]
     gh, gw = _grid(model)
     return rows.mean(dim=2)[:, :, prefix:].reshape(last.shape[0], last.shape[1], gh, gw)
 
@@ -207,6 +217,13 @@ def _read_tokens(model: nn.Module) -> tuple[int, bool]:
     """``(prefix tokens, whether the head pools the patch tokens rather than reading prefix ones)``."""
     prefix = int(getattr(model, "num_prefix_tokens", 1))
     return prefix, prefix == 0 or getattr(model, "global_pool", "token") == "avg"
+
+
+def _readout_tokens(model: nn.Module) -> int:
+    """How many leading tokens the head reads: the prefix tokens less the registers (DINOv2's four
+    carry no prediction), so 1 on ViT/DeiT/DINOv2, 2 on distilled DeiT."""
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    return max(1, prefix - int(getattr(model, "num_reg_tokens", 0) or 0))
 
 
 def pos_embed_similarity(
