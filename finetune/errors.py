@@ -30,6 +30,11 @@ class OfflineError(FinetuneError):
     """Weights that are not in the local cache while the hub cannot be reached."""
 
 
+class PushError(FinetuneError):
+    """A run that cannot be pushed to the Hugging Face hub: not a finished run, no model, a bad
+    repository id, offline, no token, or refused by the hub."""
+
+
 class GridError(FinetuneError, ValueError):
     """An image size, patch size or position-embedding resize that cannot work."""
 
@@ -48,6 +53,11 @@ class ExperimentError(FinetuneError):
 
 class RunDirError(FinetuneError):
     """A run folder that cannot be used: it exists, is in use, is not a run, or cannot be written."""
+
+
+class ExportError(FinetuneError):
+    """A model that cannot be exported, an exported file that does not match its PyTorch model, or
+    an exported file that cannot be read back (no metadata, a missing optional extra)."""
 
 
 class DivergedError(FinetuneError):

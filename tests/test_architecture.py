@@ -25,7 +25,8 @@ MAY_IMPORT = {
     "runs": BASE | {"recipe", "data", "models", "training", "viz", "__init__"},
     "viz": BASE | {"data", "models", "training", "runs"},
     "experiments": BASE | {"recipe", "runs", "training", "viz"},
-    "cli": BASE | {"recipe", "data", "models", "training", "runs", "experiments", "viz"},
+    "export": BASE | {"recipe", "data", "models", "runs"},
+    "cli": BASE | {"recipe", "data", "models", "training", "runs", "experiments", "viz", "export"},
     "__init__": set(),
     "__main__": {"cli"},
 }

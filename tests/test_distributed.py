@@ -100,8 +100,8 @@ def test_two_processes_train_like_one(tmp_path, one_process):
     # Rank 0 alone wrote and printed: one "done" line, the usual files and nothing else.
     assert result.stdout.count("done two:") == 1
     assert sorted(p.name for p in two.iterdir()) == [
-        ".finetune-run", ".lock", "best", "checkpoints", "config.json", "metrics.jsonl", "model.safetensors",
-        "recipe.yaml", "summary.json"]
+        ".finetune-run", ".lock", "README.md", "best", "checkpoints", "config.json", "metrics.jsonl",
+        "model.safetensors", "recipe.yaml", "summary.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["two"]
 
 

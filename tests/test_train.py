@@ -79,11 +79,11 @@ def test_run_writes_a_complete_self_describing_run_directory(tmp_path):
 
     # Exactly these files: no temporary leftovers from the atomic writes.
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        ".finetune-run", ".lock", "best", "checkpoints", "config.json", "confusion_matrix.png", "curves.png",
-        "metrics.jsonl", "mistakes.png", "model.safetensors", "recipe.yaml", "samples.png", "summary.json",
+        ".finetune-run", ".lock", "README.md", "best", "checkpoints", "config.json", "confusion_matrix.png",
+        "curves.png", "metrics.jsonl", "mistakes.png", "model.safetensors", "recipe.yaml", "samples.png", "summary.json",
     ]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.safetensors"]
-    assert sorted(p.name for p in (run_dir / "best").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (run_dir / "best").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert not list(run_dir.parent.glob(".*"))  # no staging folder left beside it
     assert load_recipe(run_dir / "recipe.yaml") == recipe
 

@@ -1,16 +1,16 @@
 """The ``finetune`` typer app: every command registered in the order ``finetune --help`` lists
 them, the ``show`` sub-app, and :func:`main`, the console-script entry point.
 
-The commands live in :mod:`.train`, :mod:`.evaluate`, :mod:`.compare` and :mod:`.show`; each
-imports torch, timm and the training code inside its body, so ``finetune ls`` and ``finetune
-validate`` answer quickly.
+The commands live in :mod:`.train`, :mod:`.evaluate`, :mod:`.export`, :mod:`.compare` and
+:mod:`.show`; each imports torch, timm and the training code inside its body, so ``finetune ls``
+and ``finetune validate`` answer quickly.
 """
 
 from __future__ import annotations
 
 import typer
 
-from . import compare, evaluate, show, train
+from . import compare, evaluate, export, push, show, train
 
 app = typer.Typer(
     name="finetune",
@@ -25,6 +25,8 @@ app.command()(train.validate)
 app.command("ls")(train.list_recipes_cmd)
 app.command("eval")(evaluate.eval_cmd)
 app.command()(evaluate.predict)
+app.command()(export.export)
+app.command()(push.push)
 app.command()(compare.compare)
 app.command()(compare.sweep)
 app.command()(compare.report)

@@ -89,7 +89,8 @@ def eval_cmd(
 
 @friendly_errors
 def predict(
-    model: Annotated[Path, typer.Argument(help="A run directory, a saved model, or any load_model source.")],
+    model: Annotated[Path, typer.Argument(help="A run directory, a saved model, any load_model source, or an "
+                                                "exported .onnx or .pt2 file (finetune export).")],
     images: Annotated[list[Path], typer.Argument(help="One or more image files.")],
     topk: Annotated[int, typer.Option(help="How many classes to show per image.", min=1)] = 3,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
@@ -100,14 +101,29 @@ def predict(
 
     Example: finetune predict runs/deit_tiny_cifar cat.jpg --topk 3
     """
-    import torch
-
     from ..data.decode import read_image
-    from ..data.preprocess import Preprocess
-    from ..training.device import resolve_device
-    from ..models.build import load_model
 
     decoded = [read_image(path) for path in images]  # every file checked before the model loads
+    if model.suffix.lower() in (".onnx", ".pt2") and not model.is_dir():
+        probs, names = _exported_probs(model, decoded)
+    else:
+        probs, names = _model_probs(model, decoded, device)
+    k = min(topk, probs.shape[1])
+    top = probs.topk(k, dim=-1)
+    for path, values, indices in zip(images, top.values.tolist(), top.indices.tolist()):
+        out.print(f"[bold]{escape(str(path))}[/]", highlight=False)
+        for rank, (p, i) in enumerate(zip(values, indices), start=1):
+            out.print(f"  {rank}. {names[i]:<20} {100 * p:6.2f}%", highlight=False, markup=False)
+
+
+def _model_probs(model: Path, decoded: list, device: str):
+    """Class probabilities ``(B, classes)`` of a run folder or any load_model source, and its class names."""
+    import torch
+
+    from ..data.preprocess import Preprocess
+    from ..models.build import load_model
+    from ..training.device import resolve_device
+
     refuse_unfinished_run(model)
     model_obj = load_model(model)
     names = model_class_names(model_obj)
@@ -115,10 +131,27 @@ def predict(
     model_obj = model_obj.to(dev).eval()
     batch = Preprocess.from_model(model_obj, load_size=stored_size(model))(decoded).to(dev)
     with torch.no_grad():
-        probs = model_obj(batch).float().softmax(dim=-1)
-    k = min(topk, probs.shape[1])
-    top = probs.topk(k, dim=-1)
-    for path, values, indices in zip(images, top.values.tolist(), top.indices.tolist()):
-        out.print(f"[bold]{escape(str(path))}[/]", highlight=False)
-        for rank, (p, i) in enumerate(zip(values, indices), start=1):
-            out.print(f"  {rank}. {names[i]:<20} {100 * p:6.2f}%", highlight=False, markup=False)
+        return model_obj(batch).float().softmax(dim=-1), names
+
+
+def _exported_probs(model: Path, decoded: list):
+    """Class probabilities of an exported file (on the CPU), preprocessed by the metadata it carries."""
+    import torch
+
+    from ..export.runtime import load_exported
+
+    runner, meta = load_exported(model)
+    batch = meta.preprocess()(decoded)
+    if meta.batch:  # a fixed batch size: run the photos in groups of that size, the last one padded
+        groups = [batch[i : i + meta.batch] for i in range(0, len(batch), meta.batch)]
+        logits = [runner(_pad(g, meta.batch))[: len(g)] for g in groups]
+    else:
+        logits = [runner(batch)]
+    return torch.cat(logits).float().softmax(dim=-1), list(meta.class_names)
+
+
+def _pad(batch, size: int):
+    """``batch`` repeated along dim 0 to ``size`` rows (its first rows are its own)."""
+    import torch
+
+    return torch.cat([batch, batch[:1].expand(size - len(batch), *batch.shape[1:])]) if len(batch) < size else batch

@@ -12,6 +12,7 @@ Layout of ``output.dir/name/``::
     checkpoints/last.safetensors   the full training state (finetune.snapshot), replaced atomically
     best/                  the model of the best epoch on validation (only with a validation split)
     config.json, model.safetensors, curves.png, confusion_matrix.png   written when the run finishes
+    README.md              the model card (finetune.runs.card), also in best/; written when the run finishes
     .lock                  held (flock) by the process using the folder
     .finetune-run          finetune's marker: JSON with its format and the finetune version that wrote it
 

@@ -16,6 +16,7 @@ from ..training.loop import check_finite
 from ..training.state import TrainState, throughput
 from ..errors import RunDirError
 from ..models.params import merge_lora
+from .card import write_model_cards
 from .folder import BEST_DIR
 from .rundir import RunDir
 
@@ -113,8 +114,8 @@ class RunRecorder(Callback):
         self.rundir.write_summary(self.summary)
 
     def finish(self, state: TrainState) -> list[Path]:
-        """Save the final model and plots, then mark the run finished (last, so that a folder that
-        says ``finished`` has everything), then delete the runs it replaced, if any.
+        """Save the final model, plots and model cards, then mark the run finished (last, so that a
+        folder that says ``finished`` has everything), then delete the runs it replaced, if any.
 
         Returns:
             The earlier runs deleted (parked by ``output.overwrite``), as paths.
@@ -154,6 +155,8 @@ class RunRecorder(Callback):
             peak_memory_mb=peak_memory_mb(state.device),
             peak_memory_kind="cuda" if state.device.type == "cuda" else "process_rss",
         )
+        with self.rundir.writing(f"write the model card in {self.rundir.path}"):
+            write_model_cards(self.rundir.path, self.summary)  # README.md, from the summary about to be written
         self.rundir.write_summary(self.summary)
         return self.rundir.discard_replaced()
 

@@ -1,0 +1,10 @@
+"""Exported models: a finished run's model written as an ONNX file or a ``torch.export`` program
+(``.pt2``) with its preprocessing beside it (``metadata``), checked against the PyTorch model on the
+run's own test images before the file appears (``exporter``), and read back to classify photos
+(``runtime``).
+
+May import: :mod:`finetune.errors`, :mod:`finetune.snapshot`, :mod:`finetune.recipe`,
+:mod:`finetune.data`, :mod:`finetune.models`, and of :mod:`finetune.runs` only ``runs.folder`` (to
+read a run folder). onnx, onnxruntime and onnxscript (the ``export`` extra) are imported inside
+the functions that need them.
+"""
