@@ -203,7 +203,7 @@ def test_predict_resizes_a_photo_as_the_run_stored_its_images(photos, monkeypatc
     # Images kept at 16 px for a 32 px model: training and evaluation resize twice (to 16 when
     # decoded, to 32 on the device); predict and show must do the same, from summary.json.
     from conftest import REPO_ROOT
-    from finetune.cli.common import stored_size
+    from finetune.runs.folder import stored_size
 
     root, files = photos
     result = CliRunner().invoke(app, [

@@ -124,21 +124,3 @@ def model_class_names(model: Any) -> list[str]:
         info = ImageNetInfo(subset)
         return [info.index_to_description(i) for i in range(model.num_classes)]
     return [str(i) for i in range(model.num_classes)]
-
-
-def stored_size(target: Path) -> tuple[int, int] | None:
-    """The size a run kept its training images at (``summary.json``: ``stored_size``), when
-    ``target`` is a run folder, its ``best/`` model or a weights file in one: ``predict`` then
-    resizes a photo as the run's evaluation resized its images (to that size, then to the model's).
-    ``None`` for any other source, or a run from before the size was recorded."""
-    from ..runs.folder import BEST_DIR, is_run_folder, read_summary
-
-    if not target.exists():  # a timm name or hub id: no run folder, and no reading of ./summary.json
-        return None
-    folder = target if target.is_dir() else target.parent
-    if folder.name == BEST_DIR and not is_run_folder(folder):
-        folder = folder.parent
-    summary = read_summary(folder) if is_run_folder(folder) else None
-    size = summary.get("stored_size") if summary else None
-    valid = isinstance(size, list) and len(size) == 2 and all(type(s) is int and 0 < s <= 16384 for s in size)
-    return (size[0], size[1]) if valid else None

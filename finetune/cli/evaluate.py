@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import FinetuneError
-from .common import err, friendly_errors, model_class_names, out, refuse_unfinished_run, stored_size
+from .common import err, friendly_errors, model_class_names, out, refuse_unfinished_run
 
 
 def _eval_data_config(target: Path, data: str | None, root: str | None, image_size: int | None):
@@ -121,6 +121,7 @@ def _model_probs(model: Path, decoded: list, device: str):
     import torch
 
     from ..data.preprocess import Preprocess
+    from ..runs.folder import stored_size
     from ..models.build import load_model
     from ..training.device import resolve_device
 

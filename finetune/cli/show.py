@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from ..errors import FinetuneError
-from .common import check_writable_folder, friendly_errors, model_class_names, out, refuse_unfinished_run, stored_size
+from .common import check_writable_folder, friendly_errors, model_class_names, out, refuse_unfinished_run
 
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="The PNG to write.")]
 
@@ -68,6 +68,7 @@ def show_attention(
 
     from ..data.decode import read_image
     from ..data.preprocess import Preprocess
+    from ..runs.folder import stored_size
     from ..training.device import resolve_device
     from ..viz.figures import draw_attention
     from ..models.build import load_model

@@ -98,23 +98,20 @@ class BatchLoader:
         self.streaming = isinstance(data, EncodedImages)
         if not self.streaming:
             assert data.images.dtype == torch.uint8 and data.images.dim() == 4, "images must be uint8 (N, 3, H, W)"
-        self.batch_size = batch_size
-        self.rank, self.world_size = rank, world_size
-        self.train = train
         self.device = device
-        self.out_size = self.preprocess.size
         self.augment = augment if train else None
-        self.channels_last = self.preprocess.channels_last
-        self.drop_last = train if drop_last is None else drop_last
         self.in_memory = in_memory
-        self.seed = seed
-        self.dtype = self.preprocess.dtype
-        self.mean, self.std = self.preprocess.mean, self.preprocess.std
         self.epoch = 0
-        self.num_images = len(data)
-        self.plan = BatchPlan(self.num_images, batch_size, train, self.drop_last, seed=seed, rank=rank,
-                              world_size=world_size)
+        self.plan = BatchPlan(len(data), batch_size, train, train if drop_last is None else drop_last, seed=seed,
+                              rank=rank, world_size=world_size)
         self._stage(data, workers)
+
+    # What the plan and the preprocessing decide, read from them rather than kept twice.
+    train = property(lambda self: self.plan.train, doc="Shuffled, augmented training batches.")
+    batch_size = property(lambda self: self.plan.batch_size, doc="Images per (global) batch.")
+    num_images = property(lambda self: self.plan.num_images, doc="Images in the split.")
+    mean = property(lambda self: self.preprocess.mean, doc="Per-channel mean of ``x / 255``.")
+    std = property(lambda self: self.preprocess.std, doc="Per-channel std of ``x / 255``.")
 
     def _stage(self, data: ImageTensors | EncodedImages, workers: int) -> None:
         """Put the images and labels where batches are cut from."""
@@ -124,7 +121,7 @@ class BatchLoader:
         if self.streaming:
             self._encoded = data
             size = data.image_size
-            self._stored_size = (size, size) if size else self.out_size  # decoded images are resized to this
+            self._stored_size = (size, size) if size else self.preprocess.size  # decoded images are resized to this
             self._workers = workers
         else:
             self._images = data.images.to(self._index_device)
@@ -220,9 +217,9 @@ class BatchLoader:
         total, mine = rrc_rows[1], slice(rrc_rows[0], rrc_rows[0] + len(images))
         flips = torch.rand(total, generator=gen)[mine] < 0.5 if self.augment.hflip else torch.zeros(len(images), dtype=torch.bool)
         boxes = crop_boxes(torch.rand(4, total, generator=gen)[:, mine], tuple(self.augment.rrc_scale))
-        out = torch.empty((len(images), 3, *self.out_size), dtype=torch.uint8, device=images[0].device)
+        out = torch.empty((len(images), 3, *self.preprocess.size), dtype=torch.uint8, device=images[0].device)
         for k, (image, (top, left, height, width)) in enumerate(zip(images, boxes_in_pixels(boxes, images))):
-            crop = TF.resized_crop(image, top, left, height, width, list(self.out_size), antialias=True)
+            crop = TF.resized_crop(image, top, left, height, width, list(self.preprocess.size), antialias=True)
             out[k] = crop.flip(-1) if flips[k] else crop
         return out
 
@@ -253,7 +250,7 @@ class BatchLoader:
         # per-channel affine map) and touches 49x fewer values for 32 -> 224.
         x = pre.to_layout(pre.normalize(images))
         if rrc:
-            x = random_resized_crop(x, self.out_size, tuple(aug.rrc_scale), gen, rows=rows)
+            x = random_resized_crop(x, self.preprocess.size, tuple(aug.rrc_scale), gen, rows=rows)
         else:
             # On the device: upsampling CIFAR to 224 px here is the reason the data is kept small.
             x = pre.resize_batch(x)

@@ -71,13 +71,13 @@ def parity_batch(run_dir: Path, model: nn.Module, images: int) -> torch.Tensor:
 def export_meta(run_dir: Path, model: nn.Module, which: str, batch: int | None) -> ExportMeta:
     """The preprocessing the run evaluated with, as the exported file will carry it."""
     from ..data.preprocess import Preprocess
-    from ..runs.folder import read_summary
+    from ..runs.folder import stored_size
 
     pre = Preprocess.from_model(model)
-    stored = (read_summary(run_dir) or {}).get("stored_size")
+    stored = stored_size(run_dir)
     names = model.pretrained_cfg.get("label_names") or [str(i) for i in range(model.num_classes)]
     return ExportMeta(input_size=pre.size, mean=pre.mean, std=pre.std, class_names=tuple(names),
-                      stored_size=tuple(stored) if stored else None, resize=pre.resize, interpolation=pre.interpolation,
+                      stored_size=stored, resize=pre.resize, interpolation=pre.interpolation,
                       batch=batch, arch=model.pretrained_cfg.get("architecture"), model=which)
 
 

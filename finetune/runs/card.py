@@ -22,6 +22,7 @@ from typing import Any
 
 from ..snapshot import write_text_atomically
 from .folder import BEST_DIR, read_summary
+from .records import number
 
 CARD_NAME = "README.md"
 SELECTED = "selected on validation"
@@ -80,8 +81,8 @@ def headline(summary: dict[str, Any], *, best: bool) -> tuple[float | None, str,
     """``(test top-1 in 0..1, how it was chosen, epoch)`` of the model a card describes: the epoch
     selected on validation for ``best/``, else the last epoch."""
     if best:
-        return _number(summary.get("best_test_acc1")), SELECTED, summary.get("best_epoch")
-    return _number(summary.get("final_acc1")), NOT_SELECTED, summary.get("epochs_done")
+        return number(summary.get("best_test_acc1")), SELECTED, summary.get("best_epoch")
+    return number(summary.get("final_acc1")), NOT_SELECTED, summary.get("epochs_done")
 
 
 def card_data(summary: dict[str, Any], recipe: dict[str, Any], *, best: bool):
@@ -172,11 +173,6 @@ def _is_hub_id(text: str) -> bool:
     return True
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-
 # --------------------------------------------------------------------------------------------
 # The prose
 
@@ -219,8 +215,8 @@ def _introduction(summary: dict[str, Any], recipe: dict[str, Any], *, best: bool
 
 
 def _pct(value: Any) -> str:
-    number = _number(value)
-    return "–" if number is None else f"{100 * number:.2f}%"
+    value = number(value)
+    return "–" if value is None else f"{100 * value:.2f}%"
 
 
 def _results(summary: dict[str, Any], *, best: bool) -> str:
@@ -248,7 +244,7 @@ def _results(summary: dict[str, Any], *, best: bool) -> str:
 
 
 def _duration(seconds: Any) -> str:
-    s = _number(seconds)
+    s = number(seconds)
     if s is None:
         return "?"
     return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.2f} h"
@@ -283,7 +279,7 @@ def _training(summary: dict[str, Any], recipe: dict[str, Any]) -> str:
         f"- Epochs: {summary.get('epochs_done')} ({summary.get('steps')} optimizer steps): "
         f"{_duration(summary.get('train_time_s'))} of training ({_duration(summary.get('wall_time_s'))} wall clock) "
         f"on {_device(summary)}",
-        f"- Precision {summary.get('precision')}; {(_number(summary.get('images_per_s')) or 0):,.0f} training "
+        f"- Precision {summary.get('precision')}; {(number(summary.get('images_per_s')) or 0):,.0f} training "
         f"images/s; {_count(summary.get('params_trainable'))} of {_count(summary.get('params_total'))} parameters trained",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v),
     ]

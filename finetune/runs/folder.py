@@ -379,3 +379,20 @@ def write_error(action: str, exc: BaseException, note: str = "") -> RunDirError:
         "Free some disk space or pick a writable output.dir, then continue the run with `finetune resume RUN_FOLDER`"
         if note else "Free some disk space or set output.dir to a folder you can write to.",
     )
+
+
+def stored_size(target: Path) -> tuple[int, int] | None:
+    """The size a run kept its training images at (``summary.json``: ``stored_size``), when
+    ``target`` is a run folder, its ``best/`` model or a weights file in one: ``predict`` then
+    resizes a photo as the run's evaluation resized its images (to that size, then to the model's),
+    and ``finetune export`` writes it into the exported file.
+    ``None`` for any other source, or a run from before the size was recorded."""
+    if not target.exists():  # a timm name or hub id: no run folder, and no reading of ./summary.json
+        return None
+    folder = target if target.is_dir() else target.parent
+    if folder.name == BEST_DIR and not is_run_folder(folder):
+        folder = folder.parent
+    summary = read_summary(folder) if is_run_folder(folder) else None
+    size = summary.get("stored_size") if summary else None
+    valid = isinstance(size, list) and len(size) == 2 and all(type(s) is int and 0 < s <= 16384 for s in size)
+    return (size[0], size[1]) if valid else None
