@@ -341,7 +341,14 @@ def test_fast_path_losses_match_a_plain_eager_fp32_loop(tmp_path, compile_model)
     assert len(fast_losses) == len(eager_losses) == steps
     # The losses move by ~1e-2 per step at this lr, so a mismatch in data, init or update shows.
     assert max(abs(a - b) for a, b in zip(eager_losses, eager_losses[1:])) > 1e-2
-    torch.testing.assert_close(torch.tensor(fast_losses), torch.tensor(eager_losses), rtol=1e-4, atol=1e-4)
+    # Step 1's loss depends only on the initial weights, the batch and the forward pass: the two loops
+    # agree to fp32 rounding there. Later losses also pass through different update kernels (fused
+    # AdamW against a per-parameter loop) whose rounding differs and grows step by step, by a
+    # different amount on each CPU (4.1e-4 at step 5 on an AMD EPYC, less on an Intel Xeon). A wrong
+    # batch, init or update moves the loss by 1e-2 or more (asserted above), five times the
+    # tolerance kept for the later steps.
+    torch.testing.assert_close(fast_losses[0], eager_losses[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(fast_losses), torch.tensor(eager_losses), rtol=0, atol=2e-3)
 
 
 def test_checkpoint_cost_measures_a_real_checkpoint():

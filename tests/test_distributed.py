@@ -161,7 +161,10 @@ def test_sharded_evaluation_equals_one_process_on_an_odd_sized_set(tmp_path):
     assert sharded["images"] == single["images"] == 37
     assert sharded["confusion"] == single["confusion"]
     assert (sharded["acc1"], sharded["acc5"], sharded["per_class_acc"]) == (single["acc1"], single["acc5"], single["per_class_acc"])
-    assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-12)
+    # Not bit-equal by construction: the ranks see batches of 8, 8, 2 and 8, 8, 3 where one process
+    # sees 8, 8, 8, 8, 5, and a matmul over another batch shape may round differently (an AMD EPYC
+    # gave a relative difference of 5.6e-9). fp32 carries about 7 digits: allow 1e-6.
+    assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-6)
 
 
 # A training script for torchrun whose rank `who` SIGKILLs itself right after its `n`-th checkpoint
