@@ -67,3 +67,16 @@ class DivergedError(FinetuneError):
 class RunInterrupted(KeyboardInterrupt):
     """A run stopped on request (Ctrl-C, SIGTERM) after saving a checkpoint; ``str(err)`` says how
     to continue it. A ``KeyboardInterrupt``, so that code that stops on Ctrl-C stops on it too."""
+
+
+def excerpt(value: object, limit: int = 80) -> str:
+    """``value`` as a short, escaped quote for an error message: the ``repr`` of a value read from
+    a file (of the text of anything else, such as an exception), so control characters and markup
+    show as escapes and never act, cut to ``limit`` characters. Messages quote what a file holds
+    only through this, so a file never fills a terminal or a log with its content."""
+    plain = value if isinstance(value, (str, int, float, bool, list, tuple, dict, type(None))) else str(value)
+    try:
+        quoted = repr(plain)
+    except RecursionError:  # a value nested deeper than repr recurses
+        quoted = f"<a deeply nested {type(plain).__name__}>"
+    return quoted if len(quoted) <= limit else quoted[: limit - 3] + "..."

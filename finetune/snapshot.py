@@ -26,13 +26,15 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, excerpt
 
 FORMAT = "finetune-state/1"
 _UMASK = os.umask(0o022)  # read once (reading it means setting it), and put back at once
 os.umask(_UMASK)
 _META_KEY = "finetune_state"
 _SHA_KEY = "finetune_sha256"  # of the state; files written before it existed have none and are read unchecked
+# The header metadata of a state file: with the SHA-256, or (written before it existed) without.
+_METADATA_KEYS = ({"format", _META_KEY, _SHA_KEY}, {"format", _META_KEY})
 # Markers for what JSON cannot say directly. A dict whose keys are not all plain strings (the
 # optimizer's integer parameter ids) or that could be mistaken for a marker is stored as pairs.
 _TENSOR, _TUPLE, _FLOAT, _PAIRS = "__tensor__", "__tuple__", "__float__", "__pairs__"
@@ -191,8 +193,9 @@ def load_state(path: str | Path) -> Any:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    # json.JSONDecodeError is a ValueError; a missing key or a malformed skeleton is damage too.
-    unreadable = (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError)
+    # json.JSONDecodeError is a ValueError; a missing key, a malformed skeleton or one nested
+    # deeper than Python recurses is damage too.
+    unreadable = (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
@@ -201,6 +204,16 @@ def load_state(path: str | Path) -> Any:
     except unreadable as exc:
         raise _unreadable(path, exc) from None
     recorded = metadata.get(_SHA_KEY)
+    # The SHA-256 covers the state and every tensor's name, dtype, shape and bytes; the rest of the
+    # header is these metadata entries, exactly. A flipped bit in their names (which would hide the
+    # SHA-256 and let the file be read unchecked) or in the format makes the header inconsistent.
+    if metadata.get("format") != "pt" or set(metadata) not in _METADATA_KEYS:
+        raise CheckpointError(
+            f"{path} is damaged: its header's metadata entries are {excerpt(', '.join(sorted(metadata)), 120)}, not "
+            f"{', '.join(sorted(_METADATA_KEYS[0]))} as finetune writes them (a bit flipped on the disk or in a copy, "
+            "or an edit).",
+            "Restore the file from a copy if you have one; otherwise start the run again (output.overwrite=true).",
+        )
     if recorded is not None and recorded != state_sha256(state_json, tensors):
         raise CheckpointError(
             f"{path} is damaged: its contents do not match the SHA-256 recorded in it when it was written "
@@ -218,6 +231,6 @@ def load_state(path: str | Path) -> Any:
 
 def _unreadable(path: Path, exc: BaseException) -> CheckpointError:
     return CheckpointError(
-        f"{path} is not a readable finetune checkpoint ({type(exc).__name__}: {exc}).",
+        f"{path} is not a readable finetune checkpoint ({type(exc).__name__}: {excerpt(exc, 200)}).",
         "It is truncated or damaged, or was written by something else.",
     )

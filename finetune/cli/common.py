@@ -78,9 +78,13 @@ def is_main_process() -> bool:
 
 
 def refuse_unfinished_run(target: Path) -> None:
-    """A run folder that has no model yet gets a message about the run, not about a missing file."""
-    from ..runs.folder import BEST_DIR, is_run_folder, run_status
+    """A run folder that has no model yet gets a message about the run, not about a missing file;
+    one (or the run around a model in it) with a file that is a link out of it is refused."""
+    from ..runs.folder import BEST_DIR, check_links, is_run_folder, run_status
 
+    for folder in (target, target.parent):
+        if folder.is_dir() and is_run_folder(folder):
+            check_links(folder)  # what eval, predict and export read of a run never comes from elsewhere
     if not is_run_folder(target) or (target / "config.json").is_file():
         return
     status = run_status(target) or "unknown"
@@ -110,6 +114,26 @@ def check_writable_folder(folder: Path, option: str) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise FinetuneError(f"Cannot write to {folder} ({option}): {existing} is not writable (permissions, or a "
                             "read-only file system).", f"Pass {option} a path in a folder you can write to.")
+
+
+def check_device(name: str) -> None:
+    """Refuse a --device that names no device, before any work (torch's own error is a traceback)."""
+    import re
+
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+        raise FinetuneError(f"--device {name!r} is not a device.", "Pass auto, cpu, cuda, cuda:N or mps.")
+
+
+def check_image_size(size: int | None, model: Any, option: str = "--image-size") -> None:
+    """Refuse an image size that cannot be a size images are kept at: below 2 pixels or the model's
+    patch, or above 4096 (one image alone would take 200 MB as floats)."""
+    from ..runs.folder import STORED_SIDE, patch_side
+
+    low, high = max(STORED_SIDE[0], patch_side(model)), STORED_SIDE[1]
+    if size is not None and not low <= size <= high:
+        raise FinetuneError(f"{option} {size} is outside {low}..{high} pixels (the smallest is this model's patch "
+                            f"size, or 2; above {high}, one image alone would take 200 MB).",
+                            f"Pass {option} between {low} and {high}, or leave it out to keep the run's own size.")
 
 
 def model_class_names(model: Any) -> list[str]:

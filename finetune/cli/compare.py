@@ -120,6 +120,7 @@ def report(
     """
     from ..experiments.report import write_experiment_report
     from ..experiments.spec import EXPERIMENT_FILE, read_experiment_folder
+    from ..runs.folder import MARKER, is_run_folder
 
     dirs: list[Path] = []
     experiments = []
@@ -137,6 +138,13 @@ def report(
     keys = [k.strip() for k in sweep_keys.split(",") if k.strip()] if sweep_keys else (single[2] if single else [])
     target = out_dir or (single[0] if single else Path("report"))
     check_writable_folder(target, "--out")
+    strangers = [path for path in run_dirs if path in dirs and not is_run_folder(path)]
+    if strangers:  # a report on them would be a table of "missing" rows, written as if it meant something
+        raise FinetuneError(
+            f"{strangers[0]} is neither a run folder (no {MARKER} marker, nor the recipe.yaml and summary.json of a "
+            "run from an earlier finetune) nor an experiment folder.",
+            "Pass run folders (runs/NAME) or experiment folders, as finetune run, compare and sweep write them.",
+        )
     paths, table = write_experiment_report(dirs, target, title=title or (single[3] if single else None), sweep_keys=keys)
     out.print(table, markup=False, highlight=False, soft_wrap=True)
     out.print(f"report: {paths['markdown']}", highlight=False, markup=False)

@@ -11,7 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import FinetuneError
-from .common import err, friendly_errors, model_class_names, out, refuse_unfinished_run
+from .common import (check_device, check_image_size, err, friendly_errors, model_class_names, out,
+                     refuse_unfinished_run)
 
 
 def _eval_data_config(target: Path, data: str | None, root: str | None, image_size: int | None):
@@ -19,9 +20,12 @@ def _eval_data_config(target: Path, data: str | None, root: str | None, image_si
     from ..recipe import DataConfig, load_recipe
 
     if data is None:
+        from ..runs.folder import check_links
+
         # A run folder, its best/ model, or a weights file inside a run folder.
         folders = [target, target.parent] if target.is_dir() else [target.parent]
         recipe_file = next((f / "recipe.yaml" for f in folders if (f / "recipe.yaml").is_file()), folders[0] / "recipe.yaml")
+        check_links(recipe_file.parent, ("recipe.yaml",))  # a link out of the folder is another file: never read
         if not recipe_file.is_file():
             raise FinetuneError(
                 f"{target} has no recipe.yaml to say which data it was trained on.",
@@ -65,8 +69,10 @@ def eval_cmd(
     from ..training.evaluate import evaluate
     from ..models.build import load_model
 
+    check_device(device)
     refuse_unfinished_run(model)
     model_obj = load_model(model)
+    check_image_size(image_size, model_obj)
     classes = model_obj.pretrained_cfg.get("label_names")
     cfg, seed = _eval_data_config(model, data, root, image_size)
     split, class_names, skipped = load_eval_split(cfg, seed=seed, classes=classes)
@@ -101,8 +107,20 @@ def predict(
 
     Example: finetune predict runs/deit_tiny_cifar cat.jpg --topk 3
     """
+    import os
+    import stat
+
     from ..data.decode import read_image
 
+    check_device(device)
+    for path in images:  # by stat, which never opens: opening a FIFO would wait for a writer forever
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            continue  # read_image names a missing or unreadable file
+        if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+            raise FinetuneError(f"{path} is not a regular file (a FIFO, socket or device); finetune reads image files only.",
+                                "Pass the path of an image file.")
     decoded = [read_image(path) for path in images]  # every file checked before the model loads
     if model.suffix.lower() in (".onnx", ".pt2") and not model.is_dir():
         probs, names = _exported_probs(model, decoded)
@@ -130,7 +148,7 @@ def _model_probs(model: Path, decoded: list, device: str):
     names = model_class_names(model_obj)
     dev = resolve_device(device)
     model_obj = model_obj.to(dev).eval()
-    batch = Preprocess.from_model(model_obj, load_size=stored_size(model))(decoded).to(dev)
+    batch = Preprocess.from_model(model_obj, load_size=stored_size(model, model_obj))(decoded).to(dev)
     with torch.no_grad():
         return model_obj(batch).float().softmax(dim=-1), names
 

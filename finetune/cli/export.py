@@ -34,14 +34,16 @@ def export(
     format: Annotated[Format, typer.Option("--format", help="onnx (onnxruntime; needs the export extra) or pt2 (torch.export).")] = Format.onnx,
     out_file: Annotated[Path | None, typer.Option("--out", help="File to write; default RUN_DIR/model.onnx or model.pt2.")] = None,
     batch: Annotated[str, typer.Option(help="'dynamic' (any batch size) or a fixed batch size.")] = "dynamic",
-    opset: Annotated[int | None, typer.Option(help="ONNX opset; default: the exporter's.", min=7)] = None,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (ONNX only); default: the exporter's.")] = None,
     tolerance: Annotated[float, typer.Option(help="Largest logit difference from PyTorch accepted on the run's test images.", min=0.0)] = 1e-4,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the file at --out if it exists.")] = False,
 ) -> None:
     """Export a run's model (its best epoch when it chose one on validation) for inference elsewhere.
 
     The file carries the input size, mean, std, class names and stored image size; `finetune
     predict FILE photo.jpg` reads them. Nothing is written unless the exported model gives the
-    PyTorch model's logits (within --tolerance) on the run's own test images.
+    PyTorch model's logits (within --tolerance) on the run's own test images. An existing file is
+    replaced only with --overwrite.
 
     Example: finetune export runs/deit_tiny_cifar --format onnx
     """
@@ -51,7 +53,8 @@ def export(
     refuse_unfinished_run(run_dir)
     if out_file is not None:
         check_writable_folder(out_file.parent, "--out")
-    result = export_run(run_dir, format.value, out=out_file, batch=fixed, opset=opset, tolerance=tolerance)
+    result = export_run(run_dir, format.value, out=out_file, batch=fixed, opset=opset, tolerance=tolerance,
+                        overwrite=overwrite)
     out.print(
         f"parity on {result.images} test images: largest logit difference {result.max_abs_diff:.3g} "
         f"(tolerance {result.tolerance:g}), top-1 agrees on {result.top1_agree}/{result.images}",

@@ -80,7 +80,7 @@ def show_attention(
     loaded = load_model(model)
     dev = resolve_device(device)
     loaded = loaded.to(dev).eval()
-    pre = Preprocess.from_model(loaded, load_size=stored_size(Path(model)))
+    pre = Preprocess.from_model(loaded, load_size=stored_size(Path(model), loaded))
     x = pre(decoded).to(dev)
     with torch.no_grad():
         confidence, predicted = loaded(x).softmax(-1).max(-1)

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ..errors import FinetuneError
+from ..snapshot import write_text_atomically
 from ..viz.plots import plot_accuracy, plot_sweep, plot_tradeoff
 from ..runs.records import (
     BASIS_LABEL,
@@ -191,7 +192,8 @@ def write_report(
         and a run finished, and ``tradeoff`` when finished runs differ in ``train.mode``.
 
     Raises:
-        FinetuneError: no run directories, or a sweep key that no run's recipe has.
+        FinetuneError: no run directories, a sweep key that no run's recipe has, or a write that
+            failed (a full disk, no permission); ``report.md`` is then the earlier one or none.
     """
     records = [read_run(d) for d in run_dirs]
     if not records:
@@ -199,12 +201,17 @@ def write_report(
     sweep_keys = list(sweep_keys or [])
     keys = _columns(records, sweep_keys)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     basis = selection_basis(records)  # one ranking for the table, the CSV and every plot
-    paths = _draw_figures(records, keys, sweep_keys, out_dir, basis)
-    paths["csv"] = _write_csv(records, keys, out_dir / "report.csv")
-    paths["markdown"] = out_dir / "report.md"
-    paths["markdown"].write_text(_markdown(records, keys, title, paths), encoding="utf-8")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = _draw_figures(records, keys, sweep_keys, out_dir, basis)
+        paths["csv"] = _write_csv(records, keys, out_dir / "report.csv")
+        paths["markdown"] = out_dir / "report.md"
+        # Replaced whole (temporary file, rename): a failed write never leaves half a report.md.
+        write_text_atomically(paths["markdown"], _markdown(records, keys, title, paths))
+    except OSError as exc:
+        raise FinetuneError(f"Could not write the report to {out_dir}: {exc.strerror or exc}.",
+                            "Free some disk space, or pass --out a folder you can write to.") from None
     return paths
 
 

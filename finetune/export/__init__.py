@@ -1,7 +1,7 @@
 """Exported models: a finished run's model written as an ONNX file or a ``torch.export`` program
 (``.pt2``) with its preprocessing beside it (``metadata``), checked against the PyTorch model on the
 run's own test images before the file appears (``exporter``), and read back to classify photos
-(``runtime``).
+(``runtime``), a ``.pt2`` only once nothing in it would run code on loading (``archive``).
 
 May import: :mod:`finetune.errors`, :mod:`finetune.snapshot`, :mod:`finetune.recipe`,
 :mod:`finetune.data`, :mod:`finetune.models`, and of :mod:`finetune.runs` only ``runs.folder`` (to

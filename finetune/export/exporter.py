@@ -14,7 +14,7 @@ from torch import nn
 from ..errors import ExportError
 from ..snapshot import write_atomically, write_text_atomically
 from . import runtime
-from .metadata import FORMATS, PT2_ENTRY, ExportMeta, onnx_props, sidecar
+from .metadata import FORMATS, PT2_ENTRY, SUFFIXES, ExportMeta, onnx_props, sidecar
 
 DEFAULT_TOLERANCE = 1e-4  # largest logit difference accepted in fp32
 PARITY_IMAGES = 64  # test images the exported file is checked on
@@ -36,10 +36,11 @@ class ExportResult:
 def run_model(run_dir: Path) -> tuple[nn.Module, str]:
     """The run's model to export, in eval mode, and which one it is (``best`` or ``final``)."""
     from ..models.build import load_model
-    from ..runs.folder import BEST_DIR, is_run_folder, read_summary
+    from ..runs.folder import BEST_DIR, check_links, is_run_folder, read_summary
 
     if not run_dir.is_dir() or not is_run_folder(run_dir):
         raise ExportError(f"{run_dir} is not a run folder.", "Pass a folder that finetune run wrote (runs/<name>).")
+    check_links(run_dir)  # its model, recipe and summary are its own files, never others through a link
     summary = read_summary(run_dir) or {}
     best = run_dir / BEST_DIR
     which, folder = ("best", best) if summary.get("selection") == "val" and (best / "config.json").is_file() else ("final", run_dir)
@@ -74,7 +75,7 @@ def export_meta(run_dir: Path, model: nn.Module, which: str, batch: int | None) 
     from ..runs.folder import stored_size
 
     pre = Preprocess.from_model(model)
-    stored = stored_size(run_dir)
+    stored = stored_size(run_dir, model)
     names = model.pretrained_cfg.get("label_names") or [str(i) for i in range(model.num_classes)]
     return ExportMeta(input_size=pre.size, mean=pre.mean, std=pre.std, class_names=tuple(names),
                       stored_size=stored, resize=pre.resize, interpolation=pre.interpolation,
@@ -130,31 +131,72 @@ def check_parity(model: nn.Module, runner: runtime.Runner, batch: torch.Tensor, 
     return diff, agree
 
 
+def check_target(out: Path, fmt: str, overwrite: bool) -> None:
+    """Refuse, before any work, a file to export to that ``predict`` would not read as ``fmt`` (its
+    suffix), that is a folder, or that exists already (unless ``overwrite``)."""
+    for path in (out, sidecar(out)) if fmt == "pt2" else (out,):
+        if path.is_dir():
+            raise ExportError(f"{path} is a folder; an export is written as a file.",
+                              f"Pass --out a file name, e.g. {path / f'model.{fmt}'}.")
+    if out.suffix.lower() != f".{fmt}":
+        other = SUFFIXES.get(out.suffix.lower())
+        raise ExportError(f"--out {out} does not end in .{fmt}; predict tells formats apart by suffix, so it "
+                          f"would not read a {fmt} file by this name.",
+                          f"Name it {out.stem}.{fmt}" + (f", or pass --format {other}." if other else "."))
+    for path in (out, sidecar(out)) if fmt == "pt2" else (out,):
+        if (path.exists() or path.is_symlink()) and not overwrite:
+            raise ExportError(f"{path} exists already; finetune export does not replace a file unless asked.",
+                              "Pass --overwrite to replace it, or --out another file.")
+
+
+def check_opset(opset: int | None, fmt: str) -> None:
+    """Refuse an opset for a ``.pt2`` (it has none), or one outside those torch.onnx exports."""
+    if opset is None:
+        return
+    if fmt != "onnx":
+        raise ExportError(f"--opset {opset} applies to ONNX files only; a {fmt} program has no opset.",
+                          "Leave --opset out, or pass --format onnx.")
+    from torch.onnx import _constants  # torch.onnx's own highest opset, so it follows the installed torch
+
+    # 18: the lowest opset the dynamo exporter has implementations for; below it, torch converts the
+    # written model down and, failing that (as for LayerNorm below 17), keeps 18 with a logged traceback.
+    low, high = 18, _constants.ONNX_MAX_OPSET
+    if not low <= opset <= high:
+        raise ExportError(f"--opset {opset} is outside the ONNX opsets this torch exports ({low} to {high}).",
+                          f"Pass --opset between {low} and {high}, or leave it out for the exporter's default.")
+
+
 def export_run(run_dir: str | Path, fmt: str = "onnx", *, out: str | Path | None = None, batch: int | None = None,
-               opset: int | None = None, tolerance: float = DEFAULT_TOLERANCE) -> ExportResult:
+               opset: int | None = None, tolerance: float = DEFAULT_TOLERANCE, overwrite: bool = False) -> ExportResult:
     """Export a finished run's model and check it against PyTorch before it appears at ``out``.
 
     Args:
         run_dir: a finished run folder.
         fmt: ``onnx`` or ``pt2``.
-        out: the file to write (default ``RUN_DIR/model.<fmt>``); a ``.pt2`` also gets ``<out>.json``.
+        out: the file to write (default ``RUN_DIR/model.<fmt>``), named ``.<fmt>``; a ``.pt2`` also
+            gets ``<out>.json``.
         batch: a fixed batch size; ``None`` exports a dynamic batch dimension.
-        opset: ONNX opset (default: the exporter's).
+        opset: ONNX opset (default: the exporter's); ONNX only.
         tolerance: the largest logit difference accepted on the run's test images.
+        overwrite: replace ``out`` when it exists (else refused).
 
     Raises:
-        ExportError: not a run, no model, a missing extra, an export that fails or does not match.
+        ExportError: not a run, no model, a missing extra, an ``out`` that exists (without
+            ``overwrite``), is a folder or has another suffix, an opset for pt2 or out of range,
+            an export that fails or does not match.
     """
     assert fmt in FORMATS, f"format must be one of {FORMATS}, got {fmt!r}"
     run_dir = Path(run_dir)
-    model, which = run_model(run_dir)
     out = Path(out) if out is not None else run_dir / f"model.{fmt}"
+    check_opset(opset, fmt)
+    check_target(out, fmt, overwrite)
+    model, which = run_model(run_dir)
     for module in ("onnx", "onnxscript", "onnxruntime") if fmt == "onnx" else ():
         runtime.require(module)  # before any work
+    meta = export_meta(run_dir, model, which, batch)
     images = parity_batch(run_dir, model, batch or PARITY_IMAGES)
     if batch:  # a fixed batch: check on exactly that many, repeating the test images when there are fewer
         images = images.repeat((batch + len(images) - 1) // len(images), 1, 1, 1)[:batch]
-    meta = export_meta(run_dir, model, which, batch)
     # The example traced: the fixed batch, or two rows (a batch of 1 would let the exporter treat it as a constant).
     example = images if batch else images[:2].repeat(2 if len(images) == 1 else 1, 1, 1, 1)
     checked: dict[str, tuple[float, int]] = {}

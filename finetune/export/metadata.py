@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ..data.preprocess import RESIZE_POLICIES, Preprocess
-from ..errors import ExportError
+from ..errors import ExportError, excerpt
+from ..runs.folder import STORED_SIDE
 
 FORMATS = ("onnx", "pt2")
 SUFFIXES = {".onnx": "onnx", ".pt2": "pt2"}
@@ -51,7 +52,7 @@ class ExportMeta:
             meta = cls(
                 input_size=_size(data["input_size"]), mean=_floats(data["mean"]), std=_floats(data["std"]),
                 class_names=tuple(_str(c) for c in data["class_names"]),
-                stored_size=None if data.get("stored_size") is None else _size(data["stored_size"]),
+                stored_size=None if data.get("stored_size") is None else _size(data["stored_size"], STORED_SIDE),
                 resize=_str(data.get("resize", "center_crop")), interpolation=_str(data.get("interpolation", "bilinear")),
                 batch=None if data.get("batch") is None else _positive(data["batch"]),
                 arch=None if data.get("arch") is None else _str(data["arch"]), model=_str(data.get("model", "final")),
@@ -59,7 +60,7 @@ class ExportMeta:
             assert meta.resize in RESIZE_POLICIES and meta.interpolation in ("bilinear", "bicubic", "nearest")
             assert len(meta.mean) == len(meta.std) == 3 and all(s > 0 for s in meta.std) and meta.class_names
         except (AssertionError, KeyError, TypeError, ValueError) as exc:
-            raise ExportError(f"{where} has no usable finetune metadata ({type(exc).__name__}: {exc}).",
+            raise ExportError(f"{where} has no usable finetune metadata ({type(exc).__name__}: {str(exc)[:200]}).",
                               "Export the run again with `finetune export RUN_DIR`.") from None
         return meta
 
@@ -73,7 +74,7 @@ def from_onnx_props(props: dict[str, str], where: Path) -> ExportMeta:
     """The inverse of :func:`onnx_props`."""
     try:
         data = {k.removeprefix(PREFIX): json.loads(v) for k, v in props.items() if k.startswith(PREFIX)}
-    except ValueError:
+    except (ValueError, RecursionError):
         data = None
     return ExportMeta.from_dict(data, where)
 
@@ -83,23 +84,24 @@ def sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def _size(value: Any) -> tuple[int, int]:
+def _size(value: Any, bounds: tuple[int, int] = (1, 16384)) -> tuple[int, int]:
     assert isinstance(value, (list, tuple)) and len(value) == 2, "a size is [height, width]"
-    return _positive(value[0]), _positive(value[1])
+    return _positive(value[0], bounds), _positive(value[1], bounds)
 
 
-def _positive(value: Any) -> int:
-    assert type(value) is int and 0 < value <= 16384, f"{value!r} is not a size"
+def _positive(value: Any, bounds: tuple[int, int] = (1, 65536)) -> int:
+    low, high = bounds
+    assert type(value) is int and low <= value <= high, f"{excerpt(value)} is not a size from {low} to {high}"
     return value
 
 
 def _floats(value: Any) -> tuple[float, ...]:
-    assert isinstance(value, (list, tuple)), f"{value!r} is not a list"
+    assert isinstance(value, (list, tuple)), f"{excerpt(value)} is not a list"
     out = tuple(float(v) for v in value if isinstance(v, (int, float)) and not isinstance(v, bool))
-    assert len(out) == len(value) and all(math.isfinite(v) for v in out), f"{value!r} is not a list of numbers"
+    assert len(out) == len(value) and all(math.isfinite(v) for v in out), f"{excerpt(value)} is not a list of numbers"
     return out
 
 
 def _str(value: Any) -> str:
-    assert isinstance(value, str), f"{value!r} is not a string"
+    assert isinstance(value, str), f"{excerpt(value)} is not a string"
     return value

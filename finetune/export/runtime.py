@@ -1,19 +1,24 @@
 """Running an exported model: an ONNX file on onnxruntime (CPU) or a ``.pt2`` program through
-``torch.export.load``, each as a function from a float batch ``(B, 3, H, W)`` to logits
-``(B, classes)``, with the metadata it was exported with (:func:`load_exported`)."""
+``torch.export.load`` (once :mod:`.archive` found nothing in it that loading would run), each as a
+function from a float batch ``(B, 3, H, W)`` to logits ``(B, classes)``, with the metadata it was
+exported with (:func:`load_exported`), checked against the model's own input and output shapes."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from ..errors import ExportError
-from .metadata import PT2_ENTRY, SUFFIXES, ExportMeta, from_onnx_props
+from ..errors import ExportError, excerpt
+from .archive import check_pt2
+from .metadata import SUFFIXES, ExportMeta, from_onnx_props
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
@@ -40,54 +45,121 @@ def format_of(path: Path) -> str:
 
 def open_runner(path: Path, fmt: str) -> Runner:
     """The exported model at ``path`` as a function of a CPU float batch, returning CPU logits."""
+    return _open(path, fmt)[0]
+
+
+def _open(path: Path, fmt: str) -> tuple[Runner, ExportMeta]:
+    """Read an exported file once: its metadata, and its model after every check that needs no
+    inference (for a ``.pt2``, :func:`.archive.check_pt2` before torch loads anything)."""
     if fmt == "onnx":
-        ort = require("onnxruntime")
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
+        session = _onnx_session(path)
+        meta = from_onnx_props(dict(session.get_modelmeta().custom_metadata_map), path)
+        node = session.get_inputs()[0]
+        _check_shapes(path, meta, tuple(node.shape), tuple(session.get_outputs()[0].shape))
 
         def run_onnx(batch: torch.Tensor) -> torch.Tensor:
             array = batch.detach().to("cpu", torch.float32).contiguous().numpy()
-            return torch.from_numpy(session.run(None, {name: array})[0])
+            return torch.from_numpy(session.run(None, {node.name: array})[0])
 
-        return run_onnx
-    with open(path, "rb") as f:  # a file object: the name may be a temporary one without the .pt2 suffix
-        program = torch.export.load(f).module()
+        return run_onnx, meta
+    data = _read(path)  # checked and loaded from these bytes: the file is read once
+    text = check_pt2(data, path)
+    try:
+        meta = ExportMeta.from_dict(json.loads(text), path)
+    except (ValueError, RecursionError):
+        raise ExportError(f"{path} has no usable finetune metadata (not JSON).", "Export the run again.") from None
+    try:
+        with _quiet_torch_export():
+            exported = torch.export.load(io.BytesIO(data))
+            program = exported.module()
+        values = {node.name: node.meta.get("val") for node in exported.graph.nodes}
+        signature = exported.graph_signature
+        (inputs,), (outputs,) = ([values[name].shape for name in names]  # one image batch in, one logit batch out
+                                 for names in (signature.user_inputs, signature.user_outputs))
+    except Exception as exc:  # torch's deserializer raises many types for a file it cannot use
+        raise ExportError(f"{path} cannot be read as a finetune .pt2 export ({type(exc).__name__}: "
+                          f"{excerpt(exc, 160)}).", "Export the run again.") from None
+    _check_shapes(path, meta, tuple(inputs), tuple(outputs))
 
     def run_pt2(batch: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return program(batch.detach().to("cpu", torch.float32).contiguous())
 
-    return run_pt2
+    return run_pt2, meta
 
 
-def read_meta(path: Path, fmt: str) -> ExportMeta:
-    """The metadata an exported file carries (ONNX ``metadata_props``; the archive entry of a ``.pt2``)."""
-    if fmt == "onnx":
-        ort = require("onnxruntime")
-        try:
-            props = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
-        except Exception as exc:  # onnxruntime raises its own exception types for unreadable files
-            raise ExportError(f"{path} cannot be read as an ONNX model ({exc}).", "Export the run again.") from None
-        return from_onnx_props(dict(props), path)
-    extra = {PT2_ENTRY: ""}
+def _read(path: Path) -> bytes:
     try:
-        with open(path, "rb") as f:
-            torch.export.load(f, extra_files=extra)
-        data = json.loads(extra[PT2_ENTRY])
-    except (RuntimeError, ValueError, OSError) as exc:
-        raise ExportError(f"{path} cannot be read as a finetune .pt2 export ({exc}).", "Export the run again.") from None
-    return ExportMeta.from_dict(data, path)
+        return path.read_bytes()
+    except OSError as exc:
+        raise ExportError(f"Could not read {path}: {exc.strerror or exc}.", "Check that the file is readable.") from None
+
+
+def _onnx_session(path: Path):
+    """An onnxruntime session on the file, once it looks like an ONNX model (so that a file of
+    another kind is named as such, not as a missing onnxruntime)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    # An ONNX file is a ModelProto, whose first field is ir_version: tag 0x08, then a small varint.
+    if len(head) < 2 or head[0] != 0x08 or not 0 < head[1] < 0x80:
+        raise ExportError(f"{path} cannot be read as an ONNX model: it does not start as one (another kind of file).",
+                          "Pass a file that finetune export wrote.")
+    ort = require("onnxruntime")
+    try:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for unreadable files
+        raise ExportError(f"{path} cannot be read as an ONNX model ({excerpt(exc, 200)}).",
+                          "Export the run again (another --opset, if onnxruntime is older than the exporter).") from None
+
+
+def _check_shapes(path: Path, meta: ExportMeta, inputs: tuple, outputs: tuple) -> None:
+    """The model takes ``(batch, 3, *meta.input_size)`` and gives one logit per class name: checked
+    before any photo is run, since a mismatch would fail inside the model or mislabel classes."""
+    def fixed(dim: object) -> int | None:
+        return dim if isinstance(dim, int) else None  # a symbolic (pt2) or named (ONNX) dimension: None
+
+    taken = tuple(fixed(d) for d in inputs)
+    if len(taken) != 4 or taken[1:] != (3, *meta.input_size) or taken[0] != meta.batch:
+        raise ExportError(
+            f"{path}'s model takes inputs of shape {_shape(inputs)}, but its metadata says "
+            f"{_shape((meta.batch or 'batch', 3, *meta.input_size))}; photos would be prepared for another model.",
+            "Export the run again with `finetune export RUN_DIR`.",
+        )
+    if len(outputs) != 2 or fixed(outputs[1]) != len(meta.class_names):
+        raise ExportError(
+            f"{path}'s model gives logits of shape {_shape(outputs)}, but its metadata names "
+            f"{len(meta.class_names)} classes; every logit needs exactly one class name.",
+            "Export the run again with `finetune export RUN_DIR`.",
+        )
+
+
+def _shape(dims: tuple) -> str:
+    return "(" + ", ".join(str(d) if isinstance(d, int) else "batch" for d in dims) + ")"
+
+
+@contextlib.contextmanager
+def _quiet_torch_export():
+    """Hold back torch.export's log lines while it loads: a file it cannot read is reported as one
+    ExportError, not as its warning with a traceback followed by ours."""
+    logger = logging.getLogger("torch.export")
+    previous = logger.level
+    logger.setLevel(logging.ERROR + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 
 def load_exported(path: str | Path) -> tuple[Runner, ExportMeta]:
-    """An exported model file as ``(runner, metadata)``.
+    """An exported model file as ``(runner, metadata)``, checked before anything in it is loaded.
 
     Raises:
-        ExportError: a file of another kind, one without finetune's metadata, or a missing extra.
+        ExportError: a file of another kind, one without finetune's metadata, one whose model does
+            not match its metadata, one that loading would run code from, or a missing extra.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ExportError(f"{path} does not exist.", "Pass the path of a file that finetune export wrote.")
-    fmt = format_of(path)
-    meta = read_meta(path, fmt)
-    return open_runner(path, fmt), meta
+    if not path.is_file():  # by stat, never opened: a FIFO would wait for a writer forever
+        raise ExportError(f"{path} is not a regular file.", "Pass the path of a file that finetune export wrote.")
+    return _open(path, format_of(path))

@@ -41,7 +41,7 @@ from typing import Any
 
 from safetensors import SafetensorError
 
-from ..errors import RunDirError
+from ..errors import RunDirError, excerpt
 from ..recipe import Recipe
 from ..snapshot import fsync_dir, write_new_text_synced
 
@@ -57,6 +57,16 @@ MARKER = ".finetune-run"  # written into every run folder finetune creates: only
 MARKER_FORMAT = "finetune-run/1"
 # What a write can raise: the OS's errors, and safetensors' own type for the same (a full disk).
 WRITE_ERRORS = (OSError, SafetensorError)
+# What reading a JSON or YAML file finetune wrote can raise when it is damaged or crafted: a bad
+# encoding or syntax (ValueError), and nesting deeper than Python's parsers recurse.
+PARSE_ERRORS = (OSError, UnicodeDecodeError, ValueError, RecursionError)
+# Plausible sides of a stored image (summary.json's stored_size): below 2 pixels nothing of a photo
+# is left; above 4096 one photo alone takes 200 MB as floats, and no run keeps images that large.
+STORED_SIDE = (2, 4096)
+# What finetune reads in a run folder, checked by check_links: none of it may lead out of the folder.
+READ_PATHS = ("recipe.yaml", "summary.json", "metrics.jsonl", "config.json", "model.safetensors",
+              str(CHECKPOINT.parent), str(CHECKPOINT), BEST_DIR, f"{BEST_DIR}/config.json",
+              f"{BEST_DIR}/model.safetensors")
 
 
 def run_dir_for(recipe: Recipe) -> Path:
@@ -99,7 +109,7 @@ def read_marker(path: Path) -> dict[str, Any] | None:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
         doc = json.loads(os.read(fd, 4096))
-    except (OSError, ValueError):
+    except PARSE_ERRORS:
         return None
     finally:
         os.close(fd)
@@ -144,15 +154,45 @@ def parked_runs(path: Path) -> list[Path]:
 
 
 def read_summary(path: Path) -> dict[str, Any] | None:
-    """``summary.json`` as a dict, or ``None`` when it is missing or unreadable."""
+    """``summary.json`` as a dict, or ``None`` when it is missing, unreadable, or a link out of
+    the folder (whose content is another file's, never the run's)."""
     file = path / "summary.json"
-    if not file.is_file():  # not a FIFO or a folder: reading those would hang or fail
+    if not file.is_file() or leads_out(path, "summary.json"):  # a FIFO or a folder would hang or fail
         return None
     try:
         summary = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except PARSE_ERRORS:
         return None
     return summary if isinstance(summary, dict) else None
+
+
+def leads_out(folder: Path, name: str | Path) -> bool:
+    """Whether ``folder / name`` is, or passes through, a link that leads out of ``folder`` (a
+    missing entry does not)."""
+    path = folder / name
+    if not (path.exists() or path.is_symlink()):
+        return False
+    try:
+        return not path.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError):  # a loop of links
+        return True
+
+
+def check_links(folder: Path, names: tuple[str, ...] = READ_PATHS) -> None:
+    """Refuse a run folder in which a file finetune reads (``recipe.yaml``, ``checkpoints/``...)
+    is a link that leads out of the folder: reading it would read another file, and messages about
+    it would print that file's content. Links that stay inside the folder are read as usual.
+
+    Raises:
+        RunDirError: one such link, named.
+    """
+    for name in names:
+        if leads_out(folder, name):
+            raise RunDirError(
+                f"{folder / name} is a link that leads out of the run folder {folder}; finetune reads a run "
+                "folder's own files only, never another file through a link.",
+                "Replace the link with a copy of what it points to if you trust that, or use another run folder.",
+            )
 
 
 def lock_held(path: Path) -> bool:
@@ -381,12 +421,31 @@ def write_error(action: str, exc: BaseException, note: str = "") -> RunDirError:
     )
 
 
-def stored_size(target: Path) -> tuple[int, int] | None:
+def patch_side(model: Any) -> int:
+    """The smaller side of a model's patch (``patch_embed.patch_size``); 1 for a model without
+    patches. An image kept smaller than one patch leaves such a model nothing to see."""
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if isinstance(patch, int):
+        return patch
+    return min(patch) if patch else 1
+
+
+def stored_size(target: Path, model: Any = None) -> tuple[int, int] | None:
     """The size a run kept its training images at (``summary.json``: ``stored_size``), when
     ``target`` is a run folder, its ``best/`` model or a weights file in one: ``predict`` then
     resizes a photo as the run's evaluation resized its images (to that size, then to the model's),
     and ``finetune export`` writes it into the exported file.
-    ``None`` for any other source, or a run from before the size was recorded."""
+    ``None`` for any other source, or a run from before the size was recorded.
+
+    Args:
+        model: the run's model, when at hand: a side below its patch (:func:`patch_side`) is
+            implausible too.
+
+    Raises:
+        RunDirError: a recorded size that is not ``[height, width]`` with sides from 2 (or the
+            model's patch) to 4096 (:data:`STORED_SIDE`): resizing photos to it would be wrong or
+            would exhaust memory, and leaving it out would preprocess differently from the run.
+    """
     if not target.exists():  # a timm name or hub id: no run folder, and no reading of ./summary.json
         return None
     folder = target if target.is_dir() else target.parent
@@ -394,5 +453,15 @@ def stored_size(target: Path) -> tuple[int, int] | None:
         folder = folder.parent
     summary = read_summary(folder) if is_run_folder(folder) else None
     size = summary.get("stored_size") if summary else None
-    valid = isinstance(size, list) and len(size) == 2 and all(type(s) is int and 0 < s <= 16384 for s in size)
-    return (size[0], size[1]) if valid else None
+    if size is None:
+        return None
+    low, high = max(patch_side(model), STORED_SIDE[0]), STORED_SIDE[1]
+    if not (isinstance(size, list) and len(size) == 2 and all(type(s) is int and low <= s <= high for s in size)):
+        raise RunDirError(
+            f"{folder / 'summary.json'} records stored_size {excerpt(size)}, which is not [height, width] with "
+            f"sides from {low} to {high} pixels (the size the run kept its images at; a side below {low} "
+            "leaves nothing of a photo for this model, a larger one exhausts memory).",
+            "Restore summary.json from the run as finetune wrote it, or remove its stored_size entry to "
+            "resize photos straight to the model's input size.",
+        )
+    return size[0], size[1]

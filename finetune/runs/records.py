@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from .folder import run_status
+from .folder import PARSE_ERRORS, leads_out, run_status
 
 # Recipe keys that never describe the experiment: labels, and where/how the output is written.
 IGNORED_KEYS = ("name", "description")
@@ -123,7 +123,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # a cut line; or one nested deeper than the parser recurses
             continue
         if isinstance(row, dict):
             rows.append(row)
@@ -156,12 +156,14 @@ def read_run(run_dir: str | Path) -> RunRecord:
         record.error = f"no such run folder: {run_dir}"
         return record
 
+    # A file that is a link out of the run folder is another file: never read (folder.check_links).
     try:
-        raw_recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
-        record.recipe = flatten(raw_recipe) if isinstance(raw_recipe, dict) else {}
-    except (OSError, yaml.YAMLError):
+        if not leads_out(run_dir, "recipe.yaml"):
+            raw_recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+            record.recipe = flatten(raw_recipe) if isinstance(raw_recipe, dict) else {}
+    except (*PARSE_ERRORS, yaml.YAMLError):
         pass  # the table then shows no settings for this run; the summary says what happened
-    if (run_dir / "metrics.jsonl").is_file():
+    if (run_dir / "metrics.jsonl").is_file() and not leads_out(run_dir, "metrics.jsonl"):
         record.epoch_rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "epoch"]
 
     _read_summary(record)
@@ -173,10 +175,15 @@ def _read_summary(record: RunRecord) -> None:
     """Fill ``record`` from ``summary.json``: status, error, accuracies, times and counts."""
     summary: Any = None
     try:
-        summary = json.loads((record.run_dir / "summary.json").read_text(encoding="utf-8"))
+        if leads_out(record.run_dir, "summary.json"):
+            record.status, record.error = "failed", "summary.json is a link out of the run folder (not read)"
+        else:
+            summary = json.loads((record.run_dir / "summary.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
         record.error = "no summary.json (the run never started, or was killed)"
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except RecursionError:
+        record.status, record.error = "failed", "unreadable summary.json: nested too deeply"
+    except PARSE_ERRORS as err:
         record.status, record.error = "failed", f"unreadable summary.json: {err}"
     if summary is not None and not isinstance(summary, dict):
         record.status, record.error = "failed", "unreadable summary.json: not a JSON object"

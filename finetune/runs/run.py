@@ -30,7 +30,7 @@ from ..training.loop import fit
 from ..training.progress import TrainProgress, console
 from ..training.setup import Prepared, build
 from ..training.state import TrainState
-from .folder import check_run_dir, run_dir_for
+from .folder import check_links, check_run_dir, run_dir_for
 from .recorder import RunRecorder
 from .rundir import RunDir, read_checkpoint
 
@@ -96,10 +96,13 @@ def resume(run_dir: str | Path, *, quiet: bool = False) -> dict[str, Any]:
     another number of processes than the run had (``data.batch_size`` is the global batch).
 
     Raises:
-        RunDirError: not a run folder, in use, finished, diverged, or without a checkpoint.
+        RunDirError: not a run folder, in use, finished, diverged, without a checkpoint, or a file it
+            reads is a link out of the folder.
         CheckpointError: the checkpoint is damaged or belongs to another recipe.
     """
     run_dir = Path(run_dir)
+    if run_dir.is_dir():
+        check_links(run_dir)  # before recipe.yaml is read: a link out of the folder is never read
     try:
         recipe = load_recipe(run_dir / "recipe.yaml")
     except FinetuneError:

@@ -28,6 +28,7 @@ from .folder import (
     LOCK_FILE,
     MARKER,
     WRITE_ERRORS,
+    check_links,
     is_run_folder,
     lock_held,
     move_aside,
@@ -130,7 +131,8 @@ class RunDir:
         up what writes that a killed process did not finish left behind.
 
         Raises:
-            RunDirError: not a run folder, in use, already finished, diverged, or without a checkpoint.
+            RunDirError: not a run folder, in use, already finished, diverged, without a checkpoint, or
+                a file it reads is a link out of the folder (:func:`.folder.check_links`).
         """
         if not path.is_dir():
             raise RunDirError(f"{path} is not a folder.", "Pass the run folder, e.g. runs/deit_tiny_cifar.")
@@ -140,6 +142,7 @@ class RunDir:
                 "summary.json of a run from an earlier finetune).",
                 "Pass a folder that `finetune run` created, e.g. runs/deit_tiny_cifar.",
             )
+        check_links(path)
         try:
             fd = take_lock(path / LOCK_FILE)
         except BlockingIOError:
@@ -353,6 +356,7 @@ def read_checkpoint(run_dir: Path, recipe: Recipe) -> dict[str, Any]:
         CheckpointError: unreadable, damaged (its SHA-256 does not match), or written by another recipe.
     """
     path = run_dir / CHECKPOINT
+    check_links(run_dir, (str(CHECKPOINT.parent), str(CHECKPOINT)))  # never another run's checkpoint
     state = load_state(path)
     if not isinstance(state, dict) or not {"recipe", "progress", "model", "model_config"} <= set(state):
         raise CheckpointError(f"{path} is not a finetune training checkpoint.", "Start the run again with output.overwrite=true.")
