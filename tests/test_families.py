@@ -199,11 +199,11 @@ def test_swin_saved_at_a_new_size_reloads_with_its_windows(saved, tmp_path):
 
 
 def test_swin_windows_do_not_shrink_below_the_checkpoints(saved):
-    """At 32 px timm's ratio rule would give 1x1 windows (no attention); the checkpoint's 7 is kept and
-    clipped to each stage's grid instead."""
+    """At 32 px timm's ratio rule would give 1x1 windows (no attention); the checkpoint's 7 is kept as the
+    least window, and a stage grid under two windows (8x8) is one window of its own size, not 7 padded to 14."""
     _, folder = saved("swin")
     model = load_model(folder, num_classes=7, img_size=32)
-    assert [tuple(layer.blocks[0].window_size) for layer in model.layers] == [(7, 7), (4, 4)]
+    assert [tuple(layer.blocks[0].window_size) for layer in model.layers] == [(8, 8), (4, 4)]
     _step(model, 32)
 
 

@@ -33,8 +33,8 @@ from torch import nn
 from ..errors import CheckpointError, FinetuneError
 from . import presets  # noqa: F401  (registers the from-scratch presets with timm)
 from .pos_embed import (PosEmbedMode, check_image_size, check_runs_at_input_size, pos_embed_prefix_tokens,
-                        resize_model_input, to_2tuple)
-from .reading import check_model_args, describe_checkpoint
+                        pretrained_window_sizes, resize_model_input, to_2tuple)
+from .reading import check_model_args, check_num_classes, check_weight_values, describe_checkpoint
 from .sources import HUB_PREFIX, ResolvedSource, check_arch, resolve_source
 
 CONFIG_NAME = "config.json"
@@ -143,6 +143,7 @@ def create_model(
         >>> model = create_model("vit_lab", num_classes=10)       # the course lab's ViT
         >>> model = create_model("vit_cifar_s", num_classes=100, drop_path_rate=0.1)
     """
+    check_num_classes(num_classes, f"create_model({arch!r}, num_classes={num_classes!r})")
     kwargs = dict(model_kwargs, num_classes=num_classes)
     if img_size is not None:
         kwargs["img_size"] = img_size
@@ -247,12 +248,13 @@ def load_state_dict_exact(
             + hint,
             "Pass the architecture it was trained with (arch=... / model.arch).",
         )
+    check_weight_values(state_dict, model_sd, source)
     if strict and (missing or unexpected):
         raise CheckpointError(
-            f"{source} does not match {arch}: "
-            + (f"missing from the checkpoint: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}. " if missing else "")
-            + (f"not in the model: {', '.join(unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}." if unexpected else "")
-            + hint,
+            (f"{source} does not match {arch}: "
+             + (f"missing from the checkpoint: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}. " if missing else "")
+             + (f"not in the model: {', '.join(unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}." if unexpected else "")
+             + hint).rstrip(),
             "Use the architecture the checkpoint was made for, or pass strict=False (model.strict: false) "
             "to load what fits and report the rest.",
         )
@@ -345,7 +347,7 @@ def load_model(
         >>> model.load_report.summary()
     """
     name = source.origin if isinstance(source, ResolvedSource) else str(source)
-    _check_load_args(name, num_classes, model_kwargs)
+    _check_load_args(name, num_classes, model_kwargs, {"strict": strict, "use_ema": use_ema, "antialias": antialias})
     if not isinstance(source, ResolvedSource):
         source = resolve_source(source, arch=arch, use_ema=use_ema, cache_dir=cache_dir)
     model, report = _load_at_checkpoint_shape(source, name, model_kwargs, keep_head=num_classes is None, strict=strict)
@@ -359,14 +361,16 @@ def load_model(
     return model
 
 
-def _check_load_args(name: str, num_classes: Any, model_kwargs: dict[str, Any]) -> None:
-    if num_classes is not None and not (
-            isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes >= 1):
-        raise FinetuneError(
-            f"load_model({name!r}, num_classes={num_classes!r}): num_classes must be a whole number of classes, "
-            "1 or more.",
-            "Pass the new task's class count, or num_classes=None to keep the checkpoint's head.",
-        )
+def _check_load_args(name: str, num_classes: Any, model_kwargs: dict[str, Any], flags: dict[str, Any]) -> None:
+    if num_classes is not None:
+        check_num_classes(num_classes, f"load_model({name!r}, num_classes={num_classes!r})")
+    for flag, value in flags.items():  # strict='no' would be true: any non-empty string is
+        if not isinstance(value, bool):
+            raise FinetuneError(
+                f"load_model({name!r}, {flag}={value!r}): {flag} must be True or False, not a "
+                f"{type(value).__name__} (Python would read any non-empty text, 'no' and 'false' included, as True).",
+                f"Pass {flag}=True or {flag}=False.",
+            )
     # The keywords go to timm's constructor: the same checks as a config.json's model_args, so that
     # they can neither make timm open a file (checkpoint_path=) nor build without bound (depth=100000).
     check_model_args(model_kwargs, {}, name, keywords=True)
@@ -395,6 +399,7 @@ def _load_at_checkpoint_shape(
     model.pretrained_cfg = dict(resolved.pretrained_cfg)
     native = checkpoint_input_size(model, state_dict)
     if native is not None:
+        _check_recorded_size(resolved, model, state_dict, native[0])
         resize_model_input(model, native[0], patch_size=native[1])
     loaded, missing, unexpected = load_state_dict_exact(model, state_dict, strict=strict, source=resolved.origin)
     model.finetune_spec = {"arch": resolved.arch, "model_args": architecture_args(build_args)}
@@ -402,12 +407,44 @@ def _load_at_checkpoint_shape(
     return model, LoadReport(name, resolved.origin, resolved.arch, loaded, missing, unexpected)
 
 
+def _check_recorded_size(resolved: ResolvedSource, model: nn.Module, state_dict: dict[str, torch.Tensor],
+                         weights_size: tuple[int, int]) -> None:
+    """A source that records its input size (``model_args.img_size`` in config.json or in a saved
+    file's metadata) must agree with the grid its ``pos_embed`` holds.
+
+    A bare weights file records none, and is built at its ``pos_embed``'s own grid (a DeiT file at
+    384 px loads as 384 px); a folder whose config says 32 px while ``pos_embed`` holds a 16-px grid
+    was changed or damaged after it was saved, and loading it at either size would hide that."""
+    recorded = resolved.model_args.get("img_size")
+    if recorded is None or to_2tuple(recorded) == to_2tuple(weights_size):
+        return
+    rh, rw = to_2tuple(recorded)
+    ph, pw = to_2tuple(model.patch_embed.patch_size)
+    gh, gw = to_2tuple(model.patch_embed.grid_size)
+    wh, ww = to_2tuple(weights_size)
+    slots = state_dict["pos_embed"].shape[1] - pos_embed_prefix_tokens(model)
+    raise CheckpointError(
+        f"{resolved.origin}: its config records img_size {rh}x{rw} ({gh}x{gw} patches of {ph}x{pw} px, "
+        f"{gh * gw} positions) but its weights' pos_embed holds {slots} grid positions, a "
+        f"{wh // ph}x{ww // pw} grid ({wh}x{ww} px). The config and the weights disagree: one of them was "
+        "changed or damaged after the model was saved.",
+        f"Use the folder as it was saved (copy or download it again); if the weights are right, set "
+        f"model_args.img_size to [{wh}, {ww}] in its config.json, and pass img_size=... to load_model to run "
+        "it at another size.",
+    )
+
+
 def _head_classes(resolved: ResolvedSource) -> int:
     """Outputs of the checkpoint's (first) classifier head; 0 when it has none."""
     classifier = resolved.pretrained_cfg.get("classifier") or "head"
     first_head = classifier[0] if isinstance(classifier, (list, tuple)) else classifier
-    head_weight = resolved.state_dict.get(f"{first_head}.weight")
-    return int(head_weight.shape[0]) if head_weight is not None else 0
+    # A file that lost its head's weight still says the head's size in its bias: built with that head,
+    # the exact load then names head.weight as missing (built headless, it would name head.bias as extra).
+    for name in (f"{first_head}.weight", f"{first_head}.bias"):
+        tensor = resolved.state_dict.get(name)
+        if tensor is not None and tensor.ndim >= 1:
+            return int(tensor.shape[0])
+    return 0
 
 
 def _resize_input(model: nn.Module, img_size: Any, patch_size: Any, *, mode: PosEmbedMode,
@@ -416,8 +453,8 @@ def _resize_input(model: nn.Module, img_size: Any, patch_size: Any, *, mode: Pos
 
     Families other than ViT (EVA, BEiT, Swin) are then run once at the new size
     (:func:`check_runs_at_input_size`), so that a model that cannot be adapted is refused here,
-    not at its first batch; a Swin's new stage windows join ``finetune_spec``, so that a saved
-    copy is rebuilt with them."""
+    not at its first batch; a Swin's new stage windows (and a Swin V2's pretrained windows) join
+    ``finetune_spec``, so that a saved copy is rebuilt with them."""
     before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     old_size = to_2tuple(model.patch_embed.img_size) if getattr(model, "patch_embed", None) is not None else None
     resize_model_input(model, img_size, patch_size=patch_size, mode=mode, antialias=antialias)
@@ -426,6 +463,9 @@ def _resize_input(model: nn.Module, img_size: Any, patch_size: Any, *, mode: Pos
         windows = getattr(model, "_ref_window_sizes", None)
         if windows is not None and hasattr(model, "finetune_spec"):
             model.finetune_spec["model_args"]["window_size"] = [list(w) for w in windows]
+            pretrained = pretrained_window_sizes(model)  # Swin V2: the windows its position bias was learned on
+            if pretrained is not None:
+                model.finetune_spec["model_args"]["pretrained_window_sizes"] = pretrained
     return {k: (before[k], tuple(v.shape)) for k, v in model.state_dict().items()
             if k in before and before[k] != tuple(v.shape)}
 

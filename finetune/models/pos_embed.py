@@ -316,7 +316,8 @@ def resize_model_input(
 
     EVA, BEiT, Swin and Swin V2 go through their own ``set_input_size`` (rotary embeddings
     recomputed, relative tables resized by ``resize_rel_pos_bias_table``, index buffers and masks
-    rebuilt, Swin's windows set by :func:`stage_window_sizes`); an absolute embedding is then
+    rebuilt, Swin's windows set by :func:`stage_window_sizes`, Swin V2's continuous bias kept on the
+    offsets it learned by :func:`keep_pretrained_windows`); an absolute embedding is then
     refitted in ``mode`` as on ViT. Raises ``GridError`` (:func:`check_resize_mode`, :func:`check_image_size`).
 
     Example:
@@ -358,18 +359,75 @@ def resize_model_input(
 
 
 def stage_window_sizes(model: nn.Module, new_grid: tuple[int, int]) -> tuple[tuple[int, int], ...] | None:
-    """Each Swin stage's window for a new patch grid: grown with the grid by timm's rule (keeping
-    the window-to-grid ratio, as Swin's own 384-px checkpoints have 12-px windows for 7 at 224),
-    never shrunk below the checkpoint's own (timm's blocks clip a window to a stage grid smaller
-    than it, and shift no more). Shrinking with the grid would leave 1x1 windows at 32 px: no
-    attention at all. ``None`` for a model without stage windows (timm's default then applies)."""
+    """Each Swin stage's window for a new patch grid, chosen so that no stage is padded by more
+    than it needs. ``None`` for a model without stage windows (timm's default then applies).
+
+    A stage's base window ``w`` is timm's ratio rule (keeping the window-to-grid ratio, as Swin's
+    384-px checkpoints have 12-px windows for 7 at 224), never below the checkpoint's own: shrinking
+    with the grid would leave 1x1 windows at 32 px, no attention at all. A stage grid of ``r``
+    tokens per side is then split into ``n = max(1, r // w)`` windows of ``ceil(r / n)`` (per
+    axis; :func:`fit_window`), which is ``w`` itself whenever ``w`` divides ``r``. timm pads a grid
+    up to a multiple of its window with zero tokens and masks none of them, so a 7-token window on
+    Swin-T's 8x8 stage at 32 px would be padded to 14x14: 64 real tokens of 196, each attending to
+    the zeros. With this rule that stage is one 8x8 window, and any stage is padded by fewer
+    tokens per side than it has windows (always less than one window's worth).
+    """
     ref, ref_grid = getattr(model, "_ref_window_sizes", None), getattr(model, "_ref_grid_size", None)
     if ref is None or ref_grid is None:
         return None
     from timm.models.swin_transformer import calc_stage_window_sizes
 
     scaled = calc_stage_window_sizes(tuple(new_grid), ref, ref_grid)
-    return tuple((max(s[0], r[0]), max(s[1], r[1])) for s, r in zip(scaled, ref))
+    windows, resolution = [], tuple(new_grid)
+    for stage, (s, r) in enumerate(zip(scaled, ref)):
+        if stage > 0:  # each stage after the first merges 2x2 patches (timm pads an odd side first)
+            resolution = ((resolution[0] + 1) // 2, (resolution[1] + 1) // 2)
+        windows.append((fit_window(resolution[0], max(s[0], r[0])), fit_window(resolution[1], max(s[1], r[1]))))
+    return tuple(windows)
+
+
+def fit_window(side: int, window: int) -> int:
+    """The window for a stage ``side`` tokens long, near ``window`` and padded as little as it needs:
+    ``side`` split into ``n = max(1, side // window)`` windows of ``ceil(side / n)``.
+
+    The result is in ``[window, 2 * window)`` when ``side >= window`` (``side`` itself when it is
+    under two windows, ``window`` when ``window`` divides it) and pads fewer than ``n`` tokens;
+    a side shorter than ``window`` is one window of ``side``, as timm's blocks clip it.
+
+    Example:
+        >>> fit_window(8, 7), fit_window(16, 7), fit_window(56, 7), fit_window(4, 7)
+        (8, 8, 7, 4)
+    """
+    count = max(1, side // window)
+    return -(-side // count)
+
+
+def keep_pretrained_windows(model: nn.Module) -> None:
+    """Fix each Swin V2 attention's ``pretrained_window_size`` at the window it has now, where it is unset.
+
+    Swin V2's continuous position bias (``cpb_mlp``) reads offsets divided by ``pretrained_window_size - 1``,
+    or, when that is (0, 0), by the *current* window's ``- 1``. A checkpoint with (0, 0) learned its bias
+    on offsets divided by its own window's ``- 1``; if its window then grows from 8 to 10, each offset
+    would be divided by 9 instead of 7 and read the bias learned for a smaller one. Fixing the
+    pretrained window first (as timm's own 384-px Swin V2 configs do, ``pretrained_window_sizes``) keeps
+    every offset the checkpoint knew at the value it learned; the new, larger offsets extrapolate.
+    """
+    for module in model.modules():
+        pretrained = getattr(module, "pretrained_window_size", None)
+        if pretrained is not None and hasattr(module, "cpb_mlp") and not any(pretrained):
+            module.pretrained_window_size = to_2tuple(module.window_size)
+
+
+def pretrained_window_sizes(model: nn.Module) -> list[list[int]] | None:
+    """Swin V2's per-stage ``pretrained_window_size`` as ``[[h, w], ...]`` (timm's
+    ``pretrained_window_sizes``), for ``config.json``; ``None`` for other models."""
+    sizes = []
+    for stage in getattr(model, "layers", ()):
+        attn = getattr(stage.blocks[0], "attn", None) if hasattr(stage, "blocks") and len(stage.blocks) else None
+        if attn is None or getattr(attn, "pretrained_window_size", None) is None:
+            return None
+        sizes.append(list(to_2tuple(attn.pretrained_window_size)))
+    return sizes or None
 
 
 def _resize_family(model: nn.Module, new_img: tuple[int, int], new_patch: tuple[int, int], *, mode: str,
@@ -381,6 +439,7 @@ def _resize_family(model: nn.Module, new_img: tuple[int, int], new_patch: tuple[
     new_grid = (new_img[0] // new_patch[0], new_img[1] // new_patch[1])
     windows = stage_window_sizes(model, new_grid) if _is_windowed(model) else None
     extra = {"window_size": windows} if windows is not None else {}
+    keep_pretrained_windows(model)  # before any window changes (Swin V2)
     try:
         model.set_input_size(img_size=new_img, patch_size=new_patch, **extra)
     except (TypeError, ValueError, AssertionError, RuntimeError) as exc:  # timm's own refusal, in words
@@ -389,6 +448,14 @@ def _resize_family(model: nn.Module, new_img: tuple[int, int], new_patch: tuple[
             f"({type(exc).__name__}: {exc}).",
             f"Load it at its own size ({old_img[0]}x{old_img[1]} px) or try another size.",
         ) from None
+    pretrained = pretrained_window_sizes(model)
+    if pretrained is not None:
+        try:  # timm >= 1.0.22 records constructor args for re-creation: a rebuild needs these too
+            from timm.models._input import update_model_args
+
+            update_model_args(model, pretrained_window_sizes=pretrained)
+        except ImportError:
+            pass
     grid = to_2tuple(model.patch_embed.grid_size)
     if old_pos is not None and (mode, antialias) != ("bicubic", True) and grid != old_grid:
         with torch.no_grad():  # timm refitted it bicubically: redo it from the original in the mode asked

@@ -4,7 +4,8 @@ Everything here returns plain CPU state dicts (wrapper keys and ``module.`` / ``
 prefixes removed) and checked metadata; finding a source is :mod:`finetune.models.sources`' job.
 Pickled files are read with ``torch.load(weights_only=True)``: a checkpoint that carries code is
 refused before any of it runs. ``config.json`` and saved metadata are data, checked for types and
-bounds before timm sees them.
+bounds before timm sees them (as are ``load_model``'s keywords and class count), and the weights'
+values are checked before they load (:func:`check_weight_values`: no integers cast, no NaN).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from timm.models import clean_state_dict  # drops DDP's "module." and torch.compile's "_orig_mod."
 
-from ..errors import CheckpointError, SourceNotFoundError
+from ..errors import CheckpointError, FinetuneError, SourceNotFoundError
 
 def read_checkpoint(path: str | Path, *, use_ema: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a weights file safely.
@@ -233,16 +234,33 @@ _FLAG_ARGS = ("qkv_bias", "qk_norm", "scale_attn_norm", "scale_mlp_norm", "proj_
               # EVA, BEiT and Swin
               "use_rot_pos_emb", "use_abs_pos_emb", "use_rel_pos_bias", "use_shared_rel_pos_bias", "swiglu_mlp",
               "scale_mlp", "scale_attn_inner", "qkv_fused", "use_fc_norm", "always_partition", "strict_img_size")
+MAX_CLASSES = 1_000_000
+"""Most classes a head may have, from a config.json or ``load_model``/``create_model``'s ``num_classes``:
+far beyond any classification set (ImageNet-21k has 21,841), yet a ViT-B head of this size still fits
+in memory (3 GB)."""
 _INT_ARGS = {"depth": (1, 256), "embed_dim": (1, 16384), "reg_tokens": (0, 64),
-             "in_chans": (1, 64), "num_classes": (0, 1_000_000)}
+             "in_chans": (1, 64), "num_classes": (0, MAX_CLASSES)}
 # One whole number, or one per stage (Swin's depths and heads): at most MAX_STAGES of them.
-_STAGE_ARGS = {"num_heads": (1, 1024), "depths": (1, 256), "pretrained_window_sizes": (0, 1024)}
+_STAGE_ARGS = {"num_heads": (1, 1024), "depths": (1, 256)}
 MAX_STAGES = 8
 _SIZE_ARGS = {"img_size": (1, 16384), "patch_size": (1, 1024), "ref_feat_shape": (1, 1024)}
 _RATE_ARGS = ("drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate")
 _NAME_ARGS = ("global_pool", "pos_embed", "weight_init", "act_layer", "norm_layer", "embed_norm_layer")
 ALLOWED_MODEL_ARGS = (*_FLAG_ARGS, *_INT_ARGS, *_STAGE_ARGS, *_SIZE_ARGS, *_RATE_ARGS, *_NAME_ARGS, "mlp_ratio",
-                      "init_values", "fc_norm", "window_size", "head_dim", "norm_eps")
+                      "init_values", "fc_norm", "window_size", "pretrained_window_sizes", "head_dim", "norm_eps")
+
+
+def check_num_classes(num_classes: Any, call: str) -> None:
+    """Raise a :class:`FinetuneError` unless ``num_classes`` is a whole number from 1 to :data:`MAX_CLASSES`.
+
+    The bound is the one a model folder's ``config.json`` is held to: a head for 10**9 classes
+    would ask the allocator for 128 GB (ViT-B) and fail with its own traceback."""
+    if not (isinstance(num_classes, int) and not isinstance(num_classes, bool) and 1 <= num_classes <= MAX_CLASSES):
+        raise FinetuneError(
+            f"{call}: num_classes must be a whole number of classes, 1 or more (at most {MAX_CLASSES:,}); got {num_classes!r}.",
+            "Pass the new task's class count" + (", or num_classes=None to keep the checkpoint's head."
+                                                 if call.startswith("load_model") else "."),
+        )
 
 
 def check_model_args(
@@ -276,6 +294,8 @@ def check_model_args(
             bad(key, f"should be a whole number from {_INT_ARGS[key][0]} to {_INT_ARGS[key][1]}")
         elif key in _SIZE_ARGS and not _size_in(value, *_SIZE_ARGS[key]):
             bad(key, f"should be a whole number (or two) from {_SIZE_ARGS[key][0]} to {_SIZE_ARGS[key][1]}")
+        elif key == "pretrained_window_sizes" and not (_int_in(value, 0, 1024) or _per_stage(value, _size_in, 0, 1024)):
+            bad(key, f"should be a whole number from 0 to 1024, or one (or two) per stage (at most {MAX_STAGES})")
         elif key in _STAGE_ARGS and not (_int_in(value, *_STAGE_ARGS[key]) or _per_stage(value, _int_in, *_STAGE_ARGS[key])):
             bad(key, f"should be a whole number from {_STAGE_ARGS[key][0]} to {_STAGE_ARGS[key][1]}, or one per stage "
                      f"(at most {MAX_STAGES})")
@@ -331,6 +351,50 @@ def _disagreements(args: dict[str, Any], state_dict: dict[str, torch.Tensor]) ->
         if tuple(patch if isinstance(patch, (list, tuple)) else (patch, patch)) != tuple(proj.shape[-2:]):
             problems.append(f"patch_size={_short(patch)} but the patch kernel is {proj.shape[-2]}x{proj.shape[-1]}")
     return problems
+
+
+def check_weight_values(state_dict: dict[str, torch.Tensor], model_state: dict[str, torch.Tensor], origin: str) -> None:
+    """Refuse weights that loading would silently turn into other numbers.
+
+    ``load_state_dict`` copies an int8 tensor into a float parameter by casting it (a quantized
+    file's integers without their scales: a wrong model) and copies NaN or infinity as they are (a
+    model whose every output is NaN). A checksum catches neither in a folder that has none, nor in
+    a file saved that way. Half and double precision are fine: casting them keeps their values.
+
+    The finite check sums each tensor (one pass, no mask as large as the weights, as an elementwise
+    ``isfinite`` would allocate): a NaN or an infinity makes the sum one. Only a tensor whose sum is
+    not finite is looked at element by element, to tell damage from a sum that overflowed.
+
+    Raises:
+        CheckpointError: naming every tensor of an integer or boolean type where the model has
+            floating point, or holding NaN or infinite values (with how many).
+    """
+    integral = [f"{k} ({str(v.dtype).removeprefix('torch.')})" for k, v in state_dict.items()
+                if k in model_state and model_state[k].is_floating_point() and not v.is_floating_point()]
+    if integral:
+        raise CheckpointError(
+            f"{origin} holds {len(integral)} tensors of whole numbers where the model's weights are floating point: "
+            f"{', '.join(integral[:6])}{', ...' if len(integral) > 6 else ''}. Casting them would give a different "
+            "model without a word (a quantized file's integers mean nothing without their scales).",
+            "Use the floating-point weights (float32, float16 or bfloat16) the model was released or saved with; "
+            "dequantize a quantized file yourself before loading it.",
+        )
+    non_finite = []
+    for key, value in state_dict.items():
+        if key not in model_state or not value.is_floating_point() or value.numel() == 0:
+            continue
+        wide = torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else None
+        if torch.isfinite(value.sum(dtype=wide)):
+            continue  # every element is finite (a NaN or an infinity would make the sum one)
+        count = int((~torch.isfinite(value)).sum())
+        if count:  # else the sum itself overflowed: large but finite weights
+            non_finite.append(f"{key} ({count:,} of {value.numel():,})")
+    if non_finite:
+        raise CheckpointError(
+            f"{origin} holds NaN or infinite weights in {len(non_finite)} tensors: "
+            f"{', '.join(non_finite[:6])}{', ...' if len(non_finite) > 6 else ''}. Such a model outputs NaN.",
+            "The file is damaged or was saved from a run that diverged: use another copy, or an earlier checkpoint.",
+        )
 
 
 def check_pretrained_cfg(cfg: dict[str, Any], origin: str) -> None:
