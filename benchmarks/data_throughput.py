@@ -7,7 +7,8 @@ Rows (each over ``--batches`` batches after one warm-up batch, training augmenta
 * ``in-memory``: the decoded uint8 set on the device; pad-crop, flip, normalise and resize per batch.
 * ``stream-cpu``: images kept encoded and decoded per batch by ``--workers`` CPU threads, each
   resized to ``--image-size`` (default: the model's), then pad-crop, flip and resize per batch.
-* ``stream-cpu-rrc``: the same with random resized crops cut from the full decoded image.
+* ``stream-cpu-rrc``: the same with random resized crops (cut from the image at its stored size, as in
+  memory).
 * ``stream-gpu`` (CUDA only): JPEGs decoded on the GPU in one batched call per batch.
 
 Start-up: seconds until the training and test splits are ready (listing and decoding, after the

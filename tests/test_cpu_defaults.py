@@ -71,7 +71,7 @@ def test_the_measurement_leaves_the_model_and_random_state_untouched():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     state = torch.get_rng_state()
-    choice = measure_cpu_precision(model, 4, (8, 8), steps=1)
+    choice = measure_cpu_precision(model, 4, (8, 8), budget_s=1.0)
     assert choice["chosen"] in ("fp32", "bf16") and choice["fp32_ms"] > 0 and choice["bf16_ms"] > 0
     assert torch.equal(torch.get_rng_state(), state)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -79,9 +79,11 @@ def test_the_measurement_leaves_the_model_and_random_state_untouched():
 
 
 def test_bf16_is_chosen_only_when_it_is_clearly_faster():
-    assert device_mod.faster_precision(fp32_ms=10.0, bf16_ms=9.7) == "fp32"  # 3% faster: within noise
-    assert device_mod.faster_precision(fp32_ms=10.0, bf16_ms=9.4) == "bf16"
-    assert device_mod.faster_precision(fp32_ms=10.0, bf16_ms=12.0) == "fp32"
+    decide = device_mod.decide_precision
+    fp32 = [10.0, 10.1, 10.0, 10.2, 10.1, 10.0]
+    assert decide(fp32, [9.7, 9.7, 9.8, 9.7, 9.7, 9.7])[0] == "fp32"  # 3% faster: not worth it
+    assert decide(fp32, [9.4, 9.3, 9.4, 9.3, 9.4, 9.4])[0] == "bf16"  # 6% faster in every round, noise 2%
+    assert decide(fp32, [12.0, 12.0, 12.1, 12.0, 12.0, 12.1])[0] == "fp32"
 
 
 def test_a_resume_keeps_the_precision_the_run_chose_without_measuring_again(tmp_path, monkeypatch):

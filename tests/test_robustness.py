@@ -316,8 +316,9 @@ def test_recipe_suggestions_only_when_close():
 
 
 def test_from_scratch_image_size_must_split_into_patches(tmp_path):
+    # Refused when the recipe is read: the preset's patch size is known without building it.
     result = invoke("run", QUICK, "model.img_size=30", f"output.dir={tmp_path / 'runs'}")
-    assert_user_error(result, "30x30 is not divisible by the patch size 8x8", "24 or 32")
+    assert_user_error(result, "model.img_size: 30 is not a multiple of vit_tiny_test's patch size (8)", "24 or 32")
     assert not (tmp_path / "runs").exists()
 
 

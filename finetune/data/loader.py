@@ -12,13 +12,12 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from torchvision.transforms.v2 import functional as TF
 
 from .decode import TV_CODEC_DEPRECATION, decode_images
 from .plan import BatchPlan
 from .preprocess import Preprocess
 from .splits import EncodedImages, ImageTensors
-from .transforms import boxes_in_pixels, crop_boxes, random_crop, random_hflip, random_resized_crop
+from .transforms import random_crop, random_hflip, random_resized_crop
 
 
 class BatchLoader:
@@ -34,11 +33,14 @@ class BatchLoader:
     :meth:`iter_from` starts an epoch part-way through with exactly the batches the rest of it
     would have had, which is what resuming a run mid-epoch needs.
 
-    Per batch, on the device: pad-and-crop (``augment.crop_padding``) or random resized crop
-    (``augment.random_resized_crop``, which replaces it), horizontal flip (``augment.hflip``), then
-    ``(x / 255 - mean) / std`` and a bilinear resize to ``out_size`` when the stored size differs,
-    then ``channels_last`` and ``dtype``. Evaluation batches are not augmented or shuffled and keep
-    the last partial batch.
+    Per batch, on the device and on the images at their stored size: pad-and-crop
+    (``augment.crop_padding``), horizontal flip (``augment.hflip``), ``(x / 255 - mean) / std``,
+    then either a random resized crop straight to ``out_size`` (``augment.random_resized_crop``,
+    which replaces pad-and-crop) or a bilinear resize to ``out_size`` when the stored size
+    differs, then ``channels_last`` and ``dtype``. A streamed split is decoded to the stored size
+    first and then goes through the same steps with the same random numbers, so with equal stored
+    images both paths give bit-identical batches under every augmentation. Evaluation batches are
+    not augmented or shuffled and keep the last partial batch.
 
     Args:
         data: the split; uint8 ``(N, 3, H, W)`` images and int64 labels.
@@ -166,8 +168,8 @@ class BatchLoader:
 
     def _stream(self, start_batch, order, aug_gen) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of a streamed split: a background thread decodes the next batch (in
-        ``workers`` threads) while this one trains, so only about two batches are ever decoded."""
-        rrc = self.augment is not None and self.augment.random_resized_crop
+        ``workers`` threads) while this one trains, so only about two batches are ever decoded.
+        A decoded batch is then augmented exactly as an in-memory batch of the same images."""
         with ThreadPoolExecutor(1) as loader, ThreadPoolExecutor(self._workers) as decoders, \
                 warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=TV_CODEC_DEPRECATION, category=DeprecationWarning)
@@ -178,32 +180,21 @@ class BatchLoader:
                 idx = plan.positions(order, i)
                 labels = self._labels[idx]
                 where = range(self.num_images)[idx] if isinstance(idx, slice) else idx.tolist()
-                seed = plan.augment_seed(epoch, i) if self.train else 0
-                return self._decode_batch(list(where), decoders, seed, plan.rows if rrc else None), labels
+                return self._decode_batch(list(where), decoders), labels
 
             pending = loader.submit(load, start_batch) if start_batch < len(self) else None
             for i in range(start_batch, len(self)):
                 images, labels = pending.result()
                 pending = loader.submit(load, i + 1) if i + 1 < len(self) else None
                 images, labels = self._to_device(images), self._to_device(labels)
-                if rrc:  # cropped, resized and flipped while decoding: only normalise here
-                    yield self._prepare(images, None, plan.rows, augment=False), labels
-                    continue
                 if self.train:
                     aug_gen.manual_seed(plan.augment_seed(epoch, i))
                 yield self._prepare(images, aug_gen, plan.rows), labels
 
-    def _decode_batch(
-        self, where: list[int], decoders: ThreadPoolExecutor, aug_seed: int, rrc_rows: tuple[int, int] | None
-    ) -> torch.Tensor:
-        """Decode one batch of a streamed split into ``uint8 (B, 3, H, W)`` on the CPU.
-
-        Each image is resized to the stored size (``image_size``, else the model's), or, for a
-        random resized crop (``rrc_rows`` given), cut from the full decoded image and resized
-        straight to the model's size, then flipped: as timm's training transforms, large photos
-        are never squashed to one size first. The random numbers are drawn for the whole batch in
-        the order :meth:`_prepare` draws them, from the batch's own seed.
-        """
+    def _decode_batch(self, where: list[int], decoders: ThreadPoolExecutor) -> torch.Tensor:
+        """Decode one batch of a streamed split into ``uint8 (B, 3, H, W)`` at the stored size
+        (``image_size``, else the model's), by the resize policy: the images an in-memory split
+        would hold."""
         encoded, pre = self._encoded, self.preprocess
         if self.device.type == "cuda":  # JPEGs decoded on the GPU, in one call for the batch
             images = decode_images([encoded.items[j] for j in where], [encoded.names[j] for j in where],
@@ -211,17 +202,7 @@ class BatchLoader:
         else:  # one image per task, in the decoder threads
             images = list(decoders.map(
                 lambda j: decode_images([encoded.items[j]], [encoded.names[j]], exif=pre.exif)[0], where))
-        if rrc_rows is None:
-            return torch.stack([pre.resize_uint8(image, self._stored_size) for image in images])
-        gen = torch.Generator().manual_seed(aug_seed)
-        total, mine = rrc_rows[1], slice(rrc_rows[0], rrc_rows[0] + len(images))
-        flips = torch.rand(total, generator=gen)[mine] < 0.5 if self.augment.hflip else torch.zeros(len(images), dtype=torch.bool)
-        boxes = crop_boxes(torch.rand(4, total, generator=gen)[:, mine], tuple(self.augment.rrc_scale))
-        out = torch.empty((len(images), 3, *self.preprocess.size), dtype=torch.uint8, device=images[0].device)
-        for k, (image, (top, left, height, width)) in enumerate(zip(images, boxes_in_pixels(boxes, images))):
-            crop = TF.resized_crop(image, top, left, height, width, list(self.preprocess.size), antialias=True)
-            out[k] = crop.flip(-1) if flips[k] else crop
-        return out
+        return torch.stack([pre.resize_uint8(image, self._stored_size) for image in images])
 
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
         if batch.device == self.device:  # decoded on the GPU already
@@ -235,11 +216,11 @@ class BatchLoader:
         return batch.to(self.device)
 
     def _prepare(
-        self, images: torch.Tensor, gen: torch.Generator | None, rows: tuple[int, int] | None = None,
-        *, augment: bool = True,
+        self, images: torch.Tensor, gen: torch.Generator | None, rows: tuple[int, int] | None = None
     ) -> torch.Tensor:
-        """uint8 ``(B, 3, H, W)`` -> augmented, normalised, resized ``(B, 3, *out_size)``."""
-        aug = self.augment if augment else None
+        """uint8 ``(B, 3, H, W)`` at the stored size -> augmented, normalised, resized
+        ``(B, 3, *out_size)``: the one place either path augments a batch."""
+        aug = self.augment
         rrc = aug is not None and aug.random_resized_crop
         if aug is not None and not rrc and aug.crop_padding > 0:
             images = random_crop(images, aug.crop_padding, gen, rows)  # still uint8: a quarter of the bytes

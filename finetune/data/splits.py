@@ -214,12 +214,25 @@ def split_train(
     """
     n = len(train)
     n_val = _count_images(val_split, n, field="data.val_split")
-    n_train = n - n_val if train_subset is None else _count_images(train_subset, n, field="data.train_subset")
-    if n_train < 1 or n_train + n_val > n:
+    if n_val >= n:
         raise DataError(
-            f"The train set has {n} images, too few for data.train_subset={train_subset!r} "
-            f"({n_train} images) plus data.val_split={val_split!r} ({n_val} images).",
-            "Lower data.train_subset or data.val_split so that together they fit in the train set.",
+            f"data.val_split={val_split!r} holds out {n_val:,} images, but the train set has only {n:,}, so no "
+            "image would be left to train on.",
+            f"Hold out fewer than {n:,} images (e.g. data.val_split={max(1, n // 10)} or a fraction such as 0.1).",
+        )
+    n_train = n - n_val if train_subset is None else _count_images(train_subset, n, field="data.train_subset")
+    if n_train > n:
+        raise DataError(
+            f"data.train_subset={train_subset!r} asks for {n_train:,} images, but the train set has only {n:,}.",
+            f"Use at most {n - n_val:,} images{' (the rest are held out by data.val_split)' if n_val else ''}, "
+            "or a fraction such as 0.5.",
+        )
+    if n_train + n_val > n:
+        raise DataError(
+            f"The train set has {n:,} images, too few for data.train_subset={train_subset!r} "
+            f"({n_train:,} images) plus data.val_split={val_split!r} ({n_val:,} images).",
+            f"Lower data.train_subset (to at most {n - n_val:,}) or data.val_split so that together they fit "
+            "in the train set.",
         )
     if n_val == 0 and n_train == n:
         return train, None

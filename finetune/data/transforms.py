@@ -1,11 +1,11 @@
 """Batch augmentation on the device: pad-and-crop, horizontal flip and random resized crop of whole
 ``(B, C, H, W)`` batches, with random numbers drawn so that a batch split across processes is
-augmented exactly as one process would augment it."""
+augmented exactly as one process would augment it. The in-memory and the streamed loader both
+augment here, on the batch at its stored size, so they give the same batches."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +63,11 @@ def random_hflip(
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
+RRC_TRIES = 10
+"""Boxes a random resized crop draws per image before it falls back to a centre crop (torchvision's
+``RandomResizedCrop`` tries as many)."""
+
+
 def random_resized_crop(
     images: torch.Tensor,
     out_size: tuple[int, int],
@@ -73,57 +78,88 @@ def random_resized_crop(
 ) -> torch.Tensor:
     """Cut a random box from each image and resample it straight to ``out_size``.
 
-    Like torchvision's ``RandomResizedCrop``: box area is uniform in ``scale`` (fraction of the
-    image), aspect ratio log-uniform in ``ratio``; box sides are clipped to the image, so extreme
-    draws come out slightly squarer. One ``affine_grid`` + ``grid_sample`` does every image at once.
+    The boxes follow torchvision's ``RandomResizedCrop`` in the images' own pixels
+    (:func:`resized_crop_boxes`); one ``affine_grid`` + ``grid_sample`` (bilinear, no antialiasing)
+    then resamples every box at once, with no loop over images and no host sync. Both data paths
+    call this on the batch at its stored size, on the device, so a streamed and an in-memory run
+    crop alike.
 
     Args:
         images: float ``(B, C, H, W)``.
         out_size: ``(H', W')``.
         scale: ``(low, high)`` area fractions.
         generator: on ``images.device``.
-        ratio: ``(low, high)`` width / height.
+        ratio: ``(low, high)`` width / height, in pixels.
         rows: ``(offset, total)`` as in :func:`random_crop`.
 
     Returns:
         float ``(B, C, H', W')``.
     """
-    batch, channels = images.shape[:2]
+    batch, channels, height, width = images.shape
     device = images.device
     total, mine = _draw_rows(images, rows)
-    box_w, box_h, centre_x, centre_y = crop_boxes(torch.rand(4, total, device=device, generator=generator)[:, mine], scale, ratio)
+    tries = torch.rand(2, total, RRC_TRIES, device=device, generator=generator)[:, mine]
+    place = torch.rand(2, total, device=device, generator=generator)[:, mine]
+    top, left, box_h, box_w = resized_crop_boxes(tries, place, (height, width), scale, ratio).float()
+    # Normalised coordinates (align_corners=False): -1 and 1 are the outer edges of the first and
+    # last pixel, so a box's edges are -1 + 2 * left / W and -1 + 2 * (left + w) / W.
     theta = torch.zeros(batch, 2, 3, device=device)
-    theta[:, 0, 0] = box_w
-    theta[:, 1, 1] = box_h
-    theta[:, 0, 2] = centre_x
-    theta[:, 1, 2] = centre_y
+    theta[:, 0, 0] = box_w / width
+    theta[:, 0, 2] = (2 * left + box_w) / width - 1
+    theta[:, 1, 1] = box_h / height
+    theta[:, 1, 2] = (2 * top + box_h) / height - 1
     grid = F.affine_grid(theta, [batch, channels, *out_size], align_corners=False)  # (B, H', W', 2)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def crop_boxes(
-    rand: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)
+def resized_crop_boxes(
+    tries: torch.Tensor,
+    place: torch.Tensor,
+    size: tuple[int, int],
+    scale: tuple[float, float],
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> torch.Tensor:
-    """Random-resized-crop boxes from uniform draws ``rand (4, B)``: ``(4, B)`` rows of half-width,
-    half-height, centre x and centre y in normalised coordinates, where an image spans [-1, 1].
+    """Random-resized-crop boxes in pixels from uniform draws, by torchvision's rule.
 
-    Area is uniform in ``scale`` (a fraction of the image) and width/height log-uniform in
-    ``ratio``; sides are clipped to the image and the centre keeps the box inside it.
+    Each try takes an area ``uniform(scale) * H * W`` and a width/height ratio log-uniform in
+    ``ratio`` (both in pixels), rounds the sides, and keeps the box if it fits in the image; the
+    first of ``T`` tries that fits is the box, placed uniformly over the positions where it fits.
+    When none fits, the box is the centre crop of the whole image clipped to ``ratio``.
+
+    Args:
+        tries: ``(2, B, T)`` uniform draws in [0, 1): area and log-ratio of each try.
+        place: ``(2, B)`` uniform draws in [0, 1): the box's vertical and horizontal position.
+        size: ``(H, W)`` of the images the boxes are cut from.
+        scale: ``(low, high)`` area fractions.
+        ratio: ``(low, high)`` width / height.
+
+    Returns:
+        int64 ``(4, B)``: rows ``top``, ``left``, ``height``, ``width``.
     """
-    area = scale[0] + (scale[1] - scale[0]) * rand[0]
-    log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * rand[1]
-    box_w = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)
-    box_h = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
-    return torch.stack([box_w, box_h, (2 * rand[2] - 1) * (1 - box_w), (2 * rand[3] - 1) * (1 - box_h)])
+    height, width = size
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * tries[0])  # (B, T)
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_low + (log_high - log_low) * tries[1])
+    box_w, box_h = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))
+    fits = (box_w >= 1) & (box_w <= width) & (box_h >= 1) & (box_h <= height)
+    first = fits.int().argmax(dim=1, keepdim=True)  # (B, 1): the first try that fits (0 if none does)
+    found = fits.any(dim=1)
+    fallback_h, fallback_w = _centre_box(height, width, ratio)
+    box_h = torch.where(found, box_h.gather(1, first)[:, 0], fallback_h).long()
+    box_w = torch.where(found, box_w.gather(1, first)[:, 0], fallback_w).long()
+    # uniform over the H - h + 1 rows a box of height h can start at; the clamp guards float32
+    # rounding of a draw just below 1
+    top = torch.minimum((place[0] * (height - box_h + 1)).floor().long(), height - box_h)
+    left = torch.minimum((place[1] * (width - box_w + 1)).floor().long(), width - box_w)
+    top = torch.where(found, top, (height - fallback_h) // 2)
+    left = torch.where(found, left, (width - fallback_w) // 2)
+    return torch.stack([top, left, box_h, box_w])
 
 
-def boxes_in_pixels(boxes: torch.Tensor, images: Sequence[torch.Tensor]) -> list[tuple[int, int, int, int]]:
-    """:func:`crop_boxes` as ``(top, left, height, width)`` in each image's own pixels."""
-    out = []
-    for (box_w, box_h, cx, cy), image in zip(boxes.t().tolist(), images):
-        height, width = image.shape[-2:]
-        crop_h, crop_w = max(1, round(box_h * height)), max(1, round(box_w * width))
-        top = min(height - crop_h, max(0, round((cy + 1) / 2 * height - crop_h / 2)))
-        left = min(width - crop_w, max(0, round((cx + 1) / 2 * width - crop_w / 2)))
-        out.append((top, left, crop_h, crop_w))
-    return out
+def _centre_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
+    """``(h, w)`` of the fallback box: the whole image, cut to the nearest ratio in ``ratio``."""
+    if width / height < min(ratio):
+        return int(round(width / min(ratio))), width
+    if width / height > max(ratio):
+        return height, int(round(height * max(ratio)))
+    return height, width

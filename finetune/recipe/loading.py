@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,8 @@ from pydantic import ValidationError
 
 from ..errors import RecipeError
 from .messages import error_lines
-from .schema import Recipe, short_repr
-from .yaml_io import RecipeDumper, parse_yaml, read_yaml_file
+from .schema import Recipe, check_name_length, short_repr
+from .yaml_io import RecipeDumper, not_regular_file, parse_yaml, read_yaml_file
 
 SHIPPED_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 """The recipes folder of the repository, next to the package."""
@@ -121,6 +122,11 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     file = find_recipe(path)
     recipe = recipe_from_dict(read_yaml_file(file), file.name, overrides)
     if recipe.name is None:
+        try:
+            check_name_length(file.stem)  # the name is checked as if it had been written in the file
+        except ValueError as err:
+            raise RecipeError(f"{file.name}: the run is named after the file, whose name {err}.",
+                              "Or set name: in the recipe (or name=... on the command line).") from None
         recipe = recipe.model_copy(update={"name": file.stem})
     return recipe
 
@@ -182,20 +188,25 @@ def find_recipe(name_or_path: str | Path) -> Path:
             without ``.yaml``), looked up in ``./recipes/`` and then in the shipped recipes folder.
 
     Raises:
-        RecipeError: Nothing found; the message lists the shipped recipes.
+        RecipeError: Nothing found (the message lists the shipped recipes), a folder, or a path that
+            is not a regular file (a FIFO, a device: never opened).
     """
     given = Path(name_or_path)
-    if given.is_file():
-        return given
     if given.is_dir():
         raise RecipeError(f"recipe {str(given)!r} is a folder.", "Give the path of a .yaml file inside it.")
     names = [given.name] if given.suffix in (".yaml", ".yml") else [given.name + ".yaml", given.name + ".yml"]
-    candidates = [given.with_name(n) for n in names]
+    candidates = [given, *(given.with_name(n) for n in names)]
     if given.parent == Path("."):  # a bare name, not a path that happens to be missing
         candidates += [folder / n for folder in (Path("recipes"), SHIPPED_RECIPES) for n in names]
     for candidate in candidates:
-        if candidate.is_file():
+        try:
+            mode = candidate.stat().st_mode  # by name: nothing is opened
+        except (OSError, ValueError):
+            continue
+        if stat.S_ISREG(mode):
             return candidate
+        if not stat.S_ISDIR(mode):  # a FIFO, socket or device: there, but never to be read
+            raise RecipeError(*not_regular_file(candidate, mode))
     shipped = [Path(name).stem for name, _ in list_recipes(SHIPPED_RECIPES)]
     # Suggest only a name that is really close: `deit_tiny_cifr` -> deit_tiny_cifar, `nope` -> nothing.
     close = difflib.get_close_matches(Path(given.name).stem, shipped, n=1, cutoff=0.75)

@@ -80,7 +80,7 @@ def error_lines(
         # A key set (or whose section was set) on the command line is blamed on that override.
         for key, override in reversed(override_keys.items()):
             if dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + "."):
-                return f"override {override!r}"
+                return f"override {short_repr(override)}"  # cut short: an override may hold a very long value
         return file_label
 
     by_field: dict[str, str] = {}
@@ -103,6 +103,8 @@ def error_lines(
                     by_field[line] = f"{origin(line.split(':', 1)[0])}: {line}"
                 continue
             message, constraint = text, True
+        elif kind == "finite_number":
+            message, constraint = f"must be a finite number, got {short_repr(error['input'])}", True
         elif kind in _LIMITS:
             limit = next(iter(error["ctx"].values()))  # ctx is {"gt": 0.0}, {"ge": 1}, ...
             message, constraint = f"must be {_LIMITS[kind]} {limit}, got {short_repr(error['input'])}", True

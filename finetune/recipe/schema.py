@@ -20,6 +20,19 @@ TrainMode = Literal["head", "full", "last_k", "scratch", "lora", "bitfit", "attn
 TRAIN_MODES: tuple[str, ...] = get_args(TrainMode)
 MAX_IMG_SIDE = 16_384
 """Largest ``model.img_size`` per side: ``finetune.models.pos_embed.MAX_GRID_SIDE`` patches of 16 px."""
+PRESET_PATCH_SIZES: dict[str, int] = {
+    "vit_lab": 4, "vit_cifar_s": 4, "vit_cifar_b": 4, "vit_cifar_xs": 4, "vit_tiny_test": 8,
+}
+"""Patch sizes of the from-scratch presets of ``finetune.models.presets`` that cut images into
+patches (a test keeps the two equal), so that ``finetune validate`` refuses an image size they
+cannot split without importing torch. Other sources' patch sizes are known only once they load,
+which refuses such sizes then (``finetune.models.pos_embed.check_image_size``)."""
+MAX_NAME_BYTES = 200
+"""Longest ``name`` in UTF-8 bytes: it is a folder under ``output.dir``, and the names finetune
+gives beside it (``.NAME.replaced-<time>-<hex>`` for an overwritten run, 33 bytes more) must stay
+within the 255-byte file-name limit of common file systems."""
+MAX_SEED = 2**32 - 1
+"""Largest ``seed``: NumPy's global seed, set from it, takes 0 to 2**32 - 1."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -32,7 +45,9 @@ class _Section(BaseModel):
 
     # Frozen so that a validated recipe cannot drift from what was checked, and so it is hashable.
     # Numbers are accepted for text fields because an override like `name=2024` reads as an int.
-    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
+    # No float of a recipe means anything at inf or nan (a learning rate, a std, a timeout), and a
+    # bound like `gt=0` lets inf through: refuse both for every float field.
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -117,9 +132,9 @@ class TrainConfig(_Section):
     epochs: int = Field(1, ge=1, description="Passes over the training set.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="Autocast dtype. auto: bf16 on a GPU that has it (else fp16); on a CPU, bf16 or fp32, "
-        "whichever trains this model faster, measured at start-up (summary.json: precision_choice). fp16 falls "
-        "back to fp32 on a CPU."
+        "auto", description="Autocast dtype. auto: bf16 on a GPU that has it (else fp16); on a CPU, fp32 unless bf16 "
+        "trains this model clearly faster in a start-up check of interleaved steps (at most about 5 s; summary.json: "
+        "precision_choice); fp32 or bf16 skips the check. fp16 falls back to fp32 on a CPU."
     )
     cpu_threads: int | None = Field(
         None, ge=1, le=1024, description="Threads per process on a CPU; null: the physical cores, shared among "
@@ -331,7 +346,7 @@ class Recipe(_Section):
 
     description: str = Field("", description="One-line summary shown by `finetune ls`.")
     name: str | None = Field(None, description="Run name; null: the recipe file's stem.")
-    seed: int = Field(0, description="Random seed.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description=f"Random seed, 0 to {MAX_SEED:,} (2**32 - 1).")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The network.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="The training loop.")
@@ -355,6 +370,8 @@ class Recipe(_Section):
         # The name becomes a folder under output.dir, so it must stay one path component.
         if value is not None and (value in ("", ".", "..") or "/" in value or "\\" in value):
             raise ValueError(f"must be a plain folder name without slashes, got {value!r}")
+        if value is not None:
+            check_name_length(value)
         return value
 
     @model_validator(mode="after")
@@ -400,16 +417,37 @@ class Recipe(_Section):
                 f"schedule.warmup_epochs: {self.schedule.warmup_epochs} is longer than train.epochs "
                 f"({train.epochs}), so the learning rate would never reach optim.lr"
             )
-        if model.img_size is not None and model.patch_size is not None:
+        preset_patch = PRESET_PATCH_SIZES.get(model.arch) if train.mode == "scratch" else None
+        patch = model.patch_size or preset_patch
+        if model.img_size is not None and patch is not None:
             sizes = (model.img_size,) * 2 if isinstance(model.img_size, int) else model.img_size
-            if any(s % model.patch_size for s in sizes):
+            bad = next((s for s in sizes if s % patch), None)
+            if bad is not None:
+                whose = f"model.patch_size ({patch})" if model.patch_size else f"{model.arch}'s patch size ({patch})"
+                nearest = sorted({max(patch, bad // patch * patch), (bad // patch + 1) * patch})
                 problems.append(
-                    f"model.img_size: {model.img_size!r} is not a multiple of model.patch_size "
-                    f"({model.patch_size})"
+                    f"model.img_size: {model.img_size!r} is not a multiple of {whose}, so the image does not split "
+                    f"into whole patches; use e.g. {' or '.join(map(str, nearest))}"
+                    + ("" if model.patch_size else ", or set model.patch_size")
                 )
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+
+def check_name_length(name: str) -> None:
+    """Refuse a run name too long for a folder name (:data:`MAX_NAME_BYTES`).
+
+    Raises:
+        ValueError: the name's UTF-8 bytes exceed the limit.
+    """
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if size > MAX_NAME_BYTES:
+        raise ValueError(
+            f"is {size} bytes long ({short_repr(name)}); a run name becomes a folder name, and file systems "
+            f"allow 255 bytes, so finetune takes at most {MAX_NAME_BYTES} (room for the names it gives beside "
+            "the folder): choose a shorter name"
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from ..recipe import Recipe, load_recipe
 from ..training import distributed, setup
 from ..training.callbacks import Callbacks, StopRequested
 from ..training.components import optimizer_kernel
-from ..training.device import environment, reset_peak_memory, resolve_device
+from ..training.device import describe_precision_choice, environment, reset_peak_memory, resolve_device
 from ..training.loop import fit
 from ..training.progress import TrainProgress, console
 from ..training.setup import Prepared, build
@@ -67,8 +67,10 @@ def run(
         _require_extras(recipe)
         p = prepared or setup.prepare(recipe, processes=processes)
         quiet = quiet or not processes.is_main
-        _warn_skipped(p, quiet)
+        _warn_skipped(p, processes.is_main)
         state = build(p, processes)
+        if state.precision_choice is not None and not quiet:  # train.precision auto on a CPU
+            console.print(describe_precision_choice(state.precision_choice), highlight=False, markup=False)
         summary = _initial_summary(state, p, recipe_path)
         rundir = processes.on_main(lambda: RunDir.create(folder, recipe, summary, overwrite=recipe.output.overwrite))
         summary = _train(state, rundir, summary, folder=folder, quiet=quiet, wall_before_s=0.0)
@@ -119,7 +121,7 @@ def resume(run_dir: str | Path, *, quiet: bool = False) -> dict[str, Any]:
         # The data path the run took (checkpoints from before it was recorded: chosen again).
         p = setup.prepare(recipe, model=model, processes=processes, data_path=checkpoint.get("data_path"))
         quiet = quiet or not processes.is_main
-        _warn_skipped(p, quiet)
+        _warn_skipped(p, processes.is_main)
         # The precision the run chose; checkpoints from before train.precision=auto ran fp32 on a CPU.
         chosen = checkpoint.get("precision") or ("fp32" if p.device.type == "cpu" else None)
         state = build(p, processes, precision=chosen)
@@ -164,9 +166,10 @@ def _resumed_summary(rundir: RunDir, state: TrainState, p: Prepared, checkpoint:
     return summary
 
 
-def _warn_skipped(p: Prepared, quiet: bool) -> None:
-    """Say which image-folder entries were not read (they are also in summary.json)."""
-    if p.data.skipped and not quiet:
+def _warn_skipped(p: Prepared, is_main: bool) -> None:
+    """Say which image-folder entries were not read (they are also in summary.json): on the main
+    process, even with -q, as every warning about data left out."""
+    if p.data.skipped and is_main:
         console.print(f"warning: {p.data.skipped.describe()}", highlight=False, markup=False)
 
 

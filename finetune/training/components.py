@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import FinetuneError
 from ..models.params import param_groups
 from ..recipe import Recipe
-from .device import autocast_dtype, measure_cpu_precision, precision_fallback
+from .device import PRECISION_PROBE_BATCH, autocast_dtype, measure_cpu_precision, precision_fallback
 from .distributed import Processes
 
 
@@ -196,14 +196,16 @@ def choose_precision(
 ) -> tuple[torch.dtype | None, dict[str, Any] | None]:
     """The autocast dtype to train in, and the measurement behind it when there was one.
 
-    ``chosen`` (a resumed run's) wins. ``auto`` on a CPU is measured (:func:`measure_cpu_precision`)
-    on this process's batch, on the main process only, and shared, so every process computes alike.
+    ``chosen`` (a resumed run's) wins. ``auto`` on a CPU is measured (:func:`measure_cpu_precision`,
+    a few seconds at most) on this process's batch (at most :data:`PRECISION_PROBE_BATCH` images),
+    on the main process only, and shared, so every process computes alike. ``fp32`` or ``bf16``
+    asked for explicitly measures nothing.
     """
     if chosen is not None:
         return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[chosen], None
     if r.train.precision == "auto" and device.type == "cpu":
         batch = max(1, r.data.batch_size // processes.world_size)
-        choice = measure_cpu_precision(model, min(batch, 64), size, steps=2) if processes.is_main else None
+        choice = measure_cpu_precision(model, min(batch, PRECISION_PROBE_BATCH), size) if processes.is_main else None
         choice = processes.broadcast_object(choice)
         return (torch.bfloat16 if choice["chosen"] == "bf16" else None), choice
     fallback = precision_fallback(r.train.precision, device)

@@ -8,7 +8,10 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import statistics
 import sys
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -96,49 +99,170 @@ def cpu_threads(asked: int | None, local_processes: int = 1) -> int:
     return max(1, physical_cores() // max(1, local_processes))
 
 
+PRECISION_BUDGET_S = 5.0
+"""Seconds ``train.precision: auto`` may spend timing bf16 against fp32 at start-up (plus at most
+the one step under way when the bound is reached)."""
+PRECISION_MIN_ROUNDS = 6
+"""Interleaved rounds (one fp32 and one bf16 step each) needed before bf16 can be chosen: with 6,
+two equally fast precisions put every bf16 step below every fp32 step by chance 1 time in 924,
+and a bf16 3% faster under +-10% noise was chosen in 0.15% of simulated start-ups (2% with 4)."""
+PRECISION_MAX_ROUNDS = 20
+"""Rounds after which the measurement stops even when it is still unclear (then fp32 is kept)."""
+BF16_MIN_GAIN = 0.05
+"""Median gain bf16 needs besides beating fp32 in every round: a smaller one is not worth
+leaving exact fp32 for."""
+PRECISION_PROBE_BATCH = 32
+"""Largest batch the measurement times: enough rows for the matrix products to behave as in
+training, small enough that several rounds fit in the time bound."""
+
+
 def measure_cpu_precision(
-    model: torch.nn.Module, batch: int, image_size: tuple[int, int], *, steps: int = 3
+    model: torch.nn.Module, batch: int, image_size: tuple[int, int], *,
+    budget_s: float = PRECISION_BUDGET_S, clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Any]:
-    """Time training steps of ``model`` on the CPU in fp32 and under bf16 autocast, and choose the
-    faster: at width 64 a ViT is bound by small fp32 matrix products and bf16 only adds casts, while
-    at width 256 bf16 halves the memory traffic (see the README's CPU figures).
+    """Time training steps of ``model`` on the CPU in fp32 and under bf16 autocast, interleaved,
+    and choose bf16 only when it is faster well beyond the noise: at width 64 a ViT is bound by
+    small fp32 matrix products and bf16 only adds casts, while at width 256 bf16 halves the memory
+    traffic (see the README's CPU figures).
 
     The steps run forward and backward on a copy of the model with random images, after one
     untimed step each, under a forked random state: the run's weights, gradients and random
-    numbers are untouched. bf16 must be at least 5% faster to be chosen (fp32 is exact).
+    numbers are untouched. How long it runs and how it decides: :func:`time_interleaved`.
 
     Returns:
-        ``{"fp32_ms": ..., "bf16_ms": ..., "chosen": "fp32"|"bf16", "batch": ..., "steps": ...}``:
-        the median step times in milliseconds and the choice.
+        :func:`time_interleaved`'s record, with the ``batch`` timed.
     """
     import copy
-    import statistics
-    import time
 
     probe = copy.deepcopy(model).train()  # trains what the run trains: a frozen backbone has no backward
-    times: dict[str, float] = {}
+    dtypes = {"fp32": None, "bf16": torch.bfloat16}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         x = torch.randn(batch, 3, *image_size)
-        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-            spent = []
-            for i in range(steps + 1):
-                start = time.perf_counter()
-                with autocast(torch.device("cpu"), dtype):
-                    out = probe(x)
-                out.float().square().mean().backward()
-                if i:  # the first step warms caches and the allocator
-                    spent.append(time.perf_counter() - start)
-                probe.zero_grad(set_to_none=True)
-            times[name] = statistics.median(spent) * 1000
-    return {"fp32_ms": round(times["fp32"], 2), "bf16_ms": round(times["bf16"], 2),
-            "chosen": faster_precision(times["fp32"], times["bf16"]), "batch": batch, "steps": steps}
+
+        def step(name: str) -> None:
+            with autocast(torch.device("cpu"), dtypes[name]):
+                out = probe(x)
+            out.float().square().mean().backward()
+            probe.zero_grad(set_to_none=True)
+
+        record = time_interleaved(step, budget_s=budget_s, clock=clock)
+    return {**record, "batch": batch}
 
 
-def faster_precision(fp32_ms: float, bf16_ms: float) -> str:
-    """``bf16`` when its step is at least 5% shorter than fp32's, else ``fp32`` (exact, and a
-    machine's noise is a few percent)."""
-    return "bf16" if bf16_ms < 0.95 * fp32_ms else "fp32"
+def time_interleaved(
+    step: Callable[[str], None], *, budget_s: float = PRECISION_BUDGET_S,
+    clock: Callable[[], float] = time.perf_counter, min_rounds: int = PRECISION_MIN_ROUNDS,
+    max_rounds: int = PRECISION_MAX_ROUNDS,
+) -> dict[str, Any]:
+    """Time ``step("fp32")`` against ``step("bf16")`` in interleaved rounds and decide.
+
+    One untimed step of each warms caches and the allocator; then each round times one step of
+    each, the order alternating between rounds, so a machine that slows down or speeds up weighs on
+    both alike. Rounds go on until the answer is clear (after ``min_rounds``: bf16 separated from
+    fp32, or not faster at all), ``max_rounds`` are done, or ``budget_s`` seconds have passed
+    since the start; the bound is checked before every step, so it is passed by at most one step.
+    The decision is :func:`decide_precision`'s.
+
+    Args:
+        step: runs one training step in the precision it is given.
+        budget_s: time bound of the whole measurement, warm-up included.
+        clock: seconds, monotonic (a fake one in tests).
+        min_rounds: rounds before bf16 can be chosen or the measurement can stop early.
+        max_rounds: rounds after which it stops.
+
+    Returns:
+        ``{"chosen", "reason", "fp32_ms", "bf16_ms", "fp32_ms_range", "bf16_ms_range", "rounds",
+        "seconds", "budget_s"}``: median and [fastest, slowest] step times in milliseconds of the
+        rounds completed, and the seconds the measurement took.
+    """
+    start = clock()
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+
+    def timed_round(order: tuple[str, ...]) -> dict[str, float] | None:
+        """One step of each in ``order``, timed; ``None`` when the bound is reached first."""
+        spent = {}
+        for name in order:
+            if clock() - start >= budget_s:
+                return None  # keep only complete (paired) rounds
+            began = clock()
+            step(name)
+            spent[name] = clock() - began
+        return spent
+
+    rounds = 0
+    if timed_round(("fp32", "bf16")) is not None:  # the warm-up, not counted
+        while rounds < max_rounds:
+            spent = timed_round(("fp32", "bf16") if rounds % 2 == 0 else ("bf16", "fp32"))
+            if spent is None:
+                break
+            for name, seconds in spent.items():
+                times[name].append(seconds)
+            rounds += 1
+            if rounds >= min_rounds and _settled(times["fp32"], times["bf16"]):
+                break
+    chosen, reason = decide_precision(times["fp32"], times["bf16"], min_rounds=min_rounds)
+    if rounds < min_rounds:
+        reason = f"only {rounds} round(s) fit in the {budget_s:g} s bound, too few to tell: fp32 kept"
+    return {"chosen": chosen, "reason": reason, **_step_times(times), "rounds": rounds,
+            "seconds": round(clock() - start, 3), "budget_s": budget_s}
+
+
+def _step_times(times: dict[str, list[float]]) -> dict[str, Any]:
+    """Median and ``[fastest, slowest]`` step time of each precision in milliseconds (``None``
+    when none was timed)."""
+    out: dict[str, Any] = {}
+    for name, spent in times.items():
+        ms = [1000 * t for t in spent]
+        out[f"{name}_ms"] = round(statistics.median(ms), 3) if ms else None
+        out[f"{name}_ms_range"] = [round(min(ms), 3), round(max(ms), 3)] if ms else None
+    return out
+
+
+def decide_precision(fp32_s: Sequence[float], bf16_s: Sequence[float], *,
+                     min_rounds: int = PRECISION_MIN_ROUNDS) -> tuple[str, str]:
+    """``("bf16" or "fp32", why)`` from interleaved step times.
+
+    bf16 only when, over at least ``min_rounds`` rounds, its slowest step was faster than fp32's
+    fastest and its median gain is larger than the noise (the wider of the two spreads, slowest
+    minus fastest over the median) and than :data:`BF16_MIN_GAIN`; otherwise exact fp32, so that
+    a busy machine's noise never decides.
+    """
+    rounds = min(len(fp32_s), len(bf16_s))
+    if rounds < min_rounds:
+        return "fp32", f"{rounds} round(s) are too few to tell: fp32 kept"
+    fp32_median, bf16_median = statistics.median(fp32_s), statistics.median(bf16_s)
+    gain = 1 - bf16_median / fp32_median
+    noise = max((max(fp32_s) - min(fp32_s)) / fp32_median, (max(bf16_s) - min(bf16_s)) / bf16_median)
+    if gain <= 0:
+        return "fp32", "bf16 is not faster"
+    if gain < BF16_MIN_GAIN:
+        return "fp32", f"bf16 only {100 * gain:.1f}% faster on the median (at least {100 * BF16_MIN_GAIN:.0f}% needed)"
+    if max(bf16_s) >= min(fp32_s) or gain <= noise:
+        return "fp32", (f"bf16 {100 * gain:.0f}% faster on the median, within the noise (step times spread "
+                        f"{100 * noise:.0f}%)")
+    return "bf16", (f"bf16 {100 * gain:.0f}% faster on the median, beyond the noise (spread {100 * noise:.0f}%; "
+                    "every bf16 step beat every fp32 step)")
+
+
+def _settled(fp32_s: Sequence[float], bf16_s: Sequence[float]) -> bool:
+    """Whether more rounds cannot be expected to change the answer: bf16 already chosen, or bf16
+    not faster than fp32 on the median."""
+    return decide_precision(fp32_s, bf16_s, min_rounds=0)[0] == "bf16" or \
+        statistics.median(bf16_s) >= statistics.median(fp32_s)
+
+
+def describe_precision_choice(choice: dict[str, Any]) -> str:
+    """One line on what ``train.precision: auto`` measured and chose."""
+    def times(name: str) -> str:
+        if choice.get(f"{name}_ms") is None:
+            return f"{name} not timed"
+        low, high = choice.get(f"{name}_ms_range") or (choice[f"{name}_ms"],) * 2
+        return f"{name} {choice[f'{name}_ms']:.3g} ms/step ({low:.3g}-{high:.3g})"
+
+    return (f"precision auto: {choice.get('chosen')}: {choice.get('reason', 'measured')} ({times('fp32')}, "
+            f"{times('bf16')}; {choice.get('rounds', '?')} interleaved rounds at batch {choice.get('batch', '?')} in "
+            f"{choice.get('seconds', 0):.1f} s)")
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

@@ -14,6 +14,7 @@ import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,7 @@ from ..data.load import load_splits
 from ..data.loader import BatchLoader
 from ..data.preprocess import Preprocess
 from ..data.splits import DatasetSplits, ImageTensors, shard
-from ..errors import FinetuneError
+from ..errors import DataError, FinetuneError
 from ..models.build import create_model, load_model
 from ..models.params import add_lora, set_trainable
 from ..models.shape import ModelShape, model_shape, planned_shape
@@ -91,6 +92,7 @@ def prepare(
     check_memory(recipe, planned_model_shape(recipe, source) if model is None else model_shape(model), device,
                  processes)
     data = load_splits(_data_config(recipe, data_path), seed=recipe.seed)
+    require_two_classes(data, recipe.data)
     num_classes = recipe.model.num_classes or len(data.classes)
     if num_classes != len(data.classes):
         raise FinetuneError(
@@ -100,6 +102,38 @@ def prepare(
     if model is None:
         model = build_model(recipe, num_classes, source=source)
     return Prepared(recipe, device, data, model, Preprocess.from_recipe(recipe, model))
+
+
+def require_two_classes(data: DatasetSplits, cfg) -> None:
+    """Refuse to train a classifier that has fewer than two classes to tell apart: every prediction
+    would be right, and a run would report 100% accuracy whatever it learned.
+
+    Raises:
+        DataError: the data set (after ``data.classes``) has one class, or its training images do
+            (after ``data.train_subset`` and ``data.val_split``).
+    """
+    classes = data.classes
+    meaningless = ("so there is nothing to classify: every prediction would be right, and the run would report "
+                   "100% accuracy whatever it learned.")
+    if len(classes) < 2:
+        if getattr(cfg, "classes", None):
+            where = f"data.classes keeps one class ({', '.join(classes)})"
+        elif cfg.name == "imagefolder":
+            where = f"{Path(cfg.root).expanduser() / 'train'} holds one class folder ({', '.join(classes)})"
+        else:
+            where = f"The data set has one class ({', '.join(classes)})"
+        raise DataError(
+            f"{where}, {meaningless}",
+            "Train on at least two classes: one folder per class under train/ for an image folder, and at least "
+            "two names in data.classes if you set it.",
+        )
+    present = torch.unique(data.train.labels)
+    if present.numel() < 2:
+        raise DataError(
+            f"Every training image left after data.train_subset and data.val_split belongs to one class "
+            f"({classes[int(present[0])]}), {meaningless}",
+            "Train on more images (a larger data.train_subset), or check the labels of the data set.",
+        )
 
 
 def _data_config(recipe: Recipe, data_path: str | None):
