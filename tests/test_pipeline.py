@@ -236,5 +236,16 @@ def test_predict_resizes_a_photo_as_the_run_stored_its_images(photos, monkeypatc
     for name, image in zip(names, predicted):
         assert torch.equal(image, evaluated[classes.index(name)]), name
     # Straight to 32 px (what predict did before the size was recorded) is another input.
-    straight = Preprocess.from_model(model)(read_image(files[names[0]]))[0]
+    straight = Preprocess.from_model(model, load_size=None)(read_image(files[names[0]]))[0]
     assert not torch.equal(straight, predicted[0])
+    # The saved model states the stored size itself (config.json), so a copy of it without the run
+    # folder (a hub copy) is preprocessed the same way.
+    assert model.pretrained_cfg["stored_size"] == [16, 16]
+    copied = tmp_path / "copy"
+    copied.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (copied / name).write_bytes((run_dir / name).read_bytes())
+    seen.clear()
+    result = CliRunner().invoke(app, ["predict", str(copied), str(files[names[0]]), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert torch.equal(seen[0][0], predicted[0])

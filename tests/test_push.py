@@ -223,7 +223,8 @@ def test_push_sends_the_selected_model_and_timm_loads_it_from_the_hub(runs, hub,
     assert hub.calls[0][1:] == (("me/quick-val",), {"token": "hf_test_token", "private": True, "exist_ok": True})
     assert hub.calls[1][1:] == (("me/quick-val",), {"branch": "v1", "token": "hf_test_token", "exist_ok": True})
     upload = hub.calls[2][2]
-    assert Path(upload["folder_path"]) == runs / "val" / "best"
+    # The files went up from a staging folder (the card with the real repository id), not the run's.
+    assert Path(upload["folder_path"]) != runs / "val" / "best" and not Path(upload["folder_path"]).exists()
     assert upload["repo_id"] == "me/quick-val" and upload["revision"] == "v1" and upload["token"] == "hf_test_token"
     assert sorted(upload["allow_patterns"]) == SENT and hub.sent == SENT
     assert listing(runs / "val") == before  # the run folder is left as it was
@@ -244,10 +245,14 @@ def test_push_of_a_run_without_validation_sends_its_final_model_only(runs, hub):
     assert result.exit_code == 0, result.output
     assert [c[0] for c in hub.calls] == ["create_repo", "upload_folder"]  # no --revision: no branch
     upload = hub.calls[1][2]
-    assert Path(upload["folder_path"]) == runs / "final" and upload["revision"] is None
+    assert upload["revision"] is None
     assert hub.calls[0][2]["private"] is False
     assert hub.sent == SENT  # not summary.json, metrics.jsonl, recipe.yaml, checkpoints/ or .lock
     assert {"summary.json", "metrics.jsonl", ".lock"} <= {p.name for p in (runs / "final").iterdir()}
+
+
+def pushed_card(hub: FakeHub, repo_id: str):
+    return ModelCard.load(hub.cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / REVISION / "README.md")
 
 
 def test_push_writes_the_card_of_a_run_from_before_cards(copy_of, hub):
@@ -255,8 +260,22 @@ def test_push_writes_the_card_of_a_run_from_before_cards(copy_of, hub):
     (folder / "README.md").unlink()
     result = invoke("push", folder, "me/older")
     assert result.exit_code == 0, result.output
-    card = ModelCard.load(folder / "README.md")
+    card = pushed_card(hub, "me/older")
     assert 'timm.create_model("hf-hub:me/older", pretrained=True)' in card.text and hub.sent == SENT
+    assert not (folder / "README.md").exists()  # the run folder is not written to
+
+
+def test_the_pushed_card_names_the_repository_and_keeps_the_rest(copy_of, hub):
+    folder = copy_of("final")
+    card = folder / "README.md"
+    card.write_text(card.read_text() + "\nA note the user added.\n")
+    before = card.read_text()
+    assert "hf-hub:REPO_ID" in before and "`REPO_ID` is where" in before
+    result = invoke("push", folder, "me/named")
+    assert result.exit_code == 0, result.output
+    text = pushed_card(hub, "me/named").text
+    assert "REPO_ID" not in text and 'timm.create_model("hf-hub:me/named", pretrained=True)' in text
+    assert "A note the user added." in text and card.read_text() == before
 
 
 def assert_refused(result, hub: FakeHub, *phrases: str) -> None:

@@ -24,8 +24,10 @@ from finetune.recipe import load_recipe  # noqa: E402
 from finetune.runs.run import run  # noqa: E402
 
 QUICK = REPO_ROOT / "recipes" / "quick_cpu.yaml"
+# timm's LayerNorm eps, so that logits can be compared tightly at random init (where activations are
+# tiny and transformers' default 1e-12 against timm's 1e-6 would show); see test_transformers_eps_...
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
-            patch_size=8)
+            patch_size=8, layer_norm_eps=1e-6)
 CLASSES = ("ViTForImageClassification", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher")
 
 
@@ -99,9 +101,22 @@ def test_a_run_trains_from_a_transformers_folder(tmp_path, saved, name):
     trained = load_file(tmp_path / name / "model.safetensors")["blocks.0.attn.qkv.weight"]
     assert not torch.equal(trained, load_model(folder).state_dict()["blocks.0.attn.qkv.weight"])  # full: it trained
     assert (tmp_path / name / "model.safetensors").is_file() and (tmp_path / name / "config.json").is_file()
-    reloaded = load_model(tmp_path / name)  # a finetune save: timm layout, the eps kept in model_args
+    reloaded = load_model(tmp_path / name)  # a finetune save: timm layout and arguments only
     assert reloaded.num_classes == 10
-    assert json.loads((tmp_path / name / "config.json").read_text())["model_args"]["norm_eps"] == 1e-12
+    assert "norm_eps" not in json.loads((tmp_path / name / "config.json").read_text())["model_args"]
+
+
+def test_transformers_eps_becomes_timms_and_logits_stay_within_fp32_noise_at_a_realistic_scale(tmp_path):
+    # transformers' ViT default eps is 1e-12; the timm model uses its own 1e-6, which config.json
+    # can express (plain timm loads every saved copy). With activations of a trained model's scale
+    # (here: weights drawn with std 1), eps/(2 var) is ~1e-6 of each LayerNorm output.
+    model = build("ViTForImageClassification", layer_norm_eps=1e-12, initializer_range=1.0)
+    model.save_pretrained(tmp_path / "hf")
+    ours = load_model(tmp_path / "hf")
+    assert {m.eps for m in ours.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-6}
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    expected = reference(model, images)
+    torch.testing.assert_close(logits(ours, images), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
 def test_pytorch_model_bin_and_the_new_layout_load_the_same(tmp_path, saved):
@@ -179,7 +194,7 @@ def test_what_cannot_be_read_is_a_clear_error(tmp_path, saved):
     _config(folder, architectures=["ViTForImageClassification"], hidden_act="mish", layer_norm_eps="small")
     with pytest.raises(CheckpointError, match=r"hidden_act='mish' should be one of gelu.*layer_norm_eps='small'"):
         load_model(folder)
-    _config(folder, hidden_act="gelu", layer_norm_eps=1e-12, num_attention_heads=5)
+    _config(folder, hidden_act="gelu", layer_norm_eps=1e-6, num_attention_heads=5)
     with pytest.raises(CheckpointError, match="num_attention_heads=5 does not divide hidden_size=32"):
         load_model(folder)
     _config(folder, num_attention_heads=4, hidden_size=48)

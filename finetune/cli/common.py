@@ -148,3 +148,15 @@ def model_class_names(model: Any) -> list[str]:
         info = ImageNetInfo(subset)
         return [info.index_to_description(i) for i in range(model.num_classes)]
     return [str(i) for i in range(model.num_classes)]
+
+
+def preprocess_for(model_obj: Any, source: Path):
+    """How ``predict`` and ``show`` turn photos into ``model_obj``'s input: its config.json's
+    ``pretrained_cfg`` (which states what the run's evaluation did), or, for a run folder saved
+    before that config named the stored size, the run's ``summary.json``."""
+    from ..data.preprocess import Preprocess, stored_size_of
+    from ..runs.folder import stored_size
+
+    if stored_size_of(model_obj.pretrained_cfg) is None and (size := stored_size(Path(source), model_obj)) is not None:
+        return Preprocess.from_model(model_obj, load_size=size)
+    return Preprocess.from_model(model_obj)

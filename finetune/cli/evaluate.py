@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ..errors import FinetuneError
 from .common import (check_device, check_image_size, err, friendly_errors, model_class_names, out,
-                     refuse_unfinished_run)
+                     preprocess_for, refuse_unfinished_run)
 
 
 def _eval_data_config(target: Path, data: str | None, root: str | None, image_size: int | None):
@@ -138,8 +138,6 @@ def _model_probs(model: Path, decoded: list, device: str):
     """Class probabilities ``(B, classes)`` of a run folder or any load_model source, and its class names."""
     import torch
 
-    from ..data.preprocess import Preprocess
-    from ..runs.folder import stored_size
     from ..models.build import load_model
     from ..training.device import resolve_device
 
@@ -148,7 +146,7 @@ def _model_probs(model: Path, decoded: list, device: str):
     names = model_class_names(model_obj)
     dev = resolve_device(device)
     model_obj = model_obj.to(dev).eval()
-    batch = Preprocess.from_model(model_obj, load_size=stored_size(model, model_obj))(decoded).to(dev)
+    batch = preprocess_for(model_obj, model)(decoded).to(dev)
     with torch.no_grad():
         return model_obj(batch).float().softmax(dim=-1), names
 

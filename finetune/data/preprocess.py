@@ -19,6 +19,18 @@ RESIZE_POLICIES = ("center_crop",)
 size (the shorter side, for a square) and cuts the centre, as torchvision's eval transform."""
 
 _DEFAULT_STATS = (0.5, 0.5, 0.5)  # mean and std when neither the recipe nor the model gives them
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+MAX_STORED_SIDE = 4096  # as runs.folder.stored_size: one image at 4096 px is about 200 MB as floats
+
+
+def stored_size_of(cfg: dict[str, Any]) -> tuple[int, int] | None:
+    """A ``pretrained_cfg``'s ``stored_size`` as ``(H, W)``, or ``None`` when it has none or it is
+    not two whole numbers from 2 to :data:`MAX_STORED_SIDE` (a config.json is data, checked)."""
+    size = cfg.get("stored_size")
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(
+            type(s) is int and 2 <= s <= MAX_STORED_SIDE for s in size):
+        return int(size[0]), int(size[1])
+    return None
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,12 @@ class Preprocess:
         patch_embed = getattr(model, "patch_embed", None)
         size = tuple(patch_embed.img_size) if patch_embed is not None else tuple(cfg["input_size"][1:])
         mean, std = normalisation(cfg, mean, std)
+        # What a model saved by finetune was evaluated with (see to_pretrained_cfg); timm's own
+        # configs have no stored_size, and their interpolation is used only where it is one of ours.
+        if cfg.get("interpolation") in INTERPOLATIONS:
+            fields.setdefault("interpolation", cfg["interpolation"])
+        if (stored := stored_size_of(cfg)) is not None:
+            fields.setdefault("load_size", stored)
         return cls(size=size, mean=mean, std=std, **fields)
 
     @classmethod
@@ -73,7 +91,25 @@ class Preprocess:
         return cls.from_model(
             model, mean=recipe.data.mean, std=recipe.data.std, load_size=(size, size) if size else None,
             channels_last=bool(recipe.train.channels_last), dtype=dtype or torch.float32,
+            interpolation="bilinear",  # finetune's training resize, whatever the source model's config says
         )
+
+    def to_pretrained_cfg(self, stored_size: Sequence[int] | None = None) -> dict[str, Any]:
+        """The ``pretrained_cfg`` keys that state this preprocessing, for a saved model's config.json.
+
+        timm's ``resolve_data_config`` + ``create_transform`` read them as the same pipeline:
+        resize the shorter side to the input size with this interpolation, cut the centre
+        (``crop_pct`` 1.0: nothing more is cropped), normalise. ``stored_size`` (the size the run
+        kept its images at, when not the input size) is finetune's own key, which timm keeps and
+        ignores: finetune first brings a photo to that size, as the run's evaluation did.
+        """
+        cfg: dict[str, Any] = {
+            "input_size": [3, *self.size], "interpolation": self.interpolation, "crop_pct": 1.0,
+            "crop_mode": "center", "mean": list(self.mean), "std": list(self.std),
+        }
+        if stored_size is not None and tuple(stored_size) != self.size:
+            cfg["stored_size"] = [int(stored_size[0]), int(stored_size[1])]
+        return cfg
 
     @property
     def memory_format(self) -> torch.memory_format:

@@ -410,6 +410,9 @@ def check_pretrained_cfg(cfg: dict[str, Any], origin: str) -> None:
     names = cfg.get("label_names")
     if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
         problems.append("label_names should be a list of class names")
+    stored = cfg.get("stored_size")  # finetune's own key: the size a run kept its images at
+    if stored is not None and not (isinstance(stored, list) and len(stored) == 2 and _size_in(stored, 2, 4096)):
+        problems.append(f"stored_size={_short(stored)} should be [height, width], each from 2 to 4096")
     if problems:
         raise CheckpointError(f"{origin}: its pretrained config cannot be used: {'; '.join(problems)}.", _CONFIG_FIX)
 

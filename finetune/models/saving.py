@@ -19,12 +19,30 @@ from ..errors import FinetuneError
 from ..snapshot import write_atomically, write_text_atomically
 from .build import CONFIG_NAME, architecture_args, materialise, sync_pretrained_cfg, timm_create
 from .pos_embed import to_2tuple
+from .presets import PRESETS
 from .reading import check_model_args, file_sha256
 from .sources import SAFETENSORS_NAME
 
 
+PLAIN_VIT = "vit_tiny_patch16_224"
+"""The timm name a from-scratch preset is saved under when it is nothing but timm's
+``VisionTransformer`` with other arguments: ``model_args`` then set every one of them, so plain
+``timm.create_model("local-dir:FOLDER")`` builds it without finetune."""
+
+
+def plain_timm(arch: str, args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A preset's architecture as a timm name and complete arguments (``vit_lab`` ->
+    ``vit_tiny_patch16_224`` with ``embed_dim=64, depth=12, ...``); any other architecture as it is.
+    A preset with a conv tokenizer keeps its name: only finetune can build it."""
+    preset = PRESETS.get(arch)
+    if preset is None or "stem_channels" in preset[0]:
+        return arch, args
+    return PLAIN_VIT, {**{k: v for k, v in preset[0].items() if k not in ("img_size", "patch_size")}, **args}
+
+
 def model_config(model: nn.Module) -> dict[str, Any]:
-    """A timm-style ``config.json`` that rebuilds ``model`` with :func:`load_model`."""
+    """A timm-style ``config.json`` that rebuilds ``model`` with :func:`load_model` and, unless it
+    needs finetune's own layers (a conv tokenizer), with plain ``timm.create_model("local-dir:...")``."""
     spec = getattr(model, "finetune_spec", None) or {
         # A model built with timm.create_model: timm (>= 1.0.22) records its constructor arguments.
         "arch": model.pretrained_cfg.get("architecture"),
@@ -37,17 +55,23 @@ def model_config(model: nn.Module) -> dict[str, Any]:
     if hasattr(model, "patch_embed"):
         args["img_size"] = list(to_2tuple(model.patch_embed.img_size))
         args["patch_size"] = list(to_2tuple(model.patch_embed.patch_size))
-    keep = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std", "first_conv",
-            "classifier", "label_names", "hf_hub_id", "tag")
+    keep = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std", "stored_size", "first_conv",
+            "classifier", "hf_hub_id", "tag")
     cfg = {k: model.pretrained_cfg[k] for k in keep if model.pretrained_cfg.get(k) is not None}
-    return {
-        "architecture": spec["arch"],
+    arch, args = plain_timm(spec["arch"], args)
+    config = {
+        "architecture": arch,
         "num_classes": model.num_classes,
         "num_features": getattr(model, "num_features", None),
         "global_pool": getattr(model, "global_pool", None),
         "model_args": args,
         "pretrained_cfg": cfg,
     }
+    if model.pretrained_cfg.get("label_names") is not None:
+        # Beside pretrained_cfg, where timm writes and reads them and transformers' timm wrapper
+        # takes its id2label from.
+        config["label_names"] = list(model.pretrained_cfg["label_names"])
+    return config
 
 
 def save_model(model: nn.Module, directory: str | Path, *, class_names: list[str] | None = None) -> Path:
@@ -72,7 +96,9 @@ def save_model(model: nn.Module, directory: str | Path, *, class_names: list[str
         "format": "pt",
         "arch": config["architecture"],
         "finetune": json.dumps(
-            {"arch": config["architecture"], "model_args": config["model_args"], "pretrained_cfg": config["pretrained_cfg"]}
+            {"arch": config["architecture"], "model_args": config["model_args"],
+             "pretrained_cfg": {**config["pretrained_cfg"], **({"label_names": config["label_names"]}
+                                                              if "label_names" in config else {})}}
         ),
     }
     try:
@@ -111,6 +137,8 @@ def model_from_config(
         model = timm_create(arch, **build_args)
     model = materialise(model, arch, build_args)
     model.pretrained_cfg = dict(model.pretrained_cfg, **config.get("pretrained_cfg", {}))
+    if config.get("label_names") is not None:
+        model.pretrained_cfg["label_names"] = list(config["label_names"])
     model.finetune_spec = {"arch": arch, "model_args": args}
     sync_pretrained_cfg(model)
     return model

@@ -15,7 +15,8 @@ What each transformers class becomes (logits equal transformers' own, in eval mo
 
 Names follow timm's where the shape has one (``deit_base_distilled_patch16_384``); otherwise the
 family's base model, with every shape argument set from ``config.json``. transformers' LayerNorm
-eps (1e-12) is kept as the ``norm_eps`` model argument, so a saved or resumed copy keeps it too.
+eps (1e-12) becomes timm's (1e-6), so every saved copy is a model plain timm builds; logits move by
+about 1e-6 relative for trained weights (more at random init, where activations are tiny).
 
 The bare models' tanh pooler (``pooler.dense``) and mask token have no timm counterpart and are
 dropped: the class token, normalised, is what a new head reads, as in the classification models.
@@ -47,7 +48,6 @@ ARCHITECTURES = {
 # transformers' ``hidden_act`` -> timm's activation name (None: timm's default, exact GELU).
 ACTIVATIONS = {"gelu": None, "gelu_python": None, "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                "quick_gelu": "quick_gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
-TIMM_NORM_EPS = 1e-6  # timm's ViT LayerNorm eps; transformers' ViT uses 1e-12, passed on as norm_eps
 # What transformers' image processors default to when a folder has no preprocessor_config.json.
 FAMILY_DEFAULTS = {
     "vit": {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear", "crop_pct": 1.0},
@@ -158,8 +158,10 @@ def _model_args(values: dict[str, Any], kind: str, model_type: str) -> dict[str,
         "depth": values["depth"], "num_heads": values["heads"], "mlp_ratio": values["mlp"] / values["width"],
         "qkv_bias": values["qkv_bias"], "in_chans": values["chans"],
     }
-    if values["eps"] != TIMM_NORM_EPS:  # at random init, activations are small enough for eps to matter
-        args["norm_eps"] = values["eps"]
+    # transformers' LayerNorm eps (1e-12) is not carried over: timm builds LayerNorm with its own
+    # (1e-6) and config.json cannot name another, so a model that kept 1e-12 could be saved but not
+    # loaded by plain timm. For trained weights the difference is far below fp32 noise: features
+    # entering a LayerNorm have a variance of order 1, and eps/(2 var) ~ 5e-7 of each output.
     if ACTIVATIONS[values["act"]] is not None:
         args["act_layer"] = ACTIVATIONS[values["act"]]
     if model_type == "deit" and kind != "teacher":

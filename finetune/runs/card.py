@@ -48,32 +48,51 @@ def write_model_cards(folder: Path, summary: dict[str, Any]) -> list[Path]:
     if summary.get("selection") == "val" and (folder / BEST_DIR / "config.json").is_file():
         targets.append((folder / BEST_DIR, True))
     for target, best in targets:
-        card = model_card(summary, recipe_text, best=best)
+        card = model_card(summary, recipe_text, best=best, config=_config(target))
         write_text_atomically(target / CARD_NAME, str(card))
         written.append(target / CARD_NAME)
     return written
 
 
-def write_card_for(model_dir: Path, repo_id: str | None = None) -> Path:
-    """(Re)write the card of one model folder of a finished run (the run folder or its ``best/``)
-    from its ``summary.json`` and ``recipe.yaml``: for runs from before finetune wrote cards."""
+def card_for(model_dir: Path, repo_id: str | None = None):
+    """The card of one model folder of a finished run (the run folder or its ``best/``), from its
+    ``summary.json``, ``recipe.yaml`` and ``config.json``: for runs from before finetune wrote cards."""
     best = model_dir.name == BEST_DIR
     run_dir = model_dir.parent if best else model_dir
     summary = read_summary(run_dir) or {}
-    card = model_card(summary, (run_dir / "recipe.yaml").read_text(encoding="utf-8"), best=best, repo_id=repo_id)
-    write_text_atomically(model_dir / CARD_NAME, str(card))
-    return model_dir / CARD_NAME
+    return model_card(summary, (run_dir / "recipe.yaml").read_text(encoding="utf-8"), best=best, repo_id=repo_id,
+                      config=_config(model_dir))
 
 
-def model_card(summary: dict[str, Any], recipe_text: str, *, best: bool = False, repo_id: str | None = None):
+def _config(model_dir: Path) -> dict[str, Any] | None:
+    """The folder's ``config.json`` as written by ``save_model``, or ``None`` (no model, unreadable)."""
+    import json
+
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def with_repo_id(card_text: str, repo_id: str) -> str:
+    """A card written before the folder was pushed, with the repository it is pushed to in place of
+    the ``REPO_ID`` placeholder (the rest of the card, edits included, as it is)."""
+    lines = [line for line in card_text.splitlines() if not line.startswith(_PLACEHOLDER_NOTE)]
+    return "\n".join(lines).replace(f"hf-hub:{PLACEHOLDER}", f"hf-hub:{repo_id}") + "\n"
+
+
+def model_card(summary: dict[str, Any], recipe_text: str, *, best: bool = False, repo_id: str | None = None,
+               config: dict[str, Any] | None = None):
     """The ``huggingface_hub.ModelCard`` of the run's final model, or (``best``) of its model
-    selected on validation; ``repo_id``, when known, goes into the loading examples."""
+    selected on validation; ``repo_id``, when known, goes into the loading examples, and
+    ``config`` (the folder's config.json) says how plain timm loads and preprocesses it."""
     import yaml
     from huggingface_hub import ModelCard
 
     recipe = yaml.safe_load(recipe_text) or {}
     data = card_data(summary, recipe, best=best)
-    body = card_body(summary, recipe, recipe_text, best=best, repo_id=repo_id)
+    body = card_body(summary, recipe, recipe_text, best=best, repo_id=repo_id, config=config)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
@@ -91,7 +110,8 @@ def card_data(summary: dict[str, Any], recipe: dict[str, Any], *, best: bool):
     from huggingface_hub import EvalResult, ModelCardData
 
     arch = summary.get("arch") or (recipe.get("model") or {}).get("arch") or "vit"
-    dataset_id, dataset_name = dataset_of(recipe.get("data") or {})
+    dataset_id, _ = dataset_of(recipe.get("data") or {})
+    dataset_name = data_used(recipe.get("data") or {}, summary)  # a 5-class run is no CIFAR-10 result
     acc, how, epoch = headline(summary, best=best)
     results = None
     if acc is not None:
@@ -114,6 +134,19 @@ def card_data(summary: dict[str, Any], recipe: dict[str, Any], *, best: bool):
         model_name=str(summary.get("name") or arch),
         eval_results=results,
     )
+
+
+def data_used(data: dict[str, Any], summary: dict[str, Any]) -> str:
+    """The data the run actually used, in words: the dataset, the classes when the recipe chose
+    some (``data.classes``), and the subset when it trained on part of the training set."""
+    _, name = dataset_of(data)
+    classes = [str(c) for c in summary.get("classes") or []]
+    if data.get("classes"):
+        shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
+        name += f", {len(classes)} of its classes ({shown})"
+    if data.get("train_subset") is not None:
+        name += f", a random subset of {summary.get('train_images', data['train_subset'])} training images"
+    return name
 
 
 def dataset_of(data: dict[str, Any]) -> tuple[str | None, str]:
@@ -178,11 +211,11 @@ def _is_hub_id(text: str) -> bool:
 
 
 def card_body(summary: dict[str, Any], recipe: dict[str, Any], recipe_text: str, *, best: bool,
-              repo_id: str | None = None) -> str:
+              repo_id: str | None = None, config: dict[str, Any] | None = None) -> str:
     """The card's prose: what the model is, its results, its training, its recipe, how to load it."""
     fence = "````" if "```" in recipe_text else "```"  # a recipe quoting a fence cannot close ours
     saved = (recipe.get("output") or {}).get("save_model", True)
-    usage = _usage(summary, repo_id) if saved else "No model was saved (`output.save_model: false`)."
+    usage = _usage(summary, repo_id, config or {}) if saved else "No model was saved (`output.save_model: false`)."
     return "\n\n".join([
         _introduction(summary, recipe, best=best),
         "## Results\n\n" + _results(summary, best=best),
@@ -198,13 +231,15 @@ def _introduction(summary: dict[str, Any], recipe: dict[str, Any], *, best: bool
     arch = summary.get("arch") or "?"
     source = summary.get("source")
     origin = f"fine-tuned from `{source}`" if source else "trained from scratch (random initialisation)"
-    _, dataset = dataset_of(recipe.get("data") or {})
+    dataset = data_used(recipe.get("data") or {}, summary)
     classes = summary.get("classes") or []
+    acc, how, epoch = headline(summary, best=best)
     text = f"# {name}\n\n"
-    if recipe.get("description"):
-        text += f"{recipe['description']}\n\n"
+    # This run's own figure, not the recipe's description (which says what the recipe aims at; it
+    # is in the recipe below).
     text += (f"A `{arch}` image classifier {origin} on {dataset} ({len(classes)} classes) with finetune "
-             f"(`train.mode: {summary.get('mode')}`). ")
+             f"(`train.mode: {summary.get('mode')}`): {_pct(acc)} test top-1 after epoch {epoch} "
+             f"({how}). ")
     if not (recipe.get("output") or {}).get("save_model", True):
         text += "The run saved no model (`output.save_model: false`); this card records its results."
     elif best:
@@ -274,7 +309,7 @@ def _training(summary: dict[str, Any], recipe: dict[str, Any]) -> str:
     versions = summary.get("versions") or {}
     lines = [
         f"- Source: `{source}` (pretrained weights)" if source else "- Source: none, trained from scratch",
-        f"- Data: {dataset_of(recipe.get('data') or {})[1]}: {summary.get('train_images')} training, "
+        f"- Data: {data_used(recipe.get('data') or {}, summary)}: {summary.get('train_images')} training, "
         f"{summary.get('val_images', 0)} validation and {summary.get('test_images')} test images; classes: {shown}",
         f"- Epochs: {summary.get('epochs_done')} ({summary.get('steps')} optimizer steps): "
         f"{_duration(summary.get('train_time_s'))} of training ({_duration(summary.get('wall_time_s'))} wall clock) "
@@ -288,28 +323,48 @@ def _training(summary: dict[str, Any], recipe: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _usage(summary: dict[str, Any], repo_id: str | None) -> str:
-    """How timm (and finetune) load the folder; a from-scratch preset needs finetune's registration."""
+PLACEHOLDER = "REPO_ID"
+_PLACEHOLDER_NOTE = "`REPO_ID` is where the folder was pushed"
+
+
+def _usage(summary: dict[str, Any], repo_id: str | None, config: dict[str, Any]) -> str:
+    """How plain timm (and finetune) load the folder and preprocess a photo as the run's evaluation
+    did, from its config.json; a preset with finetune's own layers says that it needs finetune."""
     from ..models.presets import PRESETS
 
-    arch = summary.get("arch")
-    where = repo_id or "REPO_ID"
-    preset = arch in PRESETS
-    code = ("import timm\n" + ("import finetune.models.presets  # registers finetune's presets with timm\n" if preset else "")
+    arch = config.get("architecture") or summary.get("arch")
+    where = repo_id or PLACEHOLDER
+    needs_finetune = arch in PRESETS  # a preset saved under its own name: only finetune can build it
+    cfg = config.get("pretrained_cfg") or {}
+    stored = cfg.get("stored_size")
+    code = ("import timm\n" + ("import finetune.models.presets  # this architecture is built by finetune's code\n"
+                               if needs_finetune else "")
+            + "from PIL import Image\n"
             + f'\nmodel = timm.create_model("hf-hub:{where}", pretrained=True).eval()\n'
             '# or from a copy of this folder: timm.create_model("local-dir:PATH/TO/FOLDER", pretrained=True)\n'
-            "config = timm.data.resolve_data_config(model=model)  # input size, mean and std it trained with\n"
+            "config = timm.data.resolve_data_config(model=model)  # the input size, interpolation, mean, std it was evaluated with\n"
             "transform = timm.data.create_transform(**config)\n"
-            'classes = model.pretrained_cfg["label_names"]')
-    text = f"```python\n{code}\n```\n\n"
-    if preset:
-        text += (f"`{arch}` is one of finetune's from-scratch presets, which timm knows once "
-                 "`finetune.models.presets` is imported.\n\n")
-    if not repo_id:
-        text += "`REPO_ID` is where the folder was pushed (`finetune push RUN_DIR REPO_ID`).\n\n"
-    stored = summary.get("stored_size")
-    text += f"With finetune: `finetune predict hf-hub:{where} photo.jpg`, or `finetune.load_model(\"hf-hub:{where}\")`."
+            'classes = model.pretrained_cfg["label_names"]\n'
+            'image = Image.open("photo.jpg").convert("RGB")\n')
     if stored:
-        text += (f" The run kept its images at {stored[0]}x{stored[1]} before resizing them to the model's input; "
-                 "`finetune predict` on the run folder resizes photos the same way.")
+        code += ("# The run kept its images at stored_size and resized them from there to the model's input:\n"
+                 "# bring a photo to that size first (shorter side, centre crop), as its evaluation did.\n"
+                 "import torchvision.transforms as T\n"
+                 'stored = model.pretrained_cfg["stored_size"]\n'
+                 'resample = T.InterpolationMode(config["interpolation"])\n'
+                 "image = T.CenterCrop(stored)(T.Resize(min(stored), interpolation=resample)(image))\n")
+    code += "probs = model(transform(image).unsqueeze(0)).softmax(-1)"
+    text = f"```python\n{code}\n```\n\n"
+    if needs_finetune:
+        text += (f"`{arch}` uses layers of finetune's own (a convolutional tokenizer): `pip install` finetune and "
+                 "import `finetune.models.presets` before timm builds it.\n\n")
+    if stored:
+        text += (f"The run stored its images at {stored[0]}x{stored[1]} (`stored_size` in config.json, a key timm keeps "
+                 "and ignores) before resizing them to the model's input. timm's transform alone resizes a photo "
+                 "straight to the input size: the same for images already at the stored size, a sharper input "
+                 "than the model learned on for larger photos.\n\n")
+    if not repo_id:
+        text += f"{_PLACEHOLDER_NOTE} (`finetune push RUN_DIR REPO_ID`).\n\n"
+    text += (f"With finetune, which does all of this itself: `finetune predict hf-hub:{where} photo.jpg`, or "
+             f"`finetune.load_model(\"hf-hub:{where}\")`.")
     return text

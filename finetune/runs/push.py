@@ -16,14 +16,17 @@ the model's files (``allow_patterns``).
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import PushError
 from ..hub import endpoint_reachable, hub_endpoint, hub_offline_forced
-from .card import CARD_NAME, write_card_for
+from .card import CARD_NAME, card_for, with_repo_id
 from .folder import BEST_DIR, is_run_folder, read_summary, run_status
 
 WEIGHT_FILES = ("config.json", "model.safetensors")
@@ -68,22 +71,43 @@ def push_run(run_dir: str | Path, repo_id: str, *, private: bool = False, revisi
     folder, which = model_folder(Path(run_dir))
     token = hub_token()
     check_reachable()
-    if not (folder / CARD_NAME).is_file():  # a run from before finetune wrote model cards
-        with _write_error(folder):
-            write_card_for(folder, repo_id)
     import huggingface_hub as hub
 
-    with hub_errors(repo_id):
-        repo = hub.create_repo(repo_id, token=token, private=private, exist_ok=True)
-        repo_id = getattr(repo, "repo_id", None) or repo_id
-        if revision:
-            hub.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
-        commit = hub.upload_folder(
-            repo_id=repo_id, folder_path=str(folder), allow_patterns=list(MODEL_FILES), token=token,
-            revision=revision, commit_message=f"Upload {_run_name(folder)} ({which} model) with finetune",
-        )
+    with tempfile.TemporaryDirectory(prefix="finetune-push-") as tmp:
+        # What goes up is staged beside, not written into, the run folder: the card names the real
+        # repository (the one written when the run finished says REPO_ID), the weights are links.
+        staged = _stage(folder, Path(tmp), repo_id)
+        with hub_errors(repo_id):
+            repo = hub.create_repo(repo_id, token=token, private=private, exist_ok=True)
+            repo_id = getattr(repo, "repo_id", None) or repo_id
+            if revision:
+                hub.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
+            commit = hub.upload_folder(
+                repo_id=repo_id, folder_path=str(staged), allow_patterns=list(MODEL_FILES), token=token,
+                revision=revision, commit_message=f"Upload {_run_name(folder)} ({which} model) with finetune",
+            )
     url = getattr(commit, "commit_url", None) or str(repo)
     return Pushed(folder=folder, which=which, repo_id=repo_id, url=url, files=MODEL_FILES)
+
+
+def _stage(folder: Path, staging: Path, repo_id: str) -> Path:
+    """``staging`` holding the model folder's files to upload: the weights and config hard-linked
+    (copied across file systems) and the card with ``repo_id`` in its loading examples."""
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            try:
+                os.link(folder / name, staging / name)
+            except OSError:
+                shutil.copyfile(folder / name, staging / name)
+    card = folder / CARD_NAME
+    try:
+        text = card.read_text(encoding="utf-8") if card.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        text = None  # not a card finetune wrote: write one
+    if text is None:
+        text = str(card_for(folder, repo_id))  # a run from before finetune wrote model cards
+    (staging / CARD_NAME).write_text(with_repo_id(text, repo_id), encoding="utf-8")
+    return staging
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -206,15 +230,6 @@ def _network_errors() -> tuple[type[BaseException], ...]:
         if isinstance(base, type) and issubclass(base, BaseException):
             found.append(base)
     return tuple(found)
-
-
-@contextlib.contextmanager
-def _write_error(folder: Path) -> Iterator[None]:
-    try:
-        yield
-    except OSError as exc:
-        raise PushError(f"Cannot write the model card {folder / CARD_NAME}: {exc.strerror or exc}; nothing was sent.",
-                        "Make the folder writable (or copy the run somewhere writable) and push again.") from None
 
 
 def _plain_file(path: Path) -> bool:

@@ -91,7 +91,7 @@ class RunRecorder(Callback):
         if row is not None and self.rundir is not None:
             self.rundir.log(row)
             if p.best is not None and p.best["epoch"] == row["epoch"] and r.output.save_model:
-                self.rundir.save_model(_with_normalisation(state), state.classes, BEST_DIR)
+                self.rundir.save_model(_as_evaluated(state, self.summary.get("stored_size")), state.classes, BEST_DIR)
         finished = p.epoch - 1
         every = r.output.checkpoint_every
         if state.stopping or finished == r.train.epochs or (every and finished % every == 0):
@@ -126,7 +126,7 @@ class RunRecorder(Callback):
         if self.rundir is None:
             return []
         if r.output.save_model:
-            self.rundir.save_model(_with_normalisation(state), state.classes)
+            self.rundir.save_model(_as_evaluated(state, self.summary.get("stored_size")), state.classes)
             if hasattr(state.eval_model, "save_pretrained"):  # the adapters alone, in peft's format
                 self.rundir.save_adapter(state.eval_model)
         if r.output.plots:
@@ -172,10 +172,13 @@ class RunRecorder(Callback):
             pass  # the status stays "running"; with no process holding the lock it reads as interrupted
 
 
-def _with_normalisation(state: TrainState):
-    """The model to save: a plain timm model (LoRA adapters merged, on a copy), recording the
-    normalisation it trained with (``data.mean``/``std`` may override the model's own), so ``eval``
-    and ``predict`` feed it what it learned on, with or without peft installed."""
+def _as_evaluated(state: TrainState, stored_size: list[int] | None):
+    """The model to save: a plain timm model (LoRA adapters merged, on a copy) whose
+    ``pretrained_cfg`` states the preprocessing its evaluation used (input size, interpolation, no
+    extra crop, the normalisation it trained with, the size its images were stored at), so that
+    ``eval``, ``predict``, an export and timm's own ``resolve_data_config`` all feed it what the run
+    measured it on."""
     model = merge_lora(state.eval_model)
-    model.pretrained_cfg = dict(model.pretrained_cfg, mean=list(state.mean), std=list(state.std))
+    model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k != "stored_size"}
+    model.pretrained_cfg.update(state.test_loader.preprocess.to_pretrained_cfg(stored_size))
     return model
