@@ -100,8 +100,9 @@ class Preprocess:
         timm's ``resolve_data_config`` + ``create_transform`` read them as the same pipeline:
         resize the shorter side to the input size with this interpolation, cut the centre
         (``crop_pct`` 1.0: nothing more is cropped), normalise. ``stored_size`` (the size the run
-        kept its images at, when not the input size) is finetune's own key, which timm keeps and
-        ignores: finetune first brings a photo to that size, as the run's evaluation did.
+        kept its images at, when not the input size) is finetune's own key: finetune first brings
+        a photo to that size, as the run's evaluation did (``save_model`` writes it beside
+        ``pretrained_cfg`` in config.json, where timm ignores it: timm refuses unknown keys inside).
         """
         cfg: dict[str, Any] = {
             "input_size": [3, *self.size], "interpolation": self.interpolation, "crop_pct": 1.0,

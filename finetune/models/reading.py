@@ -209,7 +209,7 @@ def read_config(path: Path) -> dict[str, Any]:
         pretrained_cfg = dict(cfg["pretrained_cfg"])
     else:  # older single-dict layout
         pretrained_cfg = {k: v for k, v in cfg.items() if k not in ("architecture", "num_features", "pretrained_cfg")}
-    for key in ("num_classes", "label_names", "label_descriptions"):
+    for key in ("num_classes", "label_names", "label_descriptions", "stored_size"):
         if key in cfg:
             pretrained_cfg[key] = cfg[key]
     model_args = cfg.get("model_args") or {}

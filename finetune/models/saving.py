@@ -55,7 +55,7 @@ def model_config(model: nn.Module) -> dict[str, Any]:
     if hasattr(model, "patch_embed"):
         args["img_size"] = list(to_2tuple(model.patch_embed.img_size))
         args["patch_size"] = list(to_2tuple(model.patch_embed.patch_size))
-    keep = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std", "stored_size", "first_conv",
+    keep = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std", "first_conv",
             "classifier", "hf_hub_id", "tag")
     cfg = {k: model.pretrained_cfg[k] for k in keep if model.pretrained_cfg.get(k) is not None}
     arch, args = plain_timm(spec["arch"], args)
@@ -71,6 +71,10 @@ def model_config(model: nn.Module) -> dict[str, Any]:
         # Beside pretrained_cfg, where timm writes and reads them and transformers' timm wrapper
         # takes its id2label from.
         config["label_names"] = list(model.pretrained_cfg["label_names"])
+    if model.pretrained_cfg.get("stored_size") is not None:
+        # finetune's own key, beside pretrained_cfg too: timm builds its PretrainedCfg from every key
+        # inside it and refuses one it does not know, but ignores top-level keys it does not read.
+        config["stored_size"] = list(model.pretrained_cfg["stored_size"])
     return config
 
 
@@ -97,8 +101,8 @@ def save_model(model: nn.Module, directory: str | Path, *, class_names: list[str
         "arch": config["architecture"],
         "finetune": json.dumps(
             {"arch": config["architecture"], "model_args": config["model_args"],
-             "pretrained_cfg": {**config["pretrained_cfg"], **({"label_names": config["label_names"]}
-                                                              if "label_names" in config else {})}}
+             "pretrained_cfg": {**config["pretrained_cfg"],
+                                **{k: config[k] for k in ("label_names", "stored_size") if k in config}}}
         ),
     }
     try:
@@ -137,8 +141,9 @@ def model_from_config(
         model = timm_create(arch, **build_args)
     model = materialise(model, arch, build_args)
     model.pretrained_cfg = dict(model.pretrained_cfg, **config.get("pretrained_cfg", {}))
-    if config.get("label_names") is not None:
-        model.pretrained_cfg["label_names"] = list(config["label_names"])
+    for key in ("label_names", "stored_size"):
+        if config.get(key) is not None:
+            model.pretrained_cfg[key] = list(config[key])
     model.finetune_spec = {"arch": arch, "model_args": args}
     sync_pretrained_cfg(model)
     return model

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import torch
 from ..errors import CheckpointError, FinetuneError, OfflineError, SourceNotFoundError
 from ..hub import endpoint_reachable, hub_cache_dir, hub_endpoint, hub_offline_forced
 from .reading import check_model_args, check_pretrained_cfg, describe_checkpoint, file_sha256, read_checkpoint, read_config
-from .transformers_ckpt import load_transformers_checkpoint, read_transformers_config
+from .transformers_ckpt import PREPROCESSOR_NAME, load_transformers_checkpoint, read_transformers_config
 
 SAFETENSORS_NAME = "model.safetensors"
 PICKLE_NAMES = ("pytorch_model.bin", "model.pth", "model.pt")
@@ -279,6 +280,7 @@ def resolve_hub(repo_id: str, *, revision: str | None = None, cache_dir: str | P
         config_path, weights_path = _download_hub(repo_id, revision, cache)
     transformers_config = read_transformers_config(config_path)  # a transformers ViT/DeiT repository
     if transformers_config is not None:
+        _fetch_preprocessor(repo_id, revision, cache)  # beside config.json, where the reader looks
         return ResolvedSource(**load_transformers_checkpoint(
             transformers_config, weights_path, config_path=config_path, origin=f"hf-hub:{repo_id}"))
     cfg = read_config(config_path)
@@ -288,6 +290,33 @@ def resolve_hub(repo_id: str, *, revision: str | None = None, cache_dir: str | P
     return ResolvedSource(
         state_dict, cfg["architecture"], cfg["pretrained_cfg"], cfg["model_args"], origin=f"hf-hub:{repo_id}"
     )
+
+
+def _fetch_preprocessor(repo_id: str, revision: str | None, cache: Path) -> None:
+    """Bring a transformers repository's ``preprocessor_config.json`` (its mean, std and resize)
+    into the hub cache beside its ``config.json``: from the cache when it is there (or known to be
+    absent from the repository), else from the hub. Offline with neither, say that the family's
+    defaults stand in, rather than use them without a word."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    if try_to_load_from_cache(repo_id, PREPROCESSOR_NAME, cache_dir=str(cache), revision=revision) is not None:
+        return  # cached, or cached as missing from the repository
+    unreachable = "HF_HUB_OFFLINE is set" if hub_offline_forced() else (
+        None if endpoint_reachable(hub_endpoint()) else "the hub cannot be reached")
+    if unreachable is None:
+        try:
+            hf_hub_download(repo_id, PREPROCESSOR_NAME, revision=revision, cache_dir=str(cache))
+            return
+        except LocalEntryNotFoundError:
+            unreachable = "the hub stopped answering"
+        except EntryNotFoundError:
+            return  # the repository has none: transformers' defaults are its preprocessing too
+        except (HfHubHTTPError, OSError) as exc:
+            unreachable = f"its download failed ({exc})"
+    warnings.warn(f"hf-hub:{repo_id}: {PREPROCESSOR_NAME} is not in the local hub cache and {unreachable}, so the "
+                  "model family's default mean, std and resize are used; they may not be the ones it was trained "
+                  f"with. Run `hf download {repo_id} {PREPROCESSOR_NAME}` on a machine with internet.", stacklevel=2)
 
 
 def _download_hub(repo_id: str, revision: str | None, cache: Path) -> tuple[Path, Path]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +186,7 @@ def _timm_arch(values: dict[str, Any], kind: str, model_type: str) -> str:
 def _pretrained_cfg(config: dict[str, Any], model_type: str, head_rows: int, folder: Path, where: str) -> dict:
     """Normalisation, resize and class names; timm's provenance fields cleared (these are not its weights)."""
     cfg: dict[str, Any] = dict(FAMILY_DEFAULTS[model_type])
-    cfg.update(_preprocessor(folder / "preprocessor_config.json"))
+    cfg.update(_preprocessor(folder / PREPROCESSOR_NAME))
     cfg.update(hf_hub_id=None, url=None, file=None, tag=None, license=None, num_classes=head_rows)
     names = _label_names(config.get("id2label"), head_rows, where)
     if names is not None:
@@ -194,18 +195,49 @@ def _pretrained_cfg(config: dict[str, Any], model_type: str, head_rows: int, fol
     return cfg
 
 
+PREPROCESSOR_NAME = "preprocessor_config.json"  # where transformers keeps a model's image statistics
+
+
 def _preprocessor(path: Path) -> dict[str, Any]:
-    """Mean, std, interpolation and crop fraction from transformers' ``preprocessor_config.json``."""
-    proc = _read_json(path) if path.is_file() else None
-    if not isinstance(proc, dict):
+    """Mean, std, interpolation and crop fraction from transformers' ``preprocessor_config.json``.
+
+    Raises:
+        CheckpointError: a value finetune would use that is not what transformers allows (a mean
+            of 2 numbers, a negative std, an unknown resample), named with the fix, rather than
+            the family's defaults in its place without a word.
+    """
+    if not path.is_file():
         return {}
+    proc = _read_json(path)
+    if not isinstance(proc, dict):
+        raise CheckpointError(f"{path} cannot be read as processor settings (not a JSON mapping, or over "
+                              f"{CONFIG_MAX_BYTES:,} bytes).",
+                              "Use the preprocessor_config.json that came with the model, or delete it.")
     found: dict[str, Any] = {}
+    problems = []
     for key, ours in (("image_mean", "mean"), ("image_std", "std")):
         value = proc.get(key)
-        if isinstance(value, list) and len(value) == 3 and all(_number(v) for v in value):
-            found[ours] = tuple(float(v) for v in value)
-    if proc.get("resample") in PIL_RESAMPLE:
-        found["interpolation"] = PIL_RESAMPLE[proc["resample"]]
+        if value is None:
+            continue
+        values = [value] * 3 if _number(value) else value  # transformers broadcasts one number
+        if not (isinstance(values, list) and len(values) == 3 and all(_number(v) and abs(v) <= 1e3 for v in values)):
+            problems.append(f"{key}={_short(value)} should be 3 numbers (one per channel) or one number")
+        elif ours == "std" and min(values) <= 0:
+            problems.append(f"{key}={_short(value)} should be positive")
+        else:
+            found[ours] = tuple(float(v) for v in values)
+    resample = proc.get("resample")
+    if resample in PIL_RESAMPLE:
+        found["interpolation"] = PIL_RESAMPLE[resample]
+    elif resample is not None and not (type(resample) is int and 0 <= resample <= 5):
+        problems.append(f"resample={_short(resample)} should be one of PIL's resampling filters (0 to 5)")
+    elif resample is not None:  # LANCZOS, BOX or HAMMING: valid, but not a mode finetune resizes with
+        warnings.warn(f"{path}: resample={resample} is a PIL filter finetune does not resize with; the family's "
+                      "default interpolation is used instead.", stacklevel=2)
+    if problems:
+        raise CheckpointError(f"{path}: {'; '.join(problems)}.",
+                              "Fix the value (transformers' image processors write image_mean and image_std as "
+                              "lists of 3 numbers), or delete the key to use the family's defaults.")
     crop, resize = proc.get("crop_size"), proc.get("size")
     if proc.get("do_center_crop") and isinstance(crop, dict) and isinstance(resize, dict):
         crop_h, size_h = crop.get("height"), resize.get("height") or resize.get("shortest_edge")

@@ -335,8 +335,7 @@ def _usage(summary: dict[str, Any], repo_id: str | None, config: dict[str, Any])
     arch = config.get("architecture") or summary.get("arch")
     where = repo_id or PLACEHOLDER
     needs_finetune = arch in PRESETS  # a preset saved under its own name: only finetune can build it
-    cfg = config.get("pretrained_cfg") or {}
-    stored = cfg.get("stored_size")
+    stored = config.get("stored_size")  # beside pretrained_cfg: plain timm does not keep it, so the card states it
     code = ("import timm\n" + ("import finetune.models.presets  # this architecture is built by finetune's code\n"
                                if needs_finetune else "")
             + "from PIL import Image\n"
@@ -350,7 +349,7 @@ def _usage(summary: dict[str, Any], repo_id: str | None, config: dict[str, Any])
         code += ("# The run kept its images at stored_size and resized them from there to the model's input:\n"
                  "# bring a photo to that size first (shorter side, centre crop), as its evaluation did.\n"
                  "import torchvision.transforms as T\n"
-                 'stored = model.pretrained_cfg["stored_size"]\n'
+                 f"stored = {list(stored)}  # config.json's stored_size\n"
                  'resample = T.InterpolationMode(config["interpolation"])\n'
                  "image = T.CenterCrop(stored)(T.Resize(min(stored), interpolation=resample)(image))\n")
     code += "probs = model(transform(image).unsqueeze(0)).softmax(-1)"
@@ -359,8 +358,8 @@ def _usage(summary: dict[str, Any], repo_id: str | None, config: dict[str, Any])
         text += (f"`{arch}` uses layers of finetune's own (a convolutional tokenizer): `pip install` finetune and "
                  "import `finetune.models.presets` before timm builds it.\n\n")
     if stored:
-        text += (f"The run stored its images at {stored[0]}x{stored[1]} (`stored_size` in config.json, a key timm keeps "
-                 "and ignores) before resizing them to the model's input. timm's transform alone resizes a photo "
+        text += (f"The run stored its images at {stored[0]}x{stored[1]} (`stored_size` in config.json, a key timm "
+                 "ignores) before resizing them to the model's input. timm's transform alone resizes a photo "
                  "straight to the input size: the same for images already at the stored size, a sharper input "
                  "than the model learned on for larger photos.\n\n")
     if not repo_id:
