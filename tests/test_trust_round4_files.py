@@ -175,7 +175,9 @@ def finetune_meta(**fields):
     ("empty", None, "it is not a zip archive"),
     ("not a zip", None, "it is not a zip archive"),
     ("truncated", None, "torch cannot read it as an archive"),
-    ("another input size", finetune_meta(input_size=[48, 48]), "takes inputs of shape (batch, 3, 32, 32)"),
+    # The export takes uint8 images at the stored size (issue 27): the sizes its metadata names are all 48.
+    ("another input size", finetune_meta(input_size=[48, 48], stored_size=[48, 48], graph_size=[48, 48]),
+     "takes inputs of shape (batch, 3, 32, 32)"),
     ("3 names for 10 logits", finetune_meta(class_names=["a", "b", "c"]), "names 3 classes"),
     ("20 names for 10 logits", finetune_meta(class_names=[str(i) for i in range(20)]), "names 20 classes"),
     ("a huge stored size", finetune_meta(stored_size=[4097, 4097]), "is not a size from 2 to 4096"),

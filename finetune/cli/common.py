@@ -151,12 +151,8 @@ def model_class_names(model: Any) -> list[str]:
 
 
 def preprocess_for(model_obj: Any, source: Path):
-    """How ``predict`` and ``show`` turn photos into ``model_obj``'s input: its config.json's
-    ``pretrained_cfg`` (which states what the run's evaluation did), or, for a run folder saved
-    before that config named the stored size, the run's ``summary.json``."""
-    from ..data.preprocess import Preprocess, stored_size_of
-    from ..runs.folder import stored_size
+    """How ``predict`` and ``show`` turn photos into ``model_obj``'s input: see
+    :func:`finetune.runs.folder.preprocess_of` (also what ``finetune export`` builds its graph from)."""
+    from ..runs.folder import preprocess_of
 
-    if stored_size_of(model_obj.pretrained_cfg) is None and (size := stored_size(Path(source), model_obj)) is not None:
-        return Preprocess.from_model(model_obj, load_size=size)
-    return Preprocess.from_model(model_obj)
+    return preprocess_of(model_obj, Path(source))

@@ -152,13 +152,15 @@ def _model_probs(model: Path, decoded: list, device: str):
 
 
 def _exported_probs(model: Path, decoded: list):
-    """Class probabilities of an exported file (on the CPU), preprocessed by the metadata it carries."""
+    """Class probabilities of an exported file (on the CPU), preprocessed by the metadata it carries:
+    a uint8 graph gets the photos brought to its input size by the run's resize policy (it does the
+    rest), a float graph the whole preprocessing."""
     import torch
 
     from ..export.runtime import load_exported
 
     runner, meta = load_exported(model)
-    batch = meta.preprocess()(decoded)
+    batch = meta.graph_inputs(decoded)
     if meta.batch:  # a fixed batch size: run the photos in groups of that size, the last one padded
         groups = [batch[i : i + meta.batch] for i in range(0, len(batch), meta.batch)]
         logits = [runner(_pad(g, meta.batch))[: len(g)] for g in groups]

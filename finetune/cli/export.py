@@ -19,6 +19,11 @@ class Format(str, Enum):
     pt2 = "pt2"
 
 
+class Input(str, Enum):
+    uint8 = "uint8"
+    float = "float"
+
+
 def _batch(value: str) -> int | None:
     """``dynamic`` -> None; a positive number -> that fixed batch size."""
     if value == "dynamic":
@@ -37,13 +42,19 @@ def export(
     opset: Annotated[int | None, typer.Option(help="ONNX opset (ONNX only); default: the exporter's.")] = None,
     tolerance: Annotated[float, typer.Option(help="Largest logit difference from PyTorch accepted on the run's test images.", min=0.0)] = 1e-4,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the file at --out if it exists.")] = False,
+    input: Annotated[Input, typer.Option("--input", help="What the graph takes: uint8 (raw pixels, NCHW, at the run's "
+                                         "stored image size; it normalises and resizes inside) or float (normalised "
+                                         "float32 at the model's input size, preprocessed by the caller).")] = Input.uint8,
 ) -> None:
     """Export a run's model (its best epoch when it chose one on validation) for inference elsewhere.
 
-    The file carries the input size, mean, std, class names and stored image size; `finetune
-    predict FILE photo.jpg` reads them. Nothing is written unless the exported model gives the
-    PyTorch model's logits (within --tolerance) on the run's own test images. An existing file is
-    replaced only with --overwrite.
+    By default the graph takes uint8 pixels (B, 3, H, W) at the run's stored image size and does
+    the normalisation and the resize to the model's size itself, so onnxruntime alone can run it;
+    --input float exports the model alone, on normalised input. The file also carries the input
+    size, mean, std, class names and stored image size; `finetune predict FILE photo.jpg` reads
+    them. Nothing is written unless the exported model gives the PyTorch model's logits (within
+    --tolerance) on the run's own test images, at batch 1 and at the largest batch. An existing
+    file is replaced only with --overwrite.
 
     Example: finetune export runs/deit_tiny_cifar --format onnx
     """
@@ -54,12 +65,16 @@ def export(
     if out_file is not None:
         check_writable_folder(out_file.parent, "--out")
     result = export_run(run_dir, format.value, out=out_file, batch=fixed, opset=opset, tolerance=tolerance,
-                        overwrite=overwrite)
+                        overwrite=overwrite, input=input.value)
+    meta = result.meta
     out.print(
-        f"parity on {result.images} test images: largest logit difference {result.max_abs_diff:.3g} "
-        f"(tolerance {result.tolerance:g}), top-1 agrees on {result.top1_agree}/{result.images}",
+        f"parity at batch {' and '.join(map(str, result.batches))} on the run's test images: largest logit "
+        f"difference {result.max_abs_diff:.3g} (tolerance {result.tolerance:g}), top-1 agrees on "
+        f"{result.top1_agree}/{result.images}",
         highlight=False,
     )
-    size = "x".join(map(str, result.meta.input_size))
-    out.print(f"exported the {result.meta.model} model ({size}, {len(result.meta.class_names)} classes, batch "
-              f"{result.meta.batch or 'dynamic'}) -> {escape(str(result.path))}", highlight=False)
+    size, taken = ("x".join(map(str, s)) for s in (meta.input_size, meta.graph_size))
+    takes = (f"takes uint8 NCHW images at {taken}, normalised and resized to {size} inside" if meta.graph_dtype == "uint8"
+             else f"takes normalised float32 NCHW input at {size}")
+    out.print(f"exported the {meta.model} model ({takes}; {len(meta.class_names)} classes, batch "
+              f"{meta.batch or 'dynamic'}) -> {escape(str(result.path))}", highlight=False)

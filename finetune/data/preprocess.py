@@ -122,9 +122,15 @@ class Preprocess:
         out = size or self.load_size or self.size
         return resize_center_crop(images, out, interpolation=self.interpolation, antialias=self.antialias)
 
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """``uint8 (B, 3, H, W)`` -> ``float32 (x / 255 - mean) / std``, on the images' device."""
-        mean, std = _stats(self.mean, self.std, images.device)
+    def stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std as ``float32 (1, 3, 1, 1)`` tensors on ``device``, made once per device."""
+        return _stats(self.mean, self.std, torch.device(device))
+
+    def normalize(self, images: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``uint8 (B, 3, H, W)`` -> ``float32 (x / 255 - mean) / std``, on the images' device.
+        ``stats``: the :meth:`stats` tensors to use (an exported graph holds them as its buffers,
+        so that tracing never creates or caches a tensor)."""
+        mean, std = stats if stats is not None else self.stats(images.device)
         return (images.float() / 255 - mean) / std
 
     def to_layout(self, x: torch.Tensor) -> torch.Tensor:

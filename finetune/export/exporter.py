@@ -1,7 +1,9 @@
 """``finetune export``: a finished run's model (its ``best/`` one when the run chose an epoch on
 validation, else the final one) in eval mode, written as ONNX (``torch.onnx.export`` with the
-dynamo exporter) or as a ``torch.export`` program, with its preprocessing in the file, and checked
-against the PyTorch model on the run's own test images before it is renamed into place."""
+dynamo exporter) or as a ``torch.export`` program. By default the graph takes ``uint8`` pixels and
+does the run's preprocessing itself (:mod:`.graph`); its metadata says so. Before the file is
+renamed into place it is checked, at batch 1 and at the largest batch, against the PyTorch model
+fed by finetune's own evaluation pipeline on the run's test images."""
 
 from __future__ import annotations
 
@@ -11,13 +13,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data.preprocess import Preprocess
 from ..errors import ExportError
+from ..runs.folder import preprocess_of
 from ..snapshot import write_atomically, write_text_atomically
 from . import runtime
+from .graph import graph_module
 from .metadata import FORMATS, PT2_ENTRY, SUFFIXES, ExportMeta, onnx_props, sidecar
 
 DEFAULT_TOLERANCE = 1e-4  # largest logit difference accepted in fp32
-PARITY_IMAGES = 64  # test images the exported file is checked on
+PARITY_IMAGES = 64  # test images the exported file is checked on (its largest batch, when the batch is dynamic)
+INPUTS = {"uint8": "uint8", "float": "float32"}  # --input -> the graph's input dtype
 
 
 @dataclass(frozen=True)
@@ -27,10 +33,11 @@ class ExportResult:
     path: Path
     format: str
     meta: ExportMeta
-    max_abs_diff: float  # largest |exported - PyTorch| logit over the parity images
-    top1_agree: int  # parity images whose top class is the same
-    images: int  # parity images
+    max_abs_diff: float  # largest |exported - PyTorch| logit over the parity images, at every batch size checked
+    top1_agree: int  # parity images whose top class is the same, at the largest batch
+    images: int  # parity images (the largest batch)
     tolerance: float
+    batches: tuple[int, ...] = ()  # the batch sizes checked
 
 
 def run_model(run_dir: Path) -> tuple[nn.Module, str]:
@@ -55,31 +62,35 @@ def run_model(run_dir: Path) -> tuple[nn.Module, str]:
     return model, which
 
 
-def parity_batch(run_dir: Path, model: nn.Module, images: int) -> torch.Tensor:
-    """Up to ``images`` of the run's own test images, loaded as ``finetune eval`` loads them."""
+def parity_inputs(run_dir: Path, model: nn.Module, pre: Preprocess, meta: ExportMeta,
+                  count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``count`` of the run's own test images twice: as the graph takes them (``uint8`` at
+    ``meta.graph_size``, or normalised floats), and as ``finetune eval`` feeds the model (the float
+    batch an evaluation loader with ``pre`` makes from those same uint8 images)."""
+    from ..data.decode import decode_images
     from ..data.load import load_eval_split
     from ..data.loader import BatchLoader
-    from ..data.preprocess import Preprocess
+    from ..data.splits import EncodedImages, ImageTensors
     from ..recipe import load_recipe
 
     recipe = load_recipe(run_dir / "recipe.yaml")  # its seed also fixes synthetic data
     split, _, _ = load_eval_split(recipe.data, seed=recipe.seed, classes=model.pretrained_cfg.get("label_names"))
-    loader = BatchLoader(split, batch_size=images, train=False, device=torch.device("cpu"),
-                         preprocess=Preprocess.from_model(model))
-    return next(iter(loader))[0]
+    split = split.take(slice(0, count))
+    # The uint8 images a loader holds: a streamed split's decoded as its loader decodes them.
+    images = decode_images(split.items, split.names, exif=pre.exif) if isinstance(split, EncodedImages) else split.images
+    pixels = torch.stack([pre.resize_uint8(image) for image in images])  # at the stored size (a no-op when there)
+    loader = BatchLoader(ImageTensors(pixels, split.labels), batch_size=len(pixels), train=False,
+                         device=torch.device("cpu"), preprocess=pre)
+    floats = next(iter(loader))[0]
+    return (pixels if meta.graph_dtype == "uint8" else floats), floats
 
 
-def export_meta(run_dir: Path, model: nn.Module, which: str, batch: int | None) -> ExportMeta:
-    """The preprocessing the run evaluated with, as the exported file will carry it."""
-    from ..data.preprocess import Preprocess
-    from ..runs.folder import stored_size
-
-    pre = Preprocess.from_model(model)
-    stored = stored_size(run_dir, model)
+def export_meta(model: nn.Module, pre: Preprocess, which: str, batch: int | None, graph_dtype: str) -> ExportMeta:
+    """What the exported file carries: the model's preprocessing ``pre``, its class names, and the
+    input the graph takes."""
     names = model.pretrained_cfg.get("label_names") or [str(i) for i in range(model.num_classes)]
-    return ExportMeta(input_size=pre.size, mean=pre.mean, std=pre.std, class_names=tuple(names),
-                      stored_size=stored, resize=pre.resize, interpolation=pre.interpolation,
-                      batch=batch, arch=model.pretrained_cfg.get("architecture"), model=which)
+    return ExportMeta.of(pre, names, graph_dtype=graph_dtype, batch=batch,
+                         arch=model.pretrained_cfg.get("architecture"), model=which)
 
 
 def write_onnx(model: nn.Module, example: torch.Tensor, path: Path, meta: ExportMeta, opset: int | None) -> None:
@@ -110,25 +121,30 @@ def write_pt2(model: nn.Module, example: torch.Tensor, path: Path, meta: ExportM
         torch.export.save(program, f, extra_files={PT2_ENTRY: meta.to_json()})
 
 
-def check_parity(model: nn.Module, runner: runtime.Runner, batch: torch.Tensor, tolerance: float) -> tuple[float, int]:
-    """``(largest logit difference, top-1 agreements)`` of the exported runner and the model on
-    ``batch``; an :class:`ExportError` beyond ``tolerance``."""
-    with torch.no_grad():
-        expected = model(batch).float()
-    got = runner(batch).float()
-    if got.shape != expected.shape:
-        raise ExportError(f"The exported model gives logits of shape {tuple(got.shape)}, the PyTorch model "
-                          f"{tuple(expected.shape)}. Nothing was written.", "Report this as a bug in finetune export.")
-    diff = float((got - expected).abs().max())
-    agree = int((got.argmax(-1) == expected.argmax(-1)).sum())
-    if not diff <= tolerance:  # also catches NaN
-        raise ExportError(
-            f"The exported model's logits differ from the PyTorch model's by up to {diff:.3g} (tolerance "
-            f"{tolerance:g}) on {len(batch)} of the run's test images; top-1 agrees on {agree}/{len(batch)}. "
-            "Nothing was written.",
-            "Try another --opset or the other --format; pass a larger --tolerance only if you accept the difference.",
-        )
-    return diff, agree
+def check_parity(model: nn.Module, runner: runtime.Runner, graph_in: torch.Tensor, model_in: torch.Tensor,
+                 batches: tuple[int, ...], tolerance: float) -> tuple[float, int]:
+    """``(largest logit difference, top-1 agreements at the largest batch)`` of the exported runner
+    on the first ``n`` rows of ``graph_in`` and the model on the same rows of ``model_in``, for each
+    ``n`` in ``batches``; an :class:`ExportError` beyond ``tolerance``."""
+    worst, agree = 0.0, 0
+    for n in batches:
+        with torch.no_grad():
+            expected = model(model_in[:n]).float()
+        got = runner(graph_in[:n]).float()
+        if got.shape != expected.shape:
+            raise ExportError(f"The exported model gives logits of shape {tuple(got.shape)}, the PyTorch model "
+                              f"{tuple(expected.shape)}. Nothing was written.", "Report this as a bug in finetune export.")
+        diff = float((got - expected).abs().max())
+        agree = int((got.argmax(-1) == expected.argmax(-1)).sum())
+        if not diff <= tolerance:  # also catches NaN
+            raise ExportError(
+                f"The exported model's logits differ from the PyTorch model's by up to {diff:.3g} (tolerance "
+                f"{tolerance:g}) on {n} of the run's test images at batch {n}; top-1 agrees on {agree}/{n}. "
+                "Nothing was written.",
+                "Try another --opset or the other --format; pass a larger --tolerance only if you accept the difference.",
+            )
+        worst = max(worst, diff)
+    return worst, agree
 
 
 def check_target(out: Path, fmt: str, overwrite: bool) -> None:
@@ -167,7 +183,8 @@ def check_opset(opset: int | None, fmt: str) -> None:
 
 
 def export_run(run_dir: str | Path, fmt: str = "onnx", *, out: str | Path | None = None, batch: int | None = None,
-               opset: int | None = None, tolerance: float = DEFAULT_TOLERANCE, overwrite: bool = False) -> ExportResult:
+               opset: int | None = None, tolerance: float = DEFAULT_TOLERANCE, overwrite: bool = False,
+               input: str = "uint8") -> ExportResult:
     """Export a finished run's model and check it against PyTorch before it appears at ``out``.
 
     Args:
@@ -179,13 +196,18 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", *, out: str | Path | None
         opset: ONNX opset (default: the exporter's); ONNX only.
         tolerance: the largest logit difference accepted on the run's test images.
         overwrite: replace ``out`` when it exists (else refused).
+        input: what the graph takes: ``uint8`` (raw pixels ``(B, 3, H, W)`` at the run's stored
+            size; normalising and resizing happen inside the graph) or ``float`` (normalised
+            float32 at the model's input size, preprocessed by the caller).
 
     Raises:
         ExportError: not a run, no model, a missing extra, an ``out`` that exists (without
             ``overwrite``), is a folder or has another suffix, an opset for pt2 or out of range,
-            an export that fails or does not match.
+            an unknown format or input, an export that fails or does not match.
     """
-    assert fmt in FORMATS, f"format must be one of {FORMATS}, got {fmt!r}"
+    if fmt not in FORMATS or input not in INPUTS:  # the CLI offers only these; a library call may not
+        raise ExportError(f"Cannot export format {fmt!r} with input {input!r}.",
+                          f"Pass a format from {', '.join(FORMATS)} and an input from {', '.join(INPUTS)}.")
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / f"model.{fmt}"
     check_opset(opset, fmt)
@@ -193,21 +215,29 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", *, out: str | Path | None
     model, which = run_model(run_dir)
     for module in ("onnx", "onnxscript", "onnxruntime") if fmt == "onnx" else ():
         runtime.require(module)  # before any work
-    meta = export_meta(run_dir, model, which, batch)
-    images = parity_batch(run_dir, model, batch or PARITY_IMAGES)
+    # The run's evaluation preprocessing, read as predict reads it (the model's pretrained_cfg;
+    # summary.json's stored size for a run saved before config.json named it): the graph, its
+    # metadata and the parity images all come from this one object.
+    pre = preprocess_of(model, run_dir)
+    meta = export_meta(model, pre, which, batch, INPUTS[input])
+    graph = graph_module(model, pre, meta.graph_dtype)
+    graph_in, model_in = parity_inputs(run_dir, model, pre, meta, batch or PARITY_IMAGES)
     if batch:  # a fixed batch: check on exactly that many, repeating the test images when there are fewer
-        images = images.repeat((batch + len(images) - 1) // len(images), 1, 1, 1)[:batch]
+        rows = torch.arange(batch) % len(graph_in)
+        graph_in, model_in = graph_in[rows], model_in[rows]
+    # Checked at batch 1 (the common serving case) and at the largest; a fixed batch only at its size.
+    batches = (batch,) if batch else tuple(sorted({1, len(graph_in)}))
     # The example traced: the fixed batch, or two rows (a batch of 1 would let the exporter treat it as a constant).
-    example = images if batch else images[:2].repeat(2 if len(images) == 1 else 1, 1, 1, 1)
+    example = graph_in if batch else graph_in[torch.arange(2) % len(graph_in)]
     checked: dict[str, tuple[float, int]] = {}
 
     def write(tmp: Path) -> None:
-        write_onnx(model, example, tmp, meta, opset) if fmt == "onnx" else write_pt2(model, example, tmp, meta)
-        checked["parity"] = check_parity(model, runtime.open_runner(tmp, fmt), images, tolerance)
+        write_onnx(graph, example, tmp, meta, opset) if fmt == "onnx" else write_pt2(graph, example, tmp, meta)
+        checked["parity"] = check_parity(model, runtime.open_runner(tmp, fmt), graph_in, model_in, batches, tolerance)
         if fmt == "pt2":  # the JSON copy beside the file, readable without torch
             write_text_atomically(sidecar(out), meta.to_json())
 
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(out, write)
     diff, agree = checked["parity"]
-    return ExportResult(out, fmt, meta, diff, agree, len(images), tolerance)
+    return ExportResult(out, fmt, meta, diff, agree, len(graph_in), tolerance, batches)

@@ -1,7 +1,8 @@
 """Running an exported model: an ONNX file on onnxruntime (CPU) or a ``.pt2`` program through
 ``torch.export.load`` (once :mod:`.archive` found nothing in it that loading would run), each as a
-function from a float batch ``(B, 3, H, W)`` to logits ``(B, classes)``, with the metadata it was
-exported with (:func:`load_exported`), checked against the model's own input and output shapes."""
+function from the batch its graph takes (``uint8`` pixels or normalised floats, ``(B, 3, H, W)``)
+to logits ``(B, classes)``, with the metadata it was exported with (:func:`load_exported`),
+checked against the graph's own input dtype and shape and its output shape."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def format_of(path: Path) -> str:
 
 
 def open_runner(path: Path, fmt: str) -> Runner:
-    """The exported model at ``path`` as a function of a CPU float batch, returning CPU logits."""
+    """The exported model at ``path`` as a function of a CPU batch of what its graph takes (see
+    :func:`_as_taken`), returning CPU logits."""
     return _open(path, fmt)[0]
 
 
@@ -56,9 +58,10 @@ def _open(path: Path, fmt: str) -> tuple[Runner, ExportMeta]:
         meta = from_onnx_props(dict(session.get_modelmeta().custom_metadata_map), path)
         node = session.get_inputs()[0]
         _check_shapes(path, meta, tuple(node.shape), tuple(session.get_outputs()[0].shape))
+        _check_dtype(path, meta, _ONNX_TYPES.get(node.type, node.type))
 
         def run_onnx(batch: torch.Tensor) -> torch.Tensor:
-            array = batch.detach().to("cpu", torch.float32).contiguous().numpy()
+            array = _as_taken(batch, meta).numpy()
             return torch.from_numpy(session.run(None, {node.name: array})[0])
 
         return run_onnx, meta
@@ -74,18 +77,32 @@ def _open(path: Path, fmt: str) -> tuple[Runner, ExportMeta]:
             program = exported.module()
         values = {node.name: node.meta.get("val") for node in exported.graph.nodes}
         signature = exported.graph_signature
-        (inputs,), (outputs,) = ([values[name].shape for name in names]  # one image batch in, one logit batch out
+        (inputs,), (outputs,) = ([values[name] for name in names]  # one image batch in, one logit batch out
                                  for names in (signature.user_inputs, signature.user_outputs))
+        dtype, inputs, outputs = str(inputs.dtype).removeprefix("torch."), inputs.shape, outputs.shape
     except Exception as exc:  # torch's deserializer raises many types for a file it cannot use
         raise ExportError(f"{path} cannot be read as a finetune .pt2 export ({type(exc).__name__}: "
                           f"{excerpt(exc, 160)}).", "Export the run again.") from None
     _check_shapes(path, meta, tuple(inputs), tuple(outputs))
+    _check_dtype(path, meta, dtype)
 
     def run_pt2(batch: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return program(batch.detach().to("cpu", torch.float32).contiguous())
+            return program(_as_taken(batch, meta))
 
     return run_pt2, meta
+
+
+_ONNX_TYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32"}
+
+
+def _as_taken(batch: torch.Tensor, meta: ExportMeta) -> torch.Tensor:
+    """A batch as the graph takes it: a CPU, contiguous copy; float32 for a float graph. A uint8
+    graph takes uint8 pixels only: a float batch cast to uint8 would be silently wrong."""
+    if meta.graph_dtype == "uint8" and batch.dtype != torch.uint8:
+        raise ExportError(f"This exported model takes uint8 pixels (NCHW, {meta.graph_size[0]}x{meta.graph_size[1]}), "
+                          f"not {batch.dtype} values.", "Pass the decoded images themselves (ExportMeta.graph_inputs).")
+    return batch.detach().to("cpu", meta.graph_torch_dtype).contiguous()
 
 
 def _read(path: Path) -> bytes:
@@ -113,16 +130,16 @@ def _onnx_session(path: Path):
 
 
 def _check_shapes(path: Path, meta: ExportMeta, inputs: tuple, outputs: tuple) -> None:
-    """The model takes ``(batch, 3, *meta.input_size)`` and gives one logit per class name: checked
+    """The graph takes ``(batch, 3, *meta.graph_size)`` and gives one logit per class name: checked
     before any photo is run, since a mismatch would fail inside the model or mislabel classes."""
     def fixed(dim: object) -> int | None:
         return dim if isinstance(dim, int) else None  # a symbolic (pt2) or named (ONNX) dimension: None
 
     taken = tuple(fixed(d) for d in inputs)
-    if len(taken) != 4 or taken[1:] != (3, *meta.input_size) or taken[0] != meta.batch:
+    if len(taken) != 4 or taken[1:] != (3, *meta.graph_size) or taken[0] != meta.batch:
         raise ExportError(
             f"{path}'s model takes inputs of shape {_shape(inputs)}, but its metadata says "
-            f"{_shape((meta.batch or 'batch', 3, *meta.input_size))}; photos would be prepared for another model.",
+            f"{_shape((meta.batch or 'batch', 3, *meta.graph_size))}; photos would be prepared for another model.",
             "Export the run again with `finetune export RUN_DIR`.",
         )
     if len(outputs) != 2 or fixed(outputs[1]) != len(meta.class_names):
@@ -131,6 +148,14 @@ def _check_shapes(path: Path, meta: ExportMeta, inputs: tuple, outputs: tuple) -
             f"{len(meta.class_names)} classes; every logit needs exactly one class name.",
             "Export the run again with `finetune export RUN_DIR`.",
         )
+
+
+def _check_dtype(path: Path, meta: ExportMeta, dtype: str) -> None:
+    """The graph takes the dtype its metadata names: uint8 pixels fed to a float graph (or floats to
+    a uint8 one) would fail inside onnxruntime, or be normalised twice."""
+    if dtype != meta.graph_dtype:
+        raise ExportError(f"{path}'s model takes {excerpt(dtype)} inputs, but its metadata says {meta.graph_dtype}.",
+                          "Export the run again with `finetune export RUN_DIR`.")
 
 
 def _shape(dims: tuple) -> str:

@@ -465,3 +465,15 @@ def stored_size(target: Path, model: Any = None) -> tuple[int, int] | None:
             "resize photos straight to the model's input size.",
         )
     return size[0], size[1]
+
+
+def preprocess_of(model: Any, source: Path):
+    """How photos become ``model``'s input (a :class:`~finetune.data.preprocess.Preprocess`), for
+    ``predict``, ``show`` and ``finetune export``: its config.json's ``pretrained_cfg``, which
+    states what the run's evaluation did, or, for a run saved before that config named the stored
+    size, the run's ``summary.json`` (:func:`stored_size`)."""
+    from ..data.preprocess import Preprocess, stored_size_of
+
+    if stored_size_of(model.pretrained_cfg) is None and (size := stored_size(Path(source), model)) is not None:
+        return Preprocess.from_model(model, load_size=size)
+    return Preprocess.from_model(model)
