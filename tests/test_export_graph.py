@@ -192,7 +192,7 @@ def test_a_run_saved_before_config_json_named_its_stored_size_exports_with_summa
 
     folder = shutil.copytree(runs["up"], tmp_path / "runs" / "older")
     config = json.loads((folder / "config.json").read_text())
-    assert config["pretrained_cfg"].pop("stored_size") == [16, 16]
+    assert config.pop("stored_size") == [16, 16]
     (folder / "config.json").write_text(json.dumps(config))
     meta = export_run(folder, "pt2", out=tmp_path / "m.pt2").meta
     assert meta.stored_size == meta.graph_size == (16, 16)  # from summary.json, as predict reads it
