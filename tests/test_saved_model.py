@@ -317,3 +317,13 @@ def test_one_number_for_mean_is_broadcast_as_transformers_does(offline_hub):
     transformers_repo(offline_hub, {"image_mean": 0.45, "image_std": 0.25})
     model = load_model("hf-hub:someone/vit-cifar", cache_dir=offline_hub)
     assert model.pretrained_cfg["mean"] == (0.45, 0.45, 0.45) and model.pretrained_cfg["std"] == (0.25, 0.25, 0.25)
+
+
+@pytest.mark.parametrize("stored", [[1, 1], [32], "32", [32, 5000], [32.0, 32.0]])
+def test_a_config_stored_size_is_checked_as_data(tmp_path, stored):
+    folder = save_model(timm.create_model("vit_tiny_test", num_classes=3), tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["stored_size"] = stored
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="stored_size=.* should be \\[height, width\\], each from 2 to 4096"):
+        load_model(folder)
