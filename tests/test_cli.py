@@ -393,7 +393,7 @@ def test_main_recipe_end_to_end_offline(tmp_path, hub_cache, no_network, monkeyp
     assert sum(map(sum, summary["confusion_matrix"])) == 10
     config = json.loads((run_dir / "config.json").read_text())
     assert config["pretrained_cfg"]["mean"] == [0.485, 0.456, 0.406]  # the checkpoint's ImageNet mean
-    assert config["pretrained_cfg"]["label_names"] == CIFAR10_CLASSES
+    assert config["label_names"] == CIFAR10_CLASSES  # where timm writes class names
     assert load_recipe(run_dir / "recipe.yaml").model.source == "deit_tiny_patch16_224.fb_in1k"
 
 

@@ -232,7 +232,7 @@ def test_bad_metadata_is_refused_by_name(case, tmp_path):
 
 def test_bad_metadata_is_refused_under_python_O(tmp_path):
     """``python -O`` drops asserts: the checks must be statements of their own."""
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import json, sys
         from pathlib import Path
         from finetune.errors import ExportError
@@ -242,7 +242,7 @@ def test_bad_metadata_is_refused_under_python_O(tmp_path):
         ExportMeta.from_dict(good, Path("m.onnx"))
         for case, change in bad.items():
             try:
-                ExportMeta.from_dict({{**good, **change}}, Path("m.onnx"))
+                ExportMeta.from_dict({**good, **change}, Path("m.onnx"))
             except ExportError as exc:
                 assert "no usable finetune metadata" in str(exc)
                 continue

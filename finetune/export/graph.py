@@ -9,6 +9,7 @@ from torch import nn
 
 from ..data.preprocess import Preprocess
 
+
 class WithPreprocess(nn.Module):
     """``uint8 (B, 3, H, W)`` NCHW images at the stored size -> logits ``(B, classes)``.
 
