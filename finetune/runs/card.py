@@ -360,8 +360,8 @@ def _usage(summary: dict[str, Any], repo_id: str | None, config: dict[str, Any])
     if stored:
         text += (f"The run stored its images at {stored[0]}x{stored[1]} (`stored_size` in config.json, a key timm "
                  "ignores) before resizing them to the model's input. timm's transform alone resizes a photo "
-                 "straight to the input size: the same for images already at the stored size, a sharper input "
-                 "than the model learned on for larger photos.\n\n")
+                 "straight to the input size, a sharper input than the model learned on: on one of finetune's "
+                 "measured models (stored at 24 px, fed at 32) that cost 15.6 points of test top-1.\n\n")
     if not repo_id:
         text += f"{_PLACEHOLDER_NOTE} (`finetune push RUN_DIR REPO_ID`).\n\n"
     text += (f"With finetune, which does all of this itself: `finetune predict hf-hub:{where} photo.jpg`, or "
