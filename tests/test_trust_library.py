@@ -132,7 +132,7 @@ def test_load_model_good_keywords_still_work(tiny_vit):
 
 def _set_label_names(folder: Path, names: list[str]) -> None:
     config = json.loads((folder / "config.json").read_text())
-    config["pretrained_cfg"]["label_names"] = names
+    config["label_names"] = names  # where save_model (and timm) write them
     (folder / "config.json").write_text(json.dumps(config))
 
 
