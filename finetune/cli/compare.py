@@ -30,7 +30,11 @@ def _run_and_report(experiment: Any, dry_run: bool, quiet: bool, nproc: int = 1)
     if dry_run:
         _print_plan(plan_experiment(experiment))
         out.print(experiment.describe_ranking(), highlight=False, markup=False)
-        out.print(f"[green]ok[/] {len(experiment.variants)} variants validate -> {escape(str(experiment.dir))}", highlight=False)
+        study = getattr(experiment, "study", None)
+        what = (f"{len(experiment.variants)} runs ({len(study.variants)} variants at "
+                f"{len(experiment.variants) // max(len(study.variants), 1)} grid points)" if study
+                else f"{len(experiment.variants)} variants")
+        out.print(f"[green]ok[/] {what} validate -> {escape(str(experiment.dir))}", highlight=False)
         return
     result = run_experiment(experiment, quiet=quiet, nproc=nproc)
     out.print(result.table, markup=False, highlight=False, soft_wrap=True)
@@ -145,6 +149,7 @@ def report(
             "run from an earlier finetune) nor an experiment folder.",
             "Pass run folders (runs/NAME) or experiment folders, as finetune run, compare and sweep write them.",
         )
-    paths, table = write_experiment_report(dirs, target, title=title or (single[3] if single else None), sweep_keys=keys)
+    paths, table = write_experiment_report(dirs, target, title=title or (single[3] if single else None), sweep_keys=keys,
+                                           study=single[4] if single else None)
     out.print(table, markup=False, highlight=False, soft_wrap=True)
     out.print(f"report: {paths['markdown']}", highlight=False, markup=False)

@@ -114,7 +114,7 @@ def run_experiment(exp: Experiment, *, quiet: bool = False, nproc: int = 1) -> E
                for i, plan in enumerate(plans, start=1)]
     title = f"{exp.name}: {exp.description}" if exp.description else exp.name
     paths, table = write_experiment_report(
-        [r.run_dir for r in results], exp.dir, title=title, sweep_keys=exp.sweep_keys
+        [r.run_dir for r in results], exp.dir, title=title, sweep_keys=exp.sweep_keys, study=exp.study
     )
     return ExperimentResult(exp, results, paths, table)
 

@@ -129,6 +129,8 @@ def experiment_to_yaml(exp: Experiment) -> str:
     if exp.sweep_keys:
         doc["sweep_keys"] = exp.sweep_keys
     doc["val_split"] = exp.val_split  # each variant's data.val_split below is the one it ran with
+    if exp.study is not None:
+        doc["study"] = exp.study.to_dict()  # which variant and grid point each run below is
     doc["variants"] = variants
     header = (
         f"# Resolved experiment from {exp.source or 'the Python API'}: every variant's complete recipe.\n"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..errors import FinetuneError
 from ..snapshot import write_text_atomically
+from .grid import Study
 from ..viz.plots import plot_accuracy, plot_sweep, plot_tradeoff
 from ..runs.records import (
     BASIS_LABEL,
@@ -173,8 +174,10 @@ def write_report(
     *,
     title: str | None = None,
     sweep_keys: Sequence[str] | None = None,
+    study: Study | None = None,
 ) -> dict[str, Path]:
-    """Compare runs: a Markdown and a CSV table, accuracy curves and, for a sweep, its plot.
+    """Compare runs: a Markdown and a CSV table, accuracy curves and, for a sweep, its plot; for a
+    study, its table and plot averaged over seeds too (:mod:`.study_report`).
 
     Failed and missing runs get a table row with their status and error and are left out of
     the plots.
@@ -185,6 +188,7 @@ def write_report(
         title: heading of ``report.md``.
         sweep_keys: flattened recipe keys that were swept (``["optim.lr", "data.batch_size"]``);
             they head the table's settings columns and get ``sweep.png``.
+        study: which variant and grid point each run is, for an experiment with a ``grid``.
 
     Returns:
         The files written, by kind: ``markdown``, ``csv``, and, when any run has epochs to
@@ -204,7 +208,11 @@ def write_report(
     basis = selection_basis(records)  # one ranking for the table, the CSV and every plot
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        paths = _draw_figures(records, keys, sweep_keys, out_dir, basis)
+        paths = _draw_figures(records, keys, sweep_keys, out_dir, basis) if study is None else {}
+        if study is not None:  # dozens of runs: the per-run curves would be unreadable; study.png says it
+            from .study_report import write_study
+
+            paths.update(write_study(records, study, out_dir)[0])
         paths["csv"] = _write_csv(records, keys, out_dir / "report.csv")
         paths["markdown"] = out_dir / "report.md"
         # Replaced whole (temporary file, rename): a failed write never leaves half a report.md.
@@ -302,6 +310,9 @@ def _markdown(
            "Not every run has a validation split, so runs are ranked by test top-1 after the last epoch: "
            "no epoch was selected on the test set, but the test set picks the best run.")
     # The table and the ranking line are printed together by `finetune compare/sweep/report`.
+    if "study_md" in paths:
+        lines += ["", "The study's table and figure, averaged over seeds: [study.md](study.md).",
+                  "", "![Accuracy against the study's grid, per variant](study.png)" if "study" in paths else ""]
     lines += ["", f"## Results, {ranked}", "", format_table(records, keys), "", ranking_summary(records), "",
               f"Accuracies are top-1 in percent, from one run (one seed) each unless a seed column says "
               f"otherwise. {how} Time is the run's wall-clock time."]
@@ -336,16 +347,22 @@ def write_experiment_report(
     *,
     title: str | None = None,
     sweep_keys: Sequence[str] | None = None,
+    study: Study | None = None,
 ) -> tuple[dict[str, Path], str]:
-    """:func:`write_report`, plus its comparison table as Markdown text to print.
+    """:func:`write_report`, plus its comparison table as Markdown text to print (for a study,
+    the study's table, one row per variant and grid point, instead of one row per run).
 
     Returns:
         The files written by kind, and the table followed by its ranking line (as in ``report.md``):
         ``Ranked on validation: best ...`` or ``Ranked on test (...): best ...``, so that what is
         printed never ranks on test without saying so.
     """
-    paths = write_report(run_dirs, out_dir, title=title, sweep_keys=sweep_keys)
+    paths = write_report(run_dirs, out_dir, title=title, sweep_keys=sweep_keys, study=study)
     records = [read_run(d) for d in run_dirs]
+    if study is not None:
+        from .study_report import write_study
+
+        return paths, write_study(records, study, Path(out_dir))[1]
     swept = list(sweep_keys or [])
     keys = swept + [k for k in varied_keys(records) if k not in swept]  # write_report's column order
     return paths, format_table(records, keys) + "\n\n" + ranking_summary(records)

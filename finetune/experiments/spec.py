@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import ExperimentError
+from .grid import Study, expand, read_grid, study_from_dict
 
 # The recipe module's YAML dialect and nearest-key suggestion, so experiment files read, look
 # and complain like recipes.
@@ -71,7 +72,7 @@ from ..recipe import (
 EXPERIMENT_FILE = "experiment.yaml"
 """Name of the resolved experiment written into the experiment folder."""
 
-_FILE_KEYS = ("description", "name", "base", "overrides", "sweep_keys", "val_split", "variants")
+_FILE_KEYS = ("description", "name", "base", "overrides", "sweep_keys", "val_split", "variants", "grid", "study")
 DEFAULT_VAL_SPLIT = 0.1
 """Validation hold-out an experiment gives a variant that has none: 10% of the train set (5,000
 CIFAR images), taken from the end of the seeded permutation that also picks ``data.train_subset``."""
@@ -106,6 +107,8 @@ class Experiment:
         sweep_keys: dotted recipe keys to plot accuracy against; empty for a plain comparison.
         source: the experiment file or swept recipe it was made from, for ``experiment.yaml``.
         val_split: the validation hold-out given to variants that had none (0: none given).
+        study: for an experiment with a ``grid``, which variant and grid point each run is
+            (:mod:`.grid`); ``variants`` then holds one entry per run.
     """
 
     name: str
@@ -114,6 +117,7 @@ class Experiment:
     sweep_keys: list[str] = field(default_factory=list)
     source: str | None = None
     val_split: int | float = DEFAULT_VAL_SPLIT
+    study: Study | None = None
 
     @property
     def dir(self) -> Path:
@@ -299,6 +303,7 @@ def load_experiment(
     _check_overrides(shared, f"{label}: overrides", _RESERVED_SHARED)
     check_cli_overrides(overrides)
     variants = _variant_settings(raw.get("variants"), label)
+    variants, study = _study(raw, variants, overrides, label)
     val_split = _read_val_split(raw, label)
     exp_name = str(name or raw.get("name") or file.stem)
     description = str(raw.get("description") or "")
@@ -314,7 +319,33 @@ def load_experiment(
     if not isinstance(sweep_keys, list):
         raise ExperimentError(f"{label}: sweep_keys must be a list of dotted recipe keys, got {sweep_keys!r}.")
     _check_keys([str(k) for k in sweep_keys], f"{label}: sweep_keys", (), leaf=True)
-    return Experiment(exp_name, description, built, [str(k) for k in sweep_keys], str(file), val_split)
+    return Experiment(exp_name, description, built, [str(k) for k in sweep_keys], str(file), val_split, study)
+
+
+def _study(
+    raw: dict, variants: list[tuple[str, list[tuple[str, str]], str]], cli_overrides: Sequence[str], label: str
+) -> tuple[list[tuple[str, list[tuple[str, str]], str]], Study | None]:
+    """The runs of a study (every variant at every point of the file's ``grid``) and their layout;
+    a file without a grid keeps its variants, and an ``experiment.yaml`` read back keeps its ``study``."""
+    if "study" in raw:
+        if "grid" in raw:
+            raise ExperimentError(f"{label}: has both `grid` and `study`.",
+                                  "`study` is what finetune writes into an experiment folder; write `grid` in your file.")
+        return variants, study_from_dict(raw["study"], label)
+    if "grid" not in raw:
+        return variants, None
+    axes, problems = [], []
+    for key, values in read_grid(raw["grid"], label):
+        problems += [p for p in [key_problem(key, f"{label}: grid", leaf=True)] if p]
+        pairs = [(value, _settings_to_overrides(settings)) for value, settings in values]
+        problems += [p for _, own in pairs for k, _ in own if (p := key_problem(k, f"{label}: grid.{key}"))]
+        axes.append((key, pairs))
+    clash = sorted({override_key(o) for o in cli_overrides} & {k for k, _ in axes})
+    if clash:
+        problems.append(f"command-line override of {', '.join(clash)}: the grid sets it for every run.")
+    if problems:
+        raise ExperimentError("\n".join(problems), "Change the grid in the experiment file instead.")
+    return expand(variants, axes)
 
 
 def _check_file_keys(raw: dict, label: str) -> None:
@@ -427,8 +458,9 @@ def _close(word: str, choices: Sequence[str]) -> list[str]:
     return difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
 
 
-def read_experiment_folder(folder: str | Path) -> tuple[list[Path], list[str], str]:
-    """The run folders, sweep keys and title of an experiment folder, from its ``experiment.yaml``.
+def read_experiment_folder(folder: str | Path) -> tuple[list[Path], list[str], str, Study | None]:
+    """The run folders, sweep keys, title and study layout (``None`` unless it has a grid) of an
+    experiment folder, from its ``experiment.yaml``.
 
     Raises:
         ExperimentError: no readable ``experiment.yaml`` with variants.
@@ -440,4 +472,6 @@ def read_experiment_folder(folder: str | Path) -> tuple[list[Path], list[str], s
         raise ExperimentError(f"{folder / EXPERIMENT_FILE} lists no variants.")
     name, description = str(raw.get("name") or folder.name), str(raw.get("description") or "")
     sweep_keys = [str(k) for k in raw.get("sweep_keys") or []]
-    return [folder / str(v) for v in variants], sweep_keys, f"{name}: {description}" if description else name
+    study = study_from_dict(raw["study"], str(folder / EXPERIMENT_FILE)) if "study" in raw else None
+    title = f"{name}: {description}" if description else name
+    return [folder / str(v) for v in variants], sweep_keys, title, study
