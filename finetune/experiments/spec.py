@@ -16,6 +16,9 @@ An experiment file is a base recipe plus named variants, each a set of overrides
       head: {train.mode: head}
       full: {}                   # the base as it is
       scratch: {train.mode: scratch, model.source: null, model.arch: vit_cifar_s, model.img_size: 32}
+    grid:                        # optional: a study, every variant at every point (see .grid)
+      seed: [0, 1, 2]
+      data.train_subset: [1000, 5000]
 
 A variant's settings are dotted keys (``optim.lr: 1.0e-3``) or nested sections (``optim: {lr: ...}``).
 Each variant's recipe is: the base, then ``overrides``, then the variant's settings, then the
