@@ -455,7 +455,9 @@ def test_bad_experiment_files_are_clear_errors(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["compare_cifar.yaml", "compare_cifar32.yaml", "transfer_compare.yaml"])
-def test_shipped_compare_file_validates(name, tmp_path):
+def test_shipped_compare_file_validates(name, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
     path = SHIPPED_RECIPES / name
     assert path.read_text().splitlines()[0].startswith(f"# finetune compare recipes/{name}")
     exp = load_experiment(path, [f"output.dir={tmp_path}"])
@@ -464,8 +466,20 @@ def test_shipped_compare_file_validates(name, tmp_path):
     # One data split and seed for all, so the table compares like with like.
     assert len({(r.seed, r.data.model_dump_json()) for r in recipes}) == 1
     assert [p.action for p in plan_experiment(exp)] == ["run"] * len(recipes)
+    # No weights here: an empty hub cache, offline, and no base run under ./runs.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    needs = [n for n, r in exp.variants if r.model.source and r.train.mode != "scratch"]
     result = runner.invoke(app, ["compare", str(path), "--dry-run", f"output.dir={tmp_path}"])
+    assert needs and result.exit_code == 1, result.output
+    assert f"{len(needs)} of the {len(recipes)} to train cannot get their weights" in result.stderr
+    assert all(n in result.stderr for n in needs) and "--skip" in result.stderr
+    # Leaving them out, the rest have what they need.
+    result = runner.invoke(app, ["compare", str(path), "--dry-run", f"output.dir={tmp_path}", "--skip", ",".join(needs)])
     assert result.exit_code == 0, result.output
+    assert f"{len(recipes) - len(needs)} to train, each with its weights at hand" in result.stdout
     assert not (tmp_path / exp.name).exists()  # a dry run writes nothing
 
 

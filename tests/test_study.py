@@ -185,3 +185,38 @@ def test_the_shipped_study_validates_with_three_seeds_and_four_sizes():
     assert {r.data.val_split for r in recipes.values()} == {2500}
     assert {r.data.train_subset + r.data.val_split for r in recipes.values()} <= {2750, 3500, 7500, 25000}
     assert recipes["scratch_s2_n250"].model.source is None and recipes["full_s2_n250"].model.source
+
+
+# --- steering an experiment: --only, --skip, and the dry run's weights check ----------------
+
+
+def test_only_and_skip_choose_what_trains_and_the_report_covers_the_rest(tmp_path, monkeypatch):
+    path = study_file(tmp_path)
+    calls = spy_runs(monkeypatch)
+    result = runner.invoke(app, ["compare", str(path), "-q", "--only", "full"])  # a study's variant: all its runs
+    assert result.exit_code == 0, result.output
+    assert calls == ["full_s0_n24", "full_s0_n48", "full_s1_n24", "full_s1_n48"]
+    exp_dir = tmp_path / "runs" / "study"
+    rows = {(r["variant"], r["data.train_subset"]): r for r in csv.DictReader((exp_dir / "study.csv").open())}
+    assert rows[("full", "24")]["seeds_finished"] == "2" and rows[("head", "24")]["seeds_finished"] == "0"
+    calls.clear()
+    result = runner.invoke(app, ["compare", str(path), "-q", "--skip", "*_n48", "--skip", "head_s1_n24"])
+    assert result.exit_code == 0, result.output
+    assert calls == ["head_s0_n24"]  # the full runs are reused, the rest left out
+
+
+def test_only_or_skip_that_matches_nothing_is_refused(tmp_path):
+    result = runner.invoke(app, ["compare", str(study_file(tmp_path)), "--dry-run", "--only", "ful"])
+    assert result.exit_code == 1 and "'ful' match(es) no run" in result.stderr and "full_s0_n24" in result.stderr
+
+
+def test_dry_run_names_the_variants_whose_weights_cannot_be_had(tmp_path):
+    missing = {"model.source": str(tmp_path / "not_trained_yet"), "model.arch": None, "data.batch_size": 8}
+    path = write_experiment(tmp_path, {**variants(tmp_path), "other": {"train.mode": "full", **missing}},
+                            name="avail")
+    result = runner.invoke(app, ["compare", str(path), "--dry-run"])
+    assert result.exit_code == 1, result.output
+    assert "1 of the 3 to train cannot get their weights: other: no such file or folder" in result.stderr
+    assert not (tmp_path / "runs" / "avail").exists()
+    result = runner.invoke(app, ["compare", str(path), "--dry-run", "--skip", "other"])
+    assert result.exit_code == 0 and "2 to train, each with its weights at hand" in result.stdout

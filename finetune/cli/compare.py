@@ -14,29 +14,65 @@ from ..errors import FinetuneError
 from .common import NprocOpt, OverridesArg, check_writable_folder, friendly_errors, out
 
 
-def _print_plan(plans: list) -> None:
-    table = Table("variant", "action", "run folder", box=None, header_style="bold")
+def _print_plan(plans: list, selected: set[str], missing: dict[str, str]) -> None:
+    table = Table("variant", "action", "weights", "run folder", box=None, header_style="bold")
     for plan in plans:
         action = f"{plan.action} ({plan.reason})" if plan.reason else plan.action
-        table.add_row(plan.name, action, str(plan.run_dir))
-    out.print(table)
+        if plan.name not in selected and plan.action != "reuse":
+            action = "skip (not selected by --only/--skip)"
+        table.add_row(plan.name, action, missing.get(plan.name, "ok"), str(plan.run_dir))
+    out.print(table, highlight=False)
 
 
-def _run_and_report(experiment: Any, dry_run: bool, quiet: bool, nproc: int = 1) -> None:
+def _missing_weights(experiment: Any, names: set[str]) -> dict[str, str]:
+    """Variant -> why its pretrained weights or base run cannot be had now (nothing is read or
+    downloaded), for the variants in ``names`` that start from weights."""
+    from ..models.sources import source_unavailable
+
+    seen: dict[str, str | None] = {}
+    missing = {}
+    for name, recipe in experiment.variants:
+        source = recipe.model.source
+        if name not in names or source is None or recipe.train.mode == "scratch":
+            continue
+        if source not in seen:
+            seen[source] = source_unavailable(source)
+        if seen[source] is not None:
+            missing[name] = f"cannot be had: {seen[source]}"
+    return missing
+
+
+def _run_and_report(experiment: Any, dry_run: bool, quiet: bool, nproc: int = 1,
+                    only: list[str] | None = None, skip: list[str] | None = None) -> None:
     """Shared tail of compare and sweep: plan or run, print the table, fail if a variant failed."""
     from ..experiments.execute import run_experiment
-    from ..experiments.plan import plan_experiment
+    from ..experiments.plan import plan_experiment, select_runs
 
+    selected = select_runs(experiment, _patterns(only), _patterns(skip))
     if dry_run:
-        _print_plan(plan_experiment(experiment))
+        plans = plan_experiment(experiment)
+        to_train = {p.name for p in plans if p.name in selected and p.action != "reuse"}
+        missing = _missing_weights(experiment, to_train)
+        _print_plan(plans, selected, missing)
         out.print(experiment.describe_ranking(), highlight=False, markup=False)
         study = getattr(experiment, "study", None)
         what = (f"{len(experiment.variants)} runs ({len(study.variants)} variants at "
                 f"{len(experiment.variants) // max(len(study.variants), 1)} grid points)" if study
                 else f"{len(experiment.variants)} variants")
-        out.print(f"[green]ok[/] {what} validate -> {escape(str(experiment.dir))}", highlight=False)
+        if missing:
+            by_reason: dict[str, list[str]] = {}
+            for name, why in missing.items():
+                by_reason.setdefault(why.removeprefix("cannot be had: "), []).append(name)
+            raise FinetuneError(
+                f"{what} validate, but {len(missing)} of the {len(to_train)} to train cannot get their weights: "
+                + "; ".join(f"{', '.join(names)}: {why}" for why, names in by_reason.items()) + ".",
+                "Put the weights in the hub cache or pass a local file or folder as model.source (for a base run, "
+                "train it first); or leave those variants out with --skip.",
+            )
+        out.print(f"[green]ok[/] {what} validate; {len(to_train)} to train, each with its weights at hand "
+                  f"-> {escape(str(experiment.dir))}", highlight=False)
         return
-    result = run_experiment(experiment, quiet=quiet, nproc=nproc)
+    result = run_experiment(experiment, quiet=quiet, nproc=nproc, selected=selected)
     out.print(result.table, markup=False, highlight=False, soft_wrap=True)
     out.print(f"report: {result.report['markdown']}", highlight=False, markup=False)
     if result.failed:
@@ -48,6 +84,11 @@ def _run_and_report(experiment: Any, dry_run: bool, quiet: bool, nproc: int = 1)
         )
 
 
+def _patterns(values: list[str] | None) -> list[str]:
+    """``--only a,b --only c`` -> ``[a, b, c]``."""
+    return [p.strip() for v in values or [] for p in v.split(",") if p.strip()]
+
+
 ExperimentNameOpt = Annotated[
     str | None,
     typer.Option("--name", help="Experiment name, the folder under output.dir (default: from the file or recipe)."),
@@ -56,6 +97,15 @@ DryRunOpt = Annotated[
     bool, typer.Option("--dry-run", help="Validate every variant and show what would run, reuse or be replaced.")
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or status lines.")]
+OnlyOpt = Annotated[
+    list[str] | None,
+    typer.Option("--only", help="Train only these variants or runs (names, or patterns such as 'full_*'; comma-separated "
+                 "or repeated); the report still covers the whole experiment.", show_default=False),
+]
+SkipOpt = Annotated[
+    list[str] | None,
+    typer.Option("--skip", help="Train all but these variants or runs (names or patterns).", show_default=False),
+]
 
 
 @friendly_errors
@@ -68,6 +118,8 @@ def compare(
     dry_run: DryRunOpt = False,
     quiet: QuietOpt = False,
     nproc: NprocOpt = 1,
+    only: OnlyOpt = None,
+    skip: SkipOpt = None,
 ) -> None:
     """Run the variants of an experiment on the same data and seed, and compare them in one report.
 
@@ -78,7 +130,7 @@ def compare(
     """
     from ..experiments.spec import load_experiment
 
-    _run_and_report(load_experiment(experiment, overrides or [], name=name), dry_run, quiet, nproc)
+    _run_and_report(load_experiment(experiment, overrides or [], name=name), dry_run, quiet, nproc, only, skip)
 
 
 @friendly_errors
@@ -94,6 +146,8 @@ def sweep(
     dry_run: DryRunOpt = False,
     quiet: QuietOpt = False,
     nproc: NprocOpt = 1,
+    only: OnlyOpt = None,
+    skip: SkipOpt = None,
 ) -> None:
     """Train every combination of the --grid values, and compare them in one report.
 
@@ -101,7 +155,7 @@ def sweep(
     """
     from ..experiments.sweep import sweep_experiment
 
-    _run_and_report(sweep_experiment(recipe, grid or [], overrides or [], name=name), dry_run, quiet, nproc)
+    _run_and_report(sweep_experiment(recipe, grid or [], overrides or [], name=name), dry_run, quiet, nproc, only, skip)
 
 
 @friendly_errors

@@ -28,7 +28,7 @@ class VariantResult:
     """How one variant ended: ``reused``, ``finished``, ``diverged`` or ``failed`` (with ``error``)."""
 
     name: str
-    status: Literal["reused", "finished", "diverged", "failed"]
+    status: Literal["reused", "finished", "diverged", "failed", "skipped"]
     run_dir: Path
     error: str | None = None
 
@@ -81,8 +81,12 @@ def _record_failure(run_dir: Path, recipe: Recipe, error: str, source: str | Non
     write_text_atomically(run_dir / "summary.json", strict_json(summary, indent=2) + "\n")
 
 
-def run_experiment(exp: Experiment, *, quiet: bool = False, nproc: int = 1) -> ExperimentResult:
+def run_experiment(exp: Experiment, *, quiet: bool = False, nproc: int = 1,
+                   selected: set[str] | None = None) -> ExperimentResult:
     """Run every variant that has no finished run yet, then write the report.
+
+    With ``selected`` (from :func:`.plan.select_runs`), only those variants train; the others are
+    reused when they finished, else left as they are (``skipped``), and the report covers them all.
 
     A variant that raises (a :class:`FinetuneError` or any other exception) is recorded as failed
     (or diverged) in its run folder and the next variant runs; ``ExperimentResult.failed`` lists
@@ -111,6 +115,8 @@ def run_experiment(exp: Experiment, *, quiet: bool = False, nproc: int = 1) -> E
     if not quiet:
         console.print(f"{exp.name}: {exp.describe_ranking()}", style="dim", highlight=False, markup=False)
     results = [_run_variant(exp, plan, f"[{i}/{len(plans)}] {plan.name}", quiet, nproc)
+               if selected is None or plan.name in selected or plan.action == "reuse"
+               else VariantResult(plan.name, "skipped", plan.run_dir)
                for i, plan in enumerate(plans, start=1)]
     title = f"{exp.name}: {exp.description}" if exp.description else exp.name
     paths, table = write_experiment_report(

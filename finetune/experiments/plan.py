@@ -4,7 +4,9 @@ message; and ``experiment.yaml``, the resolved experiment written into its folde
 
 from __future__ import annotations
 
+import fnmatch
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -102,6 +104,30 @@ def plan_experiment(exp: Experiment) -> list[PlannedRun]:
             f"or delete {exp.dir} (or just the run folders named) to retrain.{opt_out}",
         )
     return plans
+
+
+def select_runs(exp: Experiment, only: Sequence[str] = (), skip: Sequence[str] = ()) -> set[str]:
+    """The runs that ``--only`` and ``--skip`` leave to train: each pattern is a run's name, a
+    study's variant name (all its runs), or a shell-style pattern (``full_*``, ``*_n250``).
+
+    Raises:
+        ExperimentError: a pattern that matches no run (with the names there are).
+    """
+    names = [name for name, _ in exp.variants]
+    variant_of = {name: exp.study.runs[name][0] for name in names} if exp.study is not None else {}
+
+    def matching(pattern: str) -> set[str]:
+        return {n for n in names if fnmatch.fnmatchcase(n, pattern) or variant_of.get(n) == pattern}
+
+    unknown = [p for p in [*only, *skip] if not matching(p)]
+    if unknown:
+        shown = ", ".join(dict.fromkeys([*variant_of.values(), *names]))
+        raise ExperimentError(
+            f"--only/--skip {', '.join(map(repr, unknown))} match(es) no run of experiment {exp.name!r}.",
+            f"Name variants or runs (shell patterns such as 'full_*' work): {shown[:600]}.",
+        )
+    chosen = set().union(*(matching(p) for p in only)) if only else set(names)
+    return chosen - set().union(*(matching(p) for p in skip)) if skip else chosen
 
 
 def _show(value: Any) -> str:

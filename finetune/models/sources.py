@@ -128,6 +128,41 @@ def resolve_source(
     return resolved
 
 
+def source_unavailable(source: str | Path, *, cache_dir: str | Path | None = None) -> str | None:
+    """Why the weights of ``source`` cannot be had on this machine now, or ``None`` when they can
+    (a file or model folder that exists, a hub model in the local cache, or one the hub can be
+    reached for). Reads no weights and downloads nothing: for ``compare --dry-run``."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if text.startswith(HUB_PREFIX):
+        repo_id, _, revision = text[len(HUB_PREFIX):].partition("@")
+    elif path.is_dir():
+        return None if (path / "config.json").is_file() else (
+            f"{path} has no config.json (a run saves its model only when it finishes)")
+    elif path.is_file():
+        return None
+    elif _looks_like_path(text):
+        return f"no such file or folder: {path}"
+    else:
+        try:
+            cfg = timm.models.get_pretrained_cfg(text)
+        except RuntimeError:
+            cfg = None
+        if cfg is None or not cfg.hf_hub_id:
+            return f"timm has no hub weights named {text!r}"
+        repo_id, _, revision = cfg.hf_hub_id.partition("@")
+    cache = hub_cache_dir(cache_dir)
+    if _cached_hub_file(repo_id, "config.json", revision or None, cache) is not None and any(
+            _cached_hub_file(repo_id, name, revision or None, cache) is not None
+            for name in (SAFETENSORS_NAME, PICKLE_NAMES[0])):
+        return None
+    if hub_offline_forced():
+        return f"{repo_id} is not in the local hub cache ({cache}) and HF_HUB_OFFLINE is set"
+    if not endpoint_reachable(hub_endpoint()):
+        return f"{repo_id} is not in the local hub cache ({cache}) and the hub ({hub_endpoint()}) cannot be reached"
+    return None
+
+
 def _resolve_timm_name(name: str, *, cache_dir: str | Path | None) -> ResolvedSource:
     arch, tag = timm.models.split_model_name_tag(name)
     check_arch(arch)
