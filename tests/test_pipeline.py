@@ -235,6 +235,13 @@ def test_predict_resizes_a_photo_as_the_run_stored_its_images(photos, monkeypatc
     assert predicted.shape[-2:] == (32, 32)
     for name, image in zip(names, predicted):
         assert torch.equal(image, evaluated[classes.index(name)]), name
+    # finetune eval on the same folder (other data than the run's) brings the photos to the stored
+    # size too: its top-1 is the one of predict's inputs.
+    with torch.no_grad():
+        hits = sum(int(model(x[None]).argmax()) == classes.index(name) for name, x in zip(names, predicted))
+    result = CliRunner().invoke(app, ["eval", str(run_dir), "--data", str(root), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert f"top-1 {100 * hits / len(names):.2f}%" in result.output
     # Straight to 32 px (what predict did before the size was recorded) is another input.
     straight = Preprocess.from_model(model, load_size=None)(read_image(files[names[0]]))[0]
     assert not torch.equal(straight, predicted[0])

@@ -383,3 +383,15 @@ def test_card_metadata_of_a_fine_tuned_hub_model():
     assert 'timm.create_model("hf-hub:me/deit-cifar", pretrained=True)' in card.text
     mine = model_card(dict(summary, source="/nowhere/weights.safetensors"), recipe).data.to_dict()
     assert "license" not in mine and "base_model" not in mine
+
+
+def test_a_run_whose_recipe_is_a_link_out_is_never_pushed(copy_of, hub, tmp_path):
+    secret = tmp_path / "secret.env"
+    secret.write_text("HF_TOKEN=hf_do_not_publish\n")
+    folder = copy_of("final")
+    (folder / "README.md").unlink()  # the card would be written from recipe.yaml
+    (folder / "recipe.yaml").unlink()
+    (folder / "recipe.yaml").symlink_to(secret)
+    result = invoke("push", folder, "me/leak")
+    assert_refused(result, hub, "recipe.yaml is a link that leads out of the run folder", "Nothing was sent")
+    assert "hf_do_not_publish" not in result.output

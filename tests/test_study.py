@@ -91,8 +91,32 @@ def test_a_bad_grid_is_refused_by_name(tmp_path, grid, message):
 
 
 def test_a_command_line_override_of_a_grid_axis_is_refused(tmp_path):
-    with pytest.raises(ExperimentError, match="the grid sets it for every run"):
+    with pytest.raises(ExperimentError, match="command-line override sets seed, which the grid sets for every run"):
         load_experiment(study_file(tmp_path), ["seed=5"])
+
+
+@pytest.mark.parametrize("where, message", [
+    ("variant", "variant 'head' sets data.train_subset"),
+    ("overrides", "the file's overrides sets seed"),
+    ("value", "grid.data.train_subset value 24 sets seed"),
+])
+def test_a_grid_axis_set_anywhere_else_is_refused(tmp_path, where, message):
+    own = variants(tmp_path)
+    grid = {"seed": [0, 1], "data.train_subset": {24: {"train.epochs": 2}, 48: None}}
+    top = {}
+    if where == "variant":
+        own["head"]["data.train_subset"] = 100  # silently replaced by the grid's values
+    elif where == "overrides":
+        top["overrides_extra"] = ["seed=3"]
+    else:
+        grid["data.train_subset"][24]["seed"] = 7  # two runs of one recipe under two names
+    path = write_experiment(tmp_path, own, grid=grid)
+    if top:
+        doc = yaml.safe_load(path.read_text())
+        doc["overrides"] += top["overrides_extra"]
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with pytest.raises(ExperimentError, match=message):
+        load_experiment(path)
 
 
 def test_a_study_with_a_bad_value_names_the_run_that_does_not_validate(tmp_path):

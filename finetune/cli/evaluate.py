@@ -64,7 +64,8 @@ def eval_cmd(
     """
     from ..data.load import load_eval_split
     from ..data.loader import BatchLoader
-    from ..data.preprocess import Preprocess
+    from ..data.preprocess import stored_size_of
+    from ..runs.folder import preprocess_of
     from ..training.device import autocast_dtype, resolve_device
     from ..training.evaluate import evaluate
     from ..models.build import load_model
@@ -74,13 +75,18 @@ def eval_cmd(
     model_obj = load_model(model)
     check_image_size(image_size, model_obj)
     classes = model_obj.pretrained_cfg.get("label_names")
+    stored = stored_size_of(model_obj.pretrained_cfg)
+    if data is not None and image_size is None and stored is not None and stored[0] == stored[1]:
+        # Other data, for a model whose run kept its images at a size of their own: images are
+        # brought to that size on load, as the run's evaluation (and predict) brought them.
+        image_size = stored[0]
     cfg, seed = _eval_data_config(model, data, root, image_size)
     split, class_names, skipped = load_eval_split(cfg, seed=seed, classes=classes)
     if skipped:
         err.print(f"[yellow]warning:[/] {escape(skipped.describe())}", highlight=False)
     dev = resolve_device(device)
     model_obj = model_obj.to(dev)
-    loader = BatchLoader(split, batch_size=batch_size, train=False, device=dev, preprocess=Preprocess.from_model(model_obj))
+    loader = BatchLoader(split, batch_size=batch_size, train=False, device=dev, preprocess=preprocess_of(model_obj, model))
     result = evaluate(model_obj, loader, model_obj.num_classes, amp_dtype=autocast_dtype("auto", dev))
     out.print(
         f"{escape(str(model))}: top-1 {100 * result.acc1:.2f}%  top-5 {100 * result.acc5:.2f}%  "

@@ -10,7 +10,8 @@ import typer
 from rich.markup import escape
 
 from ..errors import FinetuneError
-from .common import check_writable_folder, friendly_errors, model_class_names, out, preprocess_for, refuse_unfinished_run
+from .common import (check_device, check_writable_folder, friendly_errors, model_class_names, out, preprocess_for,
+                     refuse_unfinished_run)
 
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="The PNG to write.")]
 
@@ -73,6 +74,7 @@ def show_attention(
     from ..viz.visual import attention_rollout, last_layer_attention
 
     _check_output_file(out)
+    check_device(device)
     decoded = [read_image(path) for path in images]
     refuse_unfinished_run(Path(model))
     loaded = load_model(model)

@@ -36,7 +36,7 @@ class BatchLoader:
     Per batch, on the device and on the images at their stored size: pad-and-crop
     (``augment.crop_padding``), horizontal flip (``augment.hflip``), ``(x / 255 - mean) / std``,
     then either a random resized crop straight to ``out_size`` (``augment.random_resized_crop``,
-    which replaces pad-and-crop) or a bilinear resize to ``out_size`` when the stored size
+    which replaces pad-and-crop) or a resize (the preprocessing's interpolation) to ``out_size`` when the stored size
     differs, then ``channels_last`` and ``dtype``. A streamed split is decoded to the stored size
     first and then goes through the same steps with the same random numbers, so with equal stored
     images both paths give bit-identical batches under every augmentation. Evaluation batches are

@@ -221,6 +221,9 @@ def split_train(
             f"Hold out fewer than {n:,} images (e.g. data.val_split={max(1, n // 10)} or a fraction such as 0.1).",
         )
     n_train = n - n_val if train_subset is None else _count_images(train_subset, n, field="data.train_subset")
+    if n_train < 1:
+        raise DataError(f"data.train_subset={train_subset!r} leaves no image to train on.",
+                        "Ask for at least one image (a whole number, or a fraction of the train set above 0).")
     if n_train > n:
         raise DataError(
             f"data.train_subset={train_subset!r} asks for {n_train:,} images, but the train set has only {n:,}.",

@@ -193,7 +193,9 @@ def write_report(
     Returns:
         The files written, by kind: ``markdown``, ``csv``, and, when any run has epochs to
         plot, ``acc_vs_epoch`` and ``acc_vs_time``, ``sweep`` when ``sweep_keys`` is given
-        and a run finished, and ``tradeoff`` when finished runs differ in ``train.mode``.
+        and a run finished, and ``tradeoff`` when finished runs differ in ``train.mode``. For a
+        study, instead of the per-run figures: ``study_csv``, ``study_md`` and, with an x-axis,
+        ``study`` and ``study_tradeoff`` (:func:`.study_report.write_study`).
 
     Raises:
         FinetuneError: no run directories, a sweep key that no run's recipe has, or a write that
@@ -212,7 +214,7 @@ def write_report(
         if study is not None:  # dozens of runs: the per-run curves would be unreadable; study.png says it
             from .study_report import write_study
 
-            paths.update(write_study(records, study, out_dir)[0])
+            paths.update(write_study(records, study, out_dir))
         paths["csv"] = _write_csv(records, keys, out_dir / "report.csv")
         paths["markdown"] = out_dir / "report.md"
         # Replaced whole (temporary file, rename): a failed write never leaves half a report.md.
@@ -360,9 +362,9 @@ def write_experiment_report(
     paths = write_report(run_dirs, out_dir, title=title, sweep_keys=sweep_keys, study=study)
     records = [read_run(d) for d in run_dirs]
     if study is not None:
-        from .study_report import write_study
+        from .study_report import study_table
 
-        return paths, write_study(records, study, Path(out_dir))[1]
+        return paths, study_table(records, study)
     swept = list(sweep_keys or [])
     keys = swept + [k for k in varied_keys(records) if k not in swept]  # write_report's column order
     return paths, format_table(records, keys) + "\n\n" + ranking_summary(records)

@@ -306,7 +306,7 @@ def load_experiment(
     _check_overrides(shared, f"{label}: overrides", _RESERVED_SHARED)
     check_cli_overrides(overrides)
     variants = _variant_settings(raw.get("variants"), label)
-    variants, study = _study(raw, variants, overrides, label)
+    variants, study = _study(raw, variants, overrides, label, shared)
     val_split = _read_val_split(raw, label)
     exp_name = str(name or raw.get("name") or file.stem)
     description = str(raw.get("description") or "")
@@ -326,7 +326,8 @@ def load_experiment(
 
 
 def _study(
-    raw: dict, variants: list[tuple[str, list[tuple[str, str]], str]], cli_overrides: Sequence[str], label: str
+    raw: dict, variants: list[tuple[str, list[tuple[str, str]], str]], cli_overrides: Sequence[str], label: str,
+    shared: Sequence[str] = (),
 ) -> tuple[list[tuple[str, list[tuple[str, str]], str]], Study | None]:
     """The runs of a study (every variant at every point of the file's ``grid``) and their layout;
     a file without a grid keeps its variants, and an ``experiment.yaml`` read back keeps its ``study``."""
@@ -343,12 +344,26 @@ def _study(
         pairs = [(value, _settings_to_overrides(settings)) for value, settings in values]
         problems += [p for _, own in pairs for k, _ in own if (p := key_problem(k, f"{label}: grid.{key}"))]
         axes.append((key, pairs))
-    clash = sorted({override_key(o) for o in cli_overrides} & {k for k, _ in axes})
-    if clash:
-        problems.append(f"command-line override of {', '.join(clash)}: the grid sets it for every run.")
+    problems += _grid_clashes(axes, variants, cli_overrides, shared)
     if problems:
         raise ExperimentError("\n".join(problems), "Change the grid in the experiment file instead.")
     return expand(variants, axes)
+
+
+def _grid_clashes(axes: list, variants: list, cli_overrides: Sequence[str], shared: Sequence[str]) -> list[str]:
+    """A grid axis's key set anywhere else, which the grid would silently override (or, set by
+    another axis's value, would give two runs of one recipe under two names)."""
+    keys = {k for k, _ in axes}
+    problems = []
+    for where, given in [("command-line override", [override_key(o) for o in cli_overrides]),
+                         ("the file's overrides", [override_key(o) for o in shared]),
+                         *((f"variant {name!r}", [k for k, _ in own]) for name, own, _ in variants),
+                         *((f"grid.{key} value {value!r}", [k for k, _ in own]) for key, pairs in axes
+                           for value, own in pairs)]:
+        clash = sorted(keys & set(given))
+        if clash:
+            problems.append(f"{where} sets {', '.join(clash)}, which the grid sets for every run.")
+    return problems
 
 
 def _check_file_keys(raw: dict, label: str) -> None:

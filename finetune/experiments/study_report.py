@@ -137,23 +137,37 @@ def _round(fraction: float | None) -> float | None:
     return None if fraction is None else round(100 * fraction, 4)
 
 
-def write_study(records: Sequence[RunRecord], study: Study, out_dir: Path) -> tuple[dict[str, Path], str]:
+def study_table(records: Sequence[RunRecord], study: Study) -> str:
+    """The study table (Markdown) and a line saying how runs were scored: what ``compare`` prints."""
+    basis = _basis(records, study)
+    cells = study_cells(records, study, basis)
+    return format_study_table(cells, study, basis) + "\n\n" + _how(cells, basis)
+
+
+def _basis(records: Sequence[RunRecord], study: Study) -> str:
+    return selection_basis([r for r in records if r.run_dir.name in study.runs])
+
+
+def _how(cells: Sequence[StudyCell], basis: str) -> str:
+    seeds = max((len(c.runs) for c in cells), default=0)
+    return (f"Mean ± standard deviation over {seeds} seed(s) per row (`seeds` counts the finished ones); "
+            + ("each run's epoch chosen on validation, test top-1 read at that epoch."
+               if basis == "val" else "no validation split in some runs: test top-1 after the last epoch, ranked on test."))
+
+
+def write_study(records: Sequence[RunRecord], study: Study, out_dir: Path) -> dict[str, Path]:
     """``study.md``, ``study.csv``, ``study.png`` and, at the grid's last point of its x-axis,
     ``study_tradeoff.png`` (accuracy against cost per variant, over the seeds there).
 
     Returns:
-        The files by kind, and the study table with a line saying how runs were scored.
+        The files by kind.
     """
-    basis = selection_basis([r for r in records if r.run_dir.name in study.runs])
+    basis = _basis(records, study)
     cells = study_cells(records, study, basis)
     paths = {"study_csv": _write_csv(cells, study, basis, out_dir / "study.csv")}
     x_key = study.x_key
-    seeds = max((len(c.runs) for c in cells), default=0)
-    how = (f"Mean ± standard deviation over {seeds} seed(s) per row (`seeds` counts the finished ones); "
-           + ("each run's epoch chosen on validation, test top-1 read at that epoch."
-              if basis == "val" else "no validation split in some runs: test top-1 after the last epoch, ranked on test."))
-    table = format_study_table(cells, study, basis)
     if x_key is not None and any(c.scored for c in cells):
+        seeds = max(len(c.runs) for c in cells)
         paths["study"] = plot_study(_series(cells, study, basis), x_key, out_dir / "study.png", basis=basis,
                                     seeds=seeds)
         last = _last_x(cells, x_key)
@@ -161,14 +175,14 @@ def write_study(records: Sequence[RunRecord], study: Study, out_dir: Path) -> tu
         if len({r.recipe.get("train.mode") for r in at_last}) > 1:
             paths["study_tradeoff"] = plot_tradeoff(at_last, out_dir / "study_tradeoff.png", basis=basis)
     lines = ["# Study: " + ", ".join(f"{k} = {', '.join(map(format_value, v))}" for k, v in study.axes), "",
-             table, "", how]
+             format_study_table(cells, study, basis), "", _how(cells, basis)]
     if "study" in paths:
         lines += ["", "![Accuracy against " + x_key + ", per variant](study.png)"]
     if "study_tradeoff" in paths:
         lines += ["", f"![Accuracy against cost at {x_key} = {format_value(last)}](study_tradeoff.png)"]
     paths["study_md"] = out_dir / "study.md"
     write_text_atomically(paths["study_md"], "\n".join(lines) + "\n")
-    return paths, table + "\n\n" + how
+    return paths
 
 
 def _last_x(cells: Sequence[StudyCell], x_key: str) -> Any:

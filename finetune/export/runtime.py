@@ -56,6 +56,10 @@ def _open(path: Path, fmt: str) -> tuple[Runner, ExportMeta]:
     if fmt == "onnx":
         session = _onnx_session(path)
         meta = from_onnx_props(dict(session.get_modelmeta().custom_metadata_map), path)
+        if len(session.get_inputs()) != 1 or len(session.get_outputs()) != 1:  # ours: images in, logits out
+            raise ExportError(f"{path} takes {len(session.get_inputs())} inputs and gives {len(session.get_outputs())} "
+                              "outputs; a finetune export takes one batch of images and gives one of logits.",
+                              "Export the run again with `finetune export RUN_DIR`.")
         node = session.get_inputs()[0]
         _check_shapes(path, meta, tuple(node.shape), tuple(session.get_outputs()[0].shape))
         _check_dtype(path, meta, _ONNX_TYPES.get(node.type, node.type))

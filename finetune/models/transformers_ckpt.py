@@ -1,11 +1,13 @@
-"""Hugging Face transformers ViT and DeiT checkpoints, read as the timm models they equal.
+"""Hugging Face transformers ViT and DeiT checkpoints, read as the timm models they are (but for
+LayerNorm's eps, see below).
 
 A folder (or hub repository) that transformers saved has a ``config.json`` with a ``model_type``
 (``vit``, ``deit``) and ``model.safetensors`` or ``pytorch_model.bin``. Its config maps onto a timm
 architecture and constructor arguments, and its tensors onto timm's names, one by one: no
 transformers code is imported or run, so loading such a checkpoint does not need transformers.
 
-What each transformers class becomes (logits equal transformers' own, in eval mode):
+What each transformers class becomes (logits equal transformers' own in eval mode, to about 1e-6
+relative with trained weights):
 
 - ``ViTModel``, ``ViTForImageClassification``: ``vit_*``, class token, ``token`` pooling, ``head``.
 - ``DeiTModel``, ``DeiTForImageClassification``: ``deit_*`` with ``reg_tokens=1``; the distillation
@@ -138,6 +140,7 @@ def _config_values(config: dict[str, Any], where: str) -> dict[str, Any]:
         "chans": get("num_channels", 3, whole(1, 64), "a whole number from 1 to 64"),
         "qkv_bias": get("qkv_bias", True, lambda v: isinstance(v, bool), "true or false"),
         "act": get("hidden_act", "gelu", lambda v: v in ACTIVATIONS, f"one of {', '.join(ACTIVATIONS)}"),
+        # Checked so that a broken config is refused by name, though the model uses timm's eps.
         "eps": get("layer_norm_eps", 1e-12, lambda v: _number(v) and 0 < v <= 0.1, "a number in (0, 0.1]"),
     }
     if not problems and values["width"] % values["heads"]:

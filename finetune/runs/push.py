@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import PushError
+from ..errors import PushError, RunDirError
 from ..hub import endpoint_reachable, hub_endpoint, hub_offline_forced
 from .card import CARD_NAME, card_for, with_repo_id
-from .folder import BEST_DIR, is_run_folder, read_summary, run_status
+from .folder import BEST_DIR, READ_PATHS, check_links, is_run_folder, read_summary, run_status
 
 WEIGHT_FILES = ("config.json", "model.safetensors")
 MODEL_FILES = (*WEIGHT_FILES, CARD_NAME)
@@ -132,6 +132,10 @@ def model_folder(path: Path) -> tuple[Path, str]:
     if not is_run_folder(run_dir):
         raise PushError(f"{path} is not a finetune run folder (no recipe.yaml and summary.json of a run).",
                         "Pass the folder a `finetune run` wrote (output.dir/name, e.g. runs/deit_tiny_cifar).")
+    try:  # what is published is the run's own files: a recipe.yaml linked to ~/.env would go up in the card
+        check_links(run_dir, (*READ_PATHS, CARD_NAME, f"{BEST_DIR}/{CARD_NAME}"))
+    except RunDirError as err:
+        raise PushError(err.problem + " Nothing was sent.", err.fix) from None
     status = run_status(run_dir)
     if status != "finished":
         fix = ("Wait for it to finish." if status == "running" else f"Continue it with `finetune resume {run_dir}` "

@@ -128,6 +128,9 @@ def require_two_classes(data: DatasetSplits, cfg) -> None:
             "two names in data.classes if you set it.",
         )
     present = torch.unique(data.train.labels)
+    if present.numel() == 0:
+        raise DataError("No training image is left after data.train_subset and data.val_split.",
+                        "Train on more images (a larger data.train_subset, a smaller data.val_split).")
     if present.numel() < 2:
         raise DataError(
             f"Every training image left after data.train_subset and data.val_split belongs to one class "
