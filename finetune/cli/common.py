@@ -149,10 +149,3 @@ def model_class_names(model: Any) -> list[str]:
         return [info.index_to_description(i) for i in range(model.num_classes)]
     return [str(i) for i in range(model.num_classes)]
 
-
-def preprocess_for(model_obj: Any, source: Path):
-    """How ``predict`` and ``show`` turn photos into ``model_obj``'s input: see
-    :func:`finetune.runs.folder.preprocess_of` (also what ``finetune export`` builds its graph from)."""
-    from ..runs.folder import preprocess_of
-
-    return preprocess_of(model_obj, Path(source))

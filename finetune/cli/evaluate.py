@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ..errors import FinetuneError
 from .common import (check_device, check_image_size, err, friendly_errors, model_class_names, out,
-                     preprocess_for, refuse_unfinished_run)
+                     refuse_unfinished_run)
 
 
 def _eval_data_config(target: Path, data: str | None, root: str | None, image_size: int | None):
@@ -145,6 +145,7 @@ def _model_probs(model: Path, decoded: list, device: str):
     import torch
 
     from ..models.build import load_model
+    from ..runs.folder import preprocess_of
     from ..training.device import resolve_device
 
     refuse_unfinished_run(model)
@@ -152,7 +153,7 @@ def _model_probs(model: Path, decoded: list, device: str):
     names = model_class_names(model_obj)
     dev = resolve_device(device)
     model_obj = model_obj.to(dev).eval()
-    batch = preprocess_for(model_obj, model)(decoded).to(dev)
+    batch = preprocess_of(model_obj, model)(decoded).to(dev)
     with torch.no_grad():
         return model_obj(batch).float().softmax(dim=-1), names
 

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from ..errors import FinetuneError
-from .common import (check_device, check_writable_folder, friendly_errors, model_class_names, out, preprocess_for,
+from .common import (check_device, check_writable_folder, friendly_errors, model_class_names, out,
                      refuse_unfinished_run)
 
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="The PNG to write.")]
@@ -68,6 +68,7 @@ def show_attention(
     import torch
 
     from ..data.decode import read_image
+    from ..runs.folder import preprocess_of
     from ..training.device import resolve_device
     from ..viz.figures import draw_attention
     from ..models.build import load_model
@@ -80,7 +81,7 @@ def show_attention(
     loaded = load_model(model)
     dev = resolve_device(device)
     loaded = loaded.to(dev).eval()
-    pre = preprocess_for(loaded, Path(model))
+    pre = preprocess_of(loaded, Path(model))
     x = pre(decoded).to(dev)
     with torch.no_grad():
         confidence, predicted = loaded(x).softmax(-1).max(-1)

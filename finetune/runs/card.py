@@ -347,7 +347,7 @@ def _usage(summary: dict[str, Any], repo_id: str | None, config: dict[str, Any])
             'image = Image.open("photo.jpg").convert("RGB")\n')
     if stored:
         code += ("# The run kept its images at stored_size and resized them from there to the model's input:\n"
-                 "# bring a photo to that size first (shorter side, centre crop), as its evaluation did.\n"
+                 "# bring a photo to that (square) size first: shorter side, then the centre, as its evaluation did.\n"
                  "import torchvision.transforms as T\n"
                  f"stored = {list(stored)}  # config.json's stored_size\n"
                  'resample = T.InterpolationMode(config["interpolation"])\n'
