@@ -385,3 +385,26 @@ def test_modes_get_a_tradeoff_plot_and_their_training_state(tmp_path):
     assert float(rows[("full", "0")]["training_state_mb"]) == pytest.approx(42.2 + 4 * 5_526_346 / 2**20)
     # One mode only: no trade-off to show.
     assert "tradeoff" not in write_report(runs[:2], tmp_path / "one")
+
+
+def test_the_terminal_table_is_compact_and_wide_prints_every_column(tmp_path):
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+
+    runs = [make_run(tmp_path / "runs", name, peak=peak, optim__lr=lr, data__root=f"/data/{name}",
+                     data__batch_size=bs, optim__weight_decay=wd, train__label_smoothing=ls, seed=seed)
+            for name, peak, lr, bs, wd, ls, seed in (("a", 0.7, 1e-3, 32, 0.05, 0.0, 0), ("b", 0.8, 3e-4, 64, 0.1, 0.1, 1))]
+    compact = CliRunner().invoke(app, ["report", *map(str, runs), "--out", str(tmp_path / "r")])
+    assert compact.exit_code == 0, compact.output
+    header = next(line for line in compact.output.splitlines() if line.startswith("| Run"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    # Where the data lives differs, but is no setting anyone compares: left to the CSV.
+    assert "data.root" not in columns and "Images/s" not in columns and "Peak mem (MB)" not in columns
+    assert columns[0] == "Run" and len(columns) == 1 + 4 + 1 + 2  # 4 settings, the test top-1, time, trainable
+    assert "more setting(s) differ" in compact.output and "data.root" in compact.output and "--wide" in compact.output
+    wide = CliRunner().invoke(app, ["report", *map(str, runs), "--out", str(tmp_path / "w"), "--wide"])
+    wide_header = next(line for line in wide.output.splitlines() if line.startswith("| Run"))
+    assert "data.root" in wide_header and "Images/s" in wide_header
+    # report.md keeps every column either way.
+    assert "Images/s" in (tmp_path / "r" / "report.md").read_text()

@@ -43,7 +43,7 @@ def _missing_weights(experiment: Any, names: set[str]) -> dict[str, str]:
 
 
 def _run_and_report(experiment: Any, dry_run: bool, quiet: bool, nproc: int = 1,
-                    only: list[str] | None = None, skip: list[str] | None = None) -> None:
+                    only: list[str] | None = None, skip: list[str] | None = None, wide: bool = False) -> None:
     """Shared tail of compare and sweep: plan or run, print the table, fail if a variant failed."""
     from ..experiments.execute import run_experiment
     from ..experiments.plan import plan_experiment, select_runs
@@ -72,7 +72,7 @@ def _run_and_report(experiment: Any, dry_run: bool, quiet: bool, nproc: int = 1,
         out.print(f"[green]ok[/] {what} validate; {len(to_train)} to train, each with its weights at hand "
                   f"-> {escape(str(experiment.dir))}", highlight=False)
         return
-    result = run_experiment(experiment, quiet=quiet, nproc=nproc, selected=selected)
+    result = run_experiment(experiment, quiet=quiet, nproc=nproc, selected=selected, wide=wide)
     out.print(result.table, markup=False, highlight=False, soft_wrap=True)
     out.print(f"report: {result.report['markdown']}", highlight=False, markup=False)
     if result.failed:
@@ -102,6 +102,8 @@ OnlyOpt = Annotated[
     typer.Option("--only", help="Train only these variants or runs (names, or patterns such as 'full_*'; comma-separated "
                  "or repeated); the report still covers the whole experiment.", show_default=False),
 ]
+WideOpt = Annotated[bool, typer.Option("--wide", help="Print every column of the table (report.md and report.csv "
+                                                      "always have them).")]
 SkipOpt = Annotated[
     list[str] | None,
     typer.Option("--skip", help="Train all but these variants or runs (names or patterns).", show_default=False),
@@ -120,6 +122,7 @@ def compare(
     nproc: NprocOpt = 1,
     only: OnlyOpt = None,
     skip: SkipOpt = None,
+    wide: WideOpt = False,
 ) -> None:
     """Run the variants of an experiment on the same data and seed, and compare them in one report.
 
@@ -130,7 +133,7 @@ def compare(
     """
     from ..experiments.spec import load_experiment
 
-    _run_and_report(load_experiment(experiment, overrides or [], name=name), dry_run, quiet, nproc, only, skip)
+    _run_and_report(load_experiment(experiment, overrides or [], name=name), dry_run, quiet, nproc, only, skip, wide)
 
 
 @friendly_errors
@@ -148,6 +151,7 @@ def sweep(
     nproc: NprocOpt = 1,
     only: OnlyOpt = None,
     skip: SkipOpt = None,
+    wide: WideOpt = False,
 ) -> None:
     """Train every combination of the --grid values, and compare them in one report.
 
@@ -155,7 +159,7 @@ def sweep(
     """
     from ..experiments.sweep import sweep_experiment
 
-    _run_and_report(sweep_experiment(recipe, grid or [], overrides or [], name=name), dry_run, quiet, nproc, only, skip)
+    _run_and_report(sweep_experiment(recipe, grid or [], overrides or [], name=name), dry_run, quiet, nproc, only, skip, wide)
 
 
 @friendly_errors
@@ -171,6 +175,7 @@ def report(
         str | None, typer.Option("--sweep-keys", help="Comma-separated swept keys for sweep.png, e.g. optim.lr,data.batch_size.")
     ] = None,
     title: Annotated[str | None, typer.Option(help="Heading of report.md.")] = None,
+    wide: WideOpt = False,
 ) -> None:
     """Compare finished runs: a Markdown and CSV table, accuracy curves and, for a sweep, its plot.
 
@@ -204,6 +209,6 @@ def report(
             "Pass run folders (runs/NAME) or experiment folders, as finetune run, compare and sweep write them.",
         )
     paths, table = write_experiment_report(dirs, target, title=title or (single[3] if single else None), sweep_keys=keys,
-                                           study=single[4] if single else None)
+                                           study=single[4] if single else None, wide=wide)
     out.print(table, markup=False, highlight=False, soft_wrap=True)
     out.print(f"report: {paths['markdown']}", highlight=False, markup=False)

@@ -82,11 +82,12 @@ def _record_failure(run_dir: Path, recipe: Recipe, error: str, source: str | Non
 
 
 def run_experiment(exp: Experiment, *, quiet: bool = False, nproc: int = 1,
-                   selected: set[str] | None = None) -> ExperimentResult:
+                   selected: set[str] | None = None, wide: bool = False) -> ExperimentResult:
     """Run every variant that has no finished run yet, then write the report.
 
     With ``selected`` (from :func:`.plan.select_runs`), only those variants train; the others are
     reused when they finished, else left as they are (``skipped``), and the report covers them all.
+    ``wide``: the printed table has every column (``report.md`` always has).
 
     A variant that raises (a :class:`FinetuneError` or any other exception) is recorded as failed
     (or diverged) in its run folder and the next variant runs; ``ExperimentResult.failed`` lists
@@ -120,7 +121,7 @@ def run_experiment(exp: Experiment, *, quiet: bool = False, nproc: int = 1,
                for i, plan in enumerate(plans, start=1)]
     title = f"{exp.name}: {exp.description}" if exp.description else exp.name
     paths, table = write_experiment_report(
-        [r.run_dir for r in results], exp.dir, title=title, sweep_keys=exp.sweep_keys, study=exp.study
+        [r.run_dir for r in results], exp.dir, title=title, sweep_keys=exp.sweep_keys, study=exp.study, wide=wide
     )
     return ExperimentResult(exp, results, paths, table)
 

@@ -87,8 +87,45 @@ def _epochs(record: RunRecord) -> str:
     return str(record.epochs) if record.status == "finished" else f"{record.epochs_done}/{record.epochs}"
 
 
+# Settings that differ between runs without being what a comparison is about: where the data and
+# the outputs are, how fast the machine reads them. The terminal's table leaves them to the CSV.
+_PLUMBING = ("data.root", "data.path", "data.download", "data.workers", "data.cache", "data.in_memory",
+             "train.cpu_threads", "train.log_every", "device")
+TERMINAL_KEYS = 4  # setting columns the terminal's table shows; the rest are counted under it
+
+
+def terminal_keys(keys: Sequence[str]) -> list[str]:
+    """The setting columns worth a terminal's width: the first few that are not plumbing."""
+    return [k for k in keys if k not in _PLUMBING][:TERMINAL_KEYS]
+
+
+def format_compact(records: Sequence[RunRecord], keys: Sequence[str]) -> str:
+    """The comparison as a terminal reads it: the run, the settings that matter (at most
+    :data:`TERMINAL_KEYS`, plumbing such as ``data.root`` left out), the accuracy runs are ranked by
+    and the test top-1 that goes with it, training time and trainable parameters; a line under it
+    counts the other settings that differ (all are in ``report.csv``, and ``--wide`` prints them)."""
+    shown = terminal_keys(keys)
+    basis = selection_basis(records)
+    scores = ["Val top-1 (%)", "Test top-1 at best val (%)"] if basis == "val" else [f"Test top-1 (%, {RANKED_ON[basis]})"]
+    header = ["Run", *shown, *scores, "Time", "Trainable"]
+    numbers = len(scores) + 2
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join([" --- "] * (len(header) - numbers) + [" ---: "] * numbers) + "|"]
+    for r in records:
+        accs = [_pct(r.best_val_acc1), _pct(r.best_test_acc1)] if basis == "val" else [_pct(r.final_acc1)]
+        name = r.name if r.status == "finished" else f"{r.name} ({r.status})"
+        row = [name, *(format_value(r.recipe[k]) if k in r.recipe else "-" for k in shown), *accs,
+               _duration(r.train_time_s if r.train_time_s is not None else r.wall_time_s), _count(r.params_trainable)]
+        lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
+    hidden = [k for k in keys if k not in shown]
+    if hidden:
+        lines += ["", f"{len(hidden)} more setting(s) differ ({', '.join(hidden[:6])}{', ...' if len(hidden) > 6 else ''}): "
+                  "see report.csv, or pass --wide."]
+    return "\n".join(lines)
+
+
 def format_table(records: Sequence[RunRecord], keys: Sequence[str]) -> str:
-    """The comparison table in Markdown, one row per run.
+    """The comparison table in Markdown, one row per run, every column (``report.md``, ``--wide``).
 
     Args:
         records: the runs, in the order of the rows.
@@ -350,9 +387,11 @@ def write_experiment_report(
     title: str | None = None,
     sweep_keys: Sequence[str] | None = None,
     study: Study | None = None,
+    wide: bool = False,
 ) -> tuple[dict[str, Path], str]:
     """:func:`write_report`, plus its comparison table as Markdown text to print (for a study,
-    the study's table, one row per variant and grid point, instead of one row per run).
+    the study's table, one row per variant and grid point, instead of one row per run): the
+    compact table (:func:`format_compact`), or with ``wide`` every column, as in ``report.md``.
 
     Returns:
         The files written by kind, and the table followed by its ranking line (as in ``report.md``):
@@ -367,4 +406,5 @@ def write_experiment_report(
         return paths, study_table(records, study)
     swept = list(sweep_keys or [])
     keys = swept + [k for k in varied_keys(records) if k not in swept]  # write_report's column order
-    return paths, format_table(records, keys) + "\n\n" + ranking_summary(records)
+    table = format_table(records, keys) if wide else format_compact(records, keys)
+    return paths, table + "\n\n" + ranking_summary(records)
