@@ -408,3 +408,18 @@ def test_the_terminal_table_is_compact_and_wide_prints_every_column(tmp_path):
     assert "data.root" in wide_header and "Images/s" in wide_header
     # report.md keeps every column either way.
     assert "Images/s" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_curves_draw_the_training_loss_without_step_lines_and_whole_epoch_ticks(tmp_path, monkeypatch):
+    import finetune.viz.plots as plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, out: drawn.append(fig) or Path(out))
+    # Fewer steps per epoch than train.log_every: no step line at all, the loss only in epoch lines.
+    rows = [{"kind": "epoch", "epoch": e, "step": 3 * e, "time_s": float(e), "train_loss": 2.0 / e, "train_acc1": 0.3,
+             "test_acc1": 0.4, "test_acc5": 0.9, "test_loss": 1.5, "val_acc1": None, "lr": 0.1} for e in (1, 2, 3, 4)]
+    plots.plot_curves(rows, tmp_path / "c.png")
+    loss_ax = drawn[0].axes[0]
+    assert "train (epoch mean)" in loss_ax.get_legend_handles_labels()[1]
+    ticks = [t for t in loss_ax.get_xticks() if 0 <= t <= 4]
+    assert ticks and all(float(t).is_integer() for t in ticks)

@@ -101,7 +101,8 @@ def plot_curves(
 ) -> Path:
     """Plot a run's loss and accuracy against epoch, side by side.
 
-    Left: the training loss per logged step (faint) and smoothed, and the test loss per epoch.
+    Left: the training loss per logged step (faint) and smoothed, its mean per epoch, and the test
+    loss per epoch.
     Right: test top-1, and validation and train top-1 when the run recorded them.
 
     Args:
@@ -124,6 +125,9 @@ def plot_curves(
         loss_ax.plot(xs, losses, color="C0", alpha=0.25, linewidth=0.8)
         loss_ax.plot(xs, _smooth(losses), color="C0", label="train (smoothed)")
     for ax, key, label, color in (
+        # The epoch's mean training loss is in every epoch line: drawn even when an epoch has fewer
+        # steps than train.log_every, so that no step line was written.
+        (loss_ax, "train_loss", "train (epoch mean)", "C0"),
         (loss_ax, "test_loss", "test", "C1"),
         (acc_ax, "test_acc1", "test", "C1"),
         (acc_ax, "val_acc1", "validation", "C2"),
@@ -136,9 +140,12 @@ def plot_curves(
                     label=label, markersize=4)
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
     acc_ax.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="Accuracy")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.set_xlim(left=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers: no 0.25 ticks
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     if title:
