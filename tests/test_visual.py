@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -200,3 +202,18 @@ def test_resuming_without_tensorboard_fails_before_touching_the_run(tmp_path, mo
         resume(folder, quiet=True)
     assert json.loads((folder / "summary.json").read_text())["status"] == "interrupted"
     assert (folder / "checkpoints" / "last.safetensors").read_bytes() == checkpoint
+
+
+def test_show_patches_of_a_conv_tokenizer_draws_its_token_grid(tmp_path, monkeypatch):
+    import finetune.viz.figures as figures
+    import timm
+
+    drawn = []
+    monkeypatch.setattr(figures, "draw_patches", lambda image, patch, out, prefix_tokens=1: drawn.append(
+        (tuple(image.shape), patch, prefix_tokens)) or Path(out))
+    model = save_model(timm.create_model("vit_cifar_conv", num_classes=5), tmp_path / "conv")
+    result = runner.invoke(app, ["show", "patches", str(photo(tmp_path / "cat.png")), "--model", str(model),
+                                 "--out", str(tmp_path / "p.png")])
+    assert result.exit_code == 0, result.output
+    # Two stride-2 stages make 32 px an 8x8 grid of 64 tokens, each 4 px of the image (not 1-px patches).
+    assert drawn == [((3, 32, 32), 4, 0)]

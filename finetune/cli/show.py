@@ -44,7 +44,9 @@ def show_patches(
 
         loaded = load_model(model)
         img_size = img_size or loaded.patch_embed.img_size[0]
-        patch_size = patch_size or loaded.patch_embed.patch_size[0]
+        # Pixels per token: the patch size for a plain ViT; a conv tokenizer (vit_cifar_conv) has
+        # 1-px "patches" of its feature map, and its stem's stride makes each token 4 px of the image.
+        patch_size = patch_size or loaded.patch_embed.img_size[0] // loaded.patch_embed.grid_size[0]
         prefix = int(getattr(loaded, "num_prefix_tokens", 1))
     if img_size is None or patch_size is None:
         raise FinetuneError("Which grid? Give --model, or both --img-size and --patch-size.",
