@@ -216,3 +216,18 @@ def test_show_patches_of_a_conv_tokenizer_draws_its_token_grid(tmp_path, monkeyp
     assert result.exit_code == 0, result.output
     # Two stride-2 stages make 32 px an 8x8 grid of 64 tokens, each 4 px of the image (not 1-px patches).
     assert drawn == [((3, 32, 32), 4, 0)]
+
+
+@pytest.mark.parametrize("maps", [1, 3])
+def test_the_pos_embed_picture_title_fits_its_figure(tmp_path, monkeypatch, maps):
+    import finetune.viz.figures as figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, out: drawn.append(fig) or Path(out))
+    figures.draw_pos_embed_similarity({f"m{i}": torch.rand(16, 4, 4) for i in range(maps)}, tmp_path / "p.png")
+    fig = drawn[0]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    box, frame = fig._suptitle.get_window_extent(renderer), fig.bbox
+    assert frame.x0 <= box.x0 and box.x1 <= frame.x1  # not clipped on either side

@@ -107,7 +107,7 @@ def draw_pos_embed_similarity(maps: Mapping[str, torch.Tensor], out_png: str | P
     Args:
         maps: label -> ``(gh * gw, gh, gw)`` (:func:`finetune.viz.visual.pos_embed_similarity`).
     """
-    fig = new_figure(5 * len(maps), 5.4)
+    fig = new_figure(max(6.5, 5 * len(maps)), 5.6)  # one map is narrow: room for the title
     axes = fig.subplots(1, len(maps), squeeze=False)[0]
     for ax, (label, sims) in zip(axes, maps.items()):
         _, gh, gw = sims.shape
@@ -120,7 +120,8 @@ def draw_pos_embed_similarity(maps: Mapping[str, torch.Tensor], out_png: str | P
         ax.set_title(f"{label}: {gh}x{gw} positions", fontsize=10)
         ax.axis("off")
     fig.colorbar(image, ax=list(axes), shrink=0.8, label="cosine similarity")
-    fig.suptitle("Position-embedding similarity: each small map is one position's similarity to all the others")
+    fig.suptitle("Position-embedding similarity\n(each small map: one position's similarity to all the others)",
+                 fontsize=11)
     return save_figure(fig, out_png)
 
 
