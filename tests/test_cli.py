@@ -414,3 +414,15 @@ def test_predict_with_a_pretrained_imagenet_model_names_imagenet_classes(tmp_pat
     for line in ranked:
         name = re.fullmatch(r"\s+\d\. (.+?)\s+[\d.]+%", line).group(1)
         assert name in names, line
+
+
+def test_the_progress_bar_ends_on_the_summarys_images_per_second(tmp_path):
+    result = CliRunner().invoke(app, ["run", *QUICK, f"output.dir={tmp_path}", "train.epochs=2", "train.log_every=3"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "quick_cpu" / "summary.json").read_text())
+    bars = [line for line in result.stderr.splitlines() if "img/s" in line and "/" in line and "loss" in line]
+    assert bars, result.stderr
+    shown = re.findall(r"([\d,]+) img/s", bars[-1])[-1]
+    # The bar's figure is the summary's (after the first step, training time only), not the last
+    # log interval's, which on a small run can be ten times off.
+    assert shown == f"{summary['images_per_s']:,.0f}"

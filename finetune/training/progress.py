@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .callbacks import Callback
-from .state import TrainState
+from .state import TrainState, throughput
 
 console = Console(stderr=True, soft_wrap=True)  # epoch lines stay one line in logs
 
@@ -20,7 +20,9 @@ class TrainProgress(Callback):
     """Progress bar over optimizer steps showing loss and images/s.
 
     Values are shown as of the last log interval: reading them more often would force a host
-    sync on every step.
+    sync on every step. Images/s is the run's so far, measured as ``summary.json``'s
+    (:func:`~.state.throughput`: after the first step, training time only), so that the bar ends
+    on the figure the summary states.
 
     Args:
         total_steps: optimizer steps of the whole run.
@@ -61,9 +63,11 @@ class TrainProgress(Callback):
         self._progress.update(self._task, completed=p.step, epoch=p.epoch)
 
     def on_log(self, state: TrainState, row: dict[str, Any]) -> None:
-        self._progress.update(self._task, loss=f"{row['loss']:.4f}", ips=f"{row['images_per_s']:,.0f}")
+        self._progress.update(self._task, loss=f"{row['loss']:.4f}", ips=f"{throughput(state.progress, row['time_s']):,.0f}")
 
     def on_epoch_end(self, state: TrainState, row: dict[str, Any] | None) -> None:
+        if row is not None:  # the epoch's end is the training time the summary counts at the finish
+            self._progress.update(self._task, ips=f"{throughput(state.progress, row['time_s']):,.0f}")
         if self.quiet or row is None:
             return
         parts = [f"epoch {row['epoch']}", f"train loss {row['train_loss']:.4f}"]
