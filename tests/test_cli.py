@@ -426,3 +426,24 @@ def test_the_progress_bar_ends_on_the_summarys_images_per_second(tmp_path):
     # The bar's figure is the summary's (after the first step, training time only), not the last
     # log interval's, which on a small run can be ten times off.
     assert shown == f"{summary['images_per_s']:,.0f}"
+
+
+def test_sigterm_during_start_up_stops_with_a_message_and_exit_130(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import finetune.training.setup as setup
+
+    real = setup.prepare
+
+    def prepare_then_terminated(*args, **kwargs):  # as a scheduler's SIGTERM arriving while data loads
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(setup, "prepare", prepare_then_terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    result = CliRunner().invoke(app, ["run", *QUICK, f"output.dir={tmp_path}"])
+    assert result.exit_code == 130, result.output
+    assert "stopped by SIGTERM during start-up" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "quick_cpu").exists()
+    assert signal.getsignal(signal.SIGTERM) == before  # the start-up handler was put back

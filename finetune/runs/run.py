@@ -65,10 +65,11 @@ def run(
         if prepared is None:
             processes.on_main(lambda: check_run_dir(folder, recipe.output.overwrite))
         _require_extras(recipe)
-        p = prepared or setup.prepare(recipe, processes=processes)
-        quiet = quiet or not processes.is_main
-        _warn_skipped(p, processes.is_main)
-        state = build(p, processes)
+        with _start_up_stops_on_sigterm():
+            p = prepared or setup.prepare(recipe, processes=processes)
+            quiet = quiet or not processes.is_main
+            _warn_skipped(p, processes.is_main)
+            state = build(p, processes)
         if state.precision_choice is not None and not quiet:  # train.precision auto on a CPU
             console.print(describe_precision_choice(state.precision_choice), highlight=False, markup=False)
         summary = _initial_summary(state, p, recipe_path)
@@ -313,6 +314,26 @@ def _train(
             + ", ".join(str(p) for p in deleted), highlight=False, markup=False,
         )
     return recorder.summary
+
+
+@contextlib.contextmanager
+def _start_up_stops_on_sigterm():
+    """Before training begins (data loading, the model, the precision check), SIGTERM stops the run
+    as Ctrl-C does: a message and exit 130, with nothing trained and no run folder written yet,
+    instead of the process dying with 143."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise RunInterrupted(f"stopped by {signal.Signals(signum).name} during start-up, before training began: "
+                             "nothing was trained and no run folder was written. Run the same command again to start it.")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
