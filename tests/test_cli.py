@@ -45,7 +45,8 @@ def assert_user_error(result, *phrases: str) -> str:
     assert result.exit_code == 1, result.output
     # A crash would also exit 1 under CliRunner; only a handled error leaves SystemExit behind.
     assert isinstance(result.exception, SystemExit), repr(result.exception)
-    text = result.stderr.strip()
+    # A line announcing a long step ("evaluating ... ...") may come first; the error is one paragraph.
+    text = "\n".join(line for line in result.stderr.splitlines() if not line.endswith(" ...")).strip()
     assert text.startswith("error: "), text
     assert "\n\n" not in text and "Traceback" not in result.output, text
     for phrase in phrases:
@@ -447,3 +448,15 @@ def test_sigterm_during_start_up_stops_with_a_message_and_exit_130(tmp_path, mon
     assert "stopped by SIGTERM during start-up" in result.stderr and "Traceback" not in result.output
     assert not (tmp_path / "quick_cpu").exists()
     assert signal.getsignal(signal.SIGTERM) == before  # the start-up handler was put back
+
+
+def test_long_steps_say_what_they_are_doing_before_they_start(tmp_path):
+    run = CliRunner().invoke(app, ["run", *QUICK, f"output.dir={tmp_path}", "-q"])
+    assert run.exit_code == 0, run.output
+    folder = tmp_path / "quick_cpu"
+    for args, first in ((["eval", str(folder), "--device", "cpu"], "evaluating"),
+                        (["report", str(folder), "--out", str(tmp_path / "r")], "reading 1 run(s) and drawing the report"),
+                        (["export", str(folder), "--format", "pt2"], "exporting")):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert result.stderr.startswith(first), (args[0], result.stderr[:200])

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import FinetuneError
-from .common import NprocOpt, OverridesArg, check_writable_folder, friendly_errors, out
+from .common import NprocOpt, OverridesArg, check_writable_folder, err, friendly_errors, out
 
 
 def _print_plan(plans: list, selected: set[str], missing: dict[str, str]) -> None:
@@ -208,6 +208,7 @@ def report(
             "run from an earlier finetune) nor an experiment folder.",
             "Pass run folders (runs/NAME) or experiment folders, as finetune run, compare and sweep write them.",
         )
+    err.print(f"reading {len(dirs)} run(s) and drawing the report into {escape(str(target))} ...", highlight=False)
     paths, table = write_experiment_report(dirs, target, title=title or (single[3] if single else None), sweep_keys=keys,
                                            study=single[4] if single else None, wide=wide)
     out.print(table, markup=False, highlight=False, soft_wrap=True)

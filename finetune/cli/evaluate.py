@@ -81,6 +81,8 @@ def eval_cmd(
         # brought to that size on load, as the run's evaluation (and predict) brought them.
         image_size = stored[0]
     cfg, seed = _eval_data_config(model, data, root, image_size)
+    err.print(f"evaluating {escape(str(model))} on {escape(cfg.root if cfg.name == 'imagefolder' else cfg.name)} "
+              "(reading the images, then scoring them) ...", highlight=False)
     split, class_names, skipped = load_eval_split(cfg, seed=seed, classes=classes)
     if skipped:
         err.print(f"[yellow]warning:[/] {escape(skipped.describe())}", highlight=False)

@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 
 from ..errors import FinetuneError
-from .common import check_writable_folder, friendly_errors, out, refuse_unfinished_run
+from .common import check_writable_folder, err, friendly_errors, out, refuse_unfinished_run
 
 
 class Format(str, Enum):
@@ -64,6 +64,9 @@ def export(
     refuse_unfinished_run(run_dir)
     if out_file is not None:
         check_writable_folder(out_file.parent, "--out")
+    # Tracing, writing and the parity runs take minutes on a CPU: say so before, not after.
+    err.print(f"exporting {escape(str(run_dir))} as {format.value} (trace, write, then check against PyTorch on "
+              "the run's test images; this can take a few minutes on a CPU) ...", highlight=False)
     result = export_run(run_dir, format.value, out=out_file, batch=fixed, opset=opset, tolerance=tolerance,
                         overwrite=overwrite, input=input.value)
     meta = result.meta
