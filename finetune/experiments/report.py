@@ -100,21 +100,23 @@ def terminal_keys(keys: Sequence[str]) -> list[str]:
 
 
 def format_compact(records: Sequence[RunRecord], keys: Sequence[str]) -> str:
-    """The comparison as a terminal reads it: the run, the settings that matter (at most
+    """The comparison as a terminal reads it: the run (and its status, with the start of its error,
+    when some run did not finish), the settings that matter (at most
     :data:`TERMINAL_KEYS`, plumbing such as ``data.root`` left out), the accuracy runs are ranked by
     and the test top-1 that goes with it, training time and trainable parameters; a line under it
     counts the other settings that differ (all are in ``report.csv``, and ``--wide`` prints them)."""
     shown = terminal_keys(keys)
     basis = selection_basis(records)
-    scores = ["Val top-1 (%)", "Test top-1 at best val (%)"] if basis == "val" else [f"Test top-1 (%, {RANKED_ON[basis]})"]
-    header = ["Run", *shown, *scores, "Time", "Trainable"]
+    scores = ["Val top-1 (%)", "Test top-1 at best val (%)"] if basis == "val" else [f"Final test top-1 (%, {RANKED_ON[basis]})"]
+    status = any(r.status != "finished" for r in records)  # a column only when a run did not finish
+    header = ["Run", *(["Status"] if status else []), *shown, *scores, "Time", "Trainable"]
     numbers = len(scores) + 2
     lines = ["| " + " | ".join(header) + " |",
              "|" + "|".join([" --- "] * (len(header) - numbers) + [" ---: "] * numbers) + "|"]
     for r in records:
         accs = [_pct(r.best_val_acc1), _pct(r.best_test_acc1)] if basis == "val" else [_pct(r.final_acc1)]
-        name = r.name if r.status == "finished" else f"{r.name} ({r.status})"
-        row = [name, *(format_value(r.recipe[k]) if k in r.recipe else "-" for k in shown), *accs,
+        settings = [format_value(r.recipe[k]) if k in r.recipe else "-" for k in shown]
+        row = [r.name, *([_status(r)] if status else []), *settings, *accs,
                _duration(r.train_time_s if r.train_time_s is not None else r.wall_time_s), _count(r.params_trainable)]
         lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
     hidden = [k for k in keys if k not in shown]
