@@ -67,7 +67,8 @@ class TrainProgress(Callback):
 
     def on_epoch_end(self, state: TrainState, row: dict[str, Any] | None) -> None:
         if row is not None:  # the epoch's end is the training time the summary counts at the finish
-            self._progress.update(self._task, ips=f"{throughput(state.progress, row['time_s']):,.0f}")
+            p = state.progress
+            self._progress.update(self._task, ips=f"{throughput(p, p.train_time_s):,.0f}")
         if self.quiet or row is None:
             return
         parts = [f"epoch {row['epoch']}", f"train loss {row['train_loss']:.4f}"]
