@@ -19,11 +19,10 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
-from typer.testing import CliRunner
 
 import finetune.training.components as components
 from conftest import REPO_ROOT
-from finetune.cli import app
+from test_robustness import assert_user_error, invoke
 from finetune.data.load import load_splits
 from finetune.data.loader import BatchLoader
 from finetune.data.splits import EncodedImages, ImageTensors
@@ -42,23 +41,7 @@ from finetune.training.device import (
 
 QUICK = REPO_ROOT / "recipes" / "quick_cpu.yaml"
 CPU = torch.device("cpu")
-runner = CliRunner()
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision")
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_user_error(result, *phrases: str) -> str:
-    """Exit 1 through a FinetuneError: one paragraph naming ``phrases``, no traceback."""
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    text = " ".join(result.output.split())
-    assert "Traceback" not in text and text.startswith("error:"), text
-    for phrase in phrases:
-        assert phrase in text, (phrase, text)
-    return text
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 
 import torch
 from conftest import REPO_ROOT
+from test_trust_rundir import one_paragraph_error
 from finetune.cli import app
 from finetune.errors import CheckpointError, ExportError
 from finetune.export import runtime
@@ -39,15 +40,6 @@ from finetune.snapshot import load_state
 QUICK = REPO_ROOT / "recipes" / "quick_cpu.yaml"
 runner = CliRunner()
 SECRET = "hunter2-not-for-logs"
-
-
-def one_paragraph_error(result, *expected: str) -> str:
-    message = " ".join(result.output.split())
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output and message.count("error:") == 1, result.output
-    for text in expected:
-        assert text in message, message
-    return message
 
 
 @pytest.fixture(scope="module")
