@@ -151,7 +151,8 @@ def test_the_study_report_averages_seeds_per_variant_and_size(finished_study):
     # The table compare prints is the study's (one row per variant and size), not one row per run.
     assert "| head | 24 | 2/2 |" in result.table and "full_s1_n48" not in result.table
     study_md = (exp.dir / "study.md").read_text()
-    assert "study.png" in study_md and "over 2 seed(s)" in study_md
+    assert "study.png" in study_md and "over 2 seeds per row" in study_md
+    assert "mean of 2 seeds per point" in Image.open(exp.dir / "study.png").text["Title"]
     assert "study.md" in (exp.dir / "report.md").read_text()
     png = exp.dir / "study.png"
     assert png.read_bytes()[:8] == PNG_MAGIC
@@ -223,10 +224,14 @@ def test_only_and_skip_choose_what_trains_and_the_report_covers_the_rest(tmp_pat
     exp_dir = tmp_path / "runs" / "study"
     rows = {(r["variant"], r["data.train_subset"]): r for r in csv.DictReader((exp_dir / "study.csv").open())}
     assert rows[("full", "24")]["seeds_finished"] == "2" and rows[("head", "24")]["seeds_finished"] == "0"
+    assert "over 2 seeds per row" in (exp_dir / "study.md").read_text()  # the head rows, unfinished, are not drawn
     calls.clear()
     result = runner.invoke(app, ["compare", str(path), "-q", "--skip", "*_n48", "--skip", "head_s1_n24"])
     assert result.exit_code == 0, result.output
     assert calls == ["head_s0_n24"]  # the full runs are reused, the rest left out
+    # A part-finished study says how many seeds its points rest on, not how many were asked.
+    assert "over 1 to 2 seeds (of 2 asked) per row" in (exp_dir / "study.md").read_text()
+    assert "mean of 1 to 2 seeds (of 2 asked) per point" in Image.open(exp_dir / "study.png").text["Title"]
 
 
 def test_only_or_skip_that_matches_nothing_is_refused(tmp_path):

@@ -148,9 +148,19 @@ def _basis(records: Sequence[RunRecord], study: Study) -> str:
     return selection_basis([r for r in records if r.run_dir.name in study.runs])
 
 
+def seed_words(cells: Sequence[StudyCell]) -> str:
+    """How many seeds the shown points rest on, as finished: "3 seeds", or "1 to 3 seeds (of 3 asked)"
+    while some runs are unfinished. Cells with no finished run are not drawn, so they do not count."""
+    asked = max((len(c.runs) for c in cells), default=0)
+    done = [len(c.scored) for c in cells if c.scored]
+    low, high = (min(done), max(done)) if done else (0, 0)
+    if low == high == asked:
+        return f"{asked} seed{'s' if asked != 1 else ''}"
+    return f"{low} to {high} seeds (of {asked} asked)" if low != high else f"{low} of {asked} seeds asked"
+
+
 def _how(cells: Sequence[StudyCell], basis: str) -> str:
-    seeds = max((len(c.runs) for c in cells), default=0)
-    return (f"Mean ± standard deviation over {seeds} seed(s) per row (`seeds` counts the finished ones); "
+    return (f"Mean ± standard deviation over {seed_words(cells)} per row (`seeds` counts the finished ones); "
             + ("each run's epoch chosen on validation, test top-1 read at that epoch."
                if basis == "val" else "no validation split in some runs: test top-1 after the last epoch, ranked on test."))
 
@@ -167,9 +177,8 @@ def write_study(records: Sequence[RunRecord], study: Study, out_dir: Path) -> di
     paths = {"study_csv": _write_csv(cells, study, basis, out_dir / "study.csv")}
     x_key = study.x_key
     if x_key is not None and any(c.scored for c in cells):
-        seeds = max(len(c.runs) for c in cells)
         paths["study"] = plot_study(_series(cells, study, basis), x_key, out_dir / "study.png", basis=basis,
-                                    seeds=seeds)
+                                    seeds=seed_words(cells))
         last = _last_x(cells, x_key)
         at_last = [replace(r, name=c.variant) for c in cells if c.point.get(x_key) == last for r in c.scored]
         if len({r.recipe.get("train.mode") for r in at_last}) > 1:

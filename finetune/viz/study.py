@@ -24,7 +24,7 @@ def plot_study(
     out_png: str | Path,
     *,
     basis: str,
-    seeds: int,
+    seeds: str,
 ) -> Path:
     """Two panels: the score against ``x_key`` per series (the mean as a line, each seed as a dot,
     a bar over +-1 standard deviation), and the mean training time against ``x_key``.
@@ -35,7 +35,8 @@ def plot_study(
         out_png: where to write the PNG.
         basis: ``val`` (scores are test top-1 at the epoch chosen on validation) or ``final``
             (test top-1 after the last epoch, ranked on test): the title says which.
-        seeds: the seeds per point, for the title.
+        seeds: how many seeds the points rest on, in words (``"3 seeds"``, ``"1 to 3 seeds (of 3 asked)"``),
+            for the title.
     """
     fig = new_figure(13, 5)
     acc_ax, time_ax = fig.subplots(1, 2)
@@ -68,5 +69,5 @@ def plot_study(
     acc_ax.set(ylabel=score, title=f"Accuracy against {x_label}")
     time_ax.set(ylabel="training time per run (s, mean)", title="What each point cost")
     acc_ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"Study: mean of {seeds} seed(s) per point, bars +-1 std, dots single seeds; {RANKED_ON[basis]}")
+    fig.suptitle(f"Study: mean of {seeds} per point, bars +-1 std, dots single seeds; {RANKED_ON[basis]}")
     return save_figure(fig, out_png)
