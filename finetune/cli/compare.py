@@ -184,6 +184,7 @@ def report(
     from ..experiments.report import write_experiment_report
     from ..experiments.spec import EXPERIMENT_FILE, read_experiment_folder
     from ..runs.folder import MARKER, is_run_folder
+    from ..training.activity import Activity
 
     dirs: list[Path] = []
     experiments = []
@@ -208,8 +209,10 @@ def report(
             "run from an earlier finetune) nor an experiment folder.",
             "Pass run folders (runs/NAME) or experiment folders, as finetune run, compare and sweep write them.",
         )
-    err.print(f"reading {len(dirs)} run(s) and drawing the report into {escape(str(target))} ...", highlight=False)
-    paths, table = write_experiment_report(dirs, target, title=title or (single[3] if single else None), sweep_keys=keys,
-                                           study=single[4] if single else None, wide=wide)
+    with Activity(f"reading {len(dirs)} run(s) and drawing the report into {target} ...", "reading the runs",
+                  console=err) as shown:
+        paths, table = write_experiment_report(dirs, target, title=title or (single[3] if single else None),
+                                               sweep_keys=keys, study=single[4] if single else None, wide=wide,
+                                               progress=shown.update)
     out.print(table, markup=False, highlight=False, soft_wrap=True)
     out.print(f"report: {paths['markdown']}", highlight=False, markup=False)

@@ -14,6 +14,8 @@ from ..errors import FinetuneError
 from .common import (check_device, check_image_size, err, friendly_errors, model_class_names, out,
                      refuse_unfinished_run)
 
+MANY_IMAGES = 16  # predict on more images than this shows its progress (a few take a second or two)
+
 
 def _eval_data_config(target: Path, data: str | None, root: str | None, image_size: int | None):
     """The data to evaluate on, and the seed it needs: the run's own unless --data says otherwise."""
@@ -66,6 +68,7 @@ def eval_cmd(
     from ..data.loader import BatchLoader
     from ..data.preprocess import stored_size_of
     from ..runs.folder import preprocess_of
+    from ..training.activity import Activity
     from ..training.device import autocast_dtype, resolve_device
     from ..training.evaluate import evaluate
     from ..models.build import load_model
@@ -81,15 +84,20 @@ def eval_cmd(
         # brought to that size on load, as the run's evaluation (and predict) brought them.
         image_size = stored[0]
     cfg, seed = _eval_data_config(model, data, root, image_size)
-    err.print(f"evaluating {escape(str(model))} on {escape(cfg.root if cfg.name == 'imagefolder' else cfg.name)} "
-              "(reading the images, then scoring them) ...", highlight=False)
-    split, class_names, skipped = load_eval_split(cfg, seed=seed, classes=classes)
-    if skipped:
-        err.print(f"[yellow]warning:[/] {escape(skipped.describe())}", highlight=False)
-    dev = resolve_device(device)
-    model_obj = model_obj.to(dev)
-    loader = BatchLoader(split, batch_size=batch_size, train=False, device=dev, preprocess=preprocess_of(model_obj, model))
-    result = evaluate(model_obj, loader, model_obj.num_classes, amp_dtype=autocast_dtype("auto", dev))
+    line = (f"evaluating {model} on {cfg.root if cfg.name == 'imagefolder' else cfg.name} "
+            "(reading the images, then scoring them) ...")
+    with Activity(line, "reading the images", console=err) as shown:
+        with shown.decoding():
+            split, class_names, skipped = load_eval_split(cfg, seed=seed, classes=classes)
+        if skipped:
+            err.print(f"[yellow]warning:[/] {escape(skipped.describe())}", highlight=False)
+        dev = resolve_device(device)
+        model_obj = model_obj.to(dev)
+        loader = BatchLoader(split, batch_size=batch_size, train=False, device=dev, preprocess=preprocess_of(model_obj, model))
+        scoring = f"scoring {len(split):,} images in batches of {batch_size}"
+        shown.update(scoring, 0, len(loader))
+        result = evaluate(model_obj, loader, model_obj.num_classes, amp_dtype=autocast_dtype("auto", dev),
+                          on_batch=lambda done, total: shown.update(scoring, done, total))
     out.print(
         f"{escape(str(model))}: top-1 {100 * result.acc1:.2f}%  top-5 {100 * result.acc5:.2f}%  "
         f"loss {result.loss:.4f}  ({result.images} images)",
@@ -119,6 +127,7 @@ def predict(
     import stat
 
     from ..data.decode import read_image
+    from ..training.activity import Activity
 
     check_device(device)
     for path in images:  # by stat, which never opens: opening a FIFO would wait for a writer forever
@@ -129,11 +138,18 @@ def predict(
         if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
             raise FinetuneError(f"{path} is not a regular file (a FIFO, socket or device); finetune reads image files only.",
                                 "Pass the path of an image file.")
-    decoded = [read_image(path) for path in images]  # every file checked before the model loads
-    if model.suffix.lower() in (".onnx", ".pt2") and not model.is_dir():
-        probs, names = _exported_probs(model, decoded)
-    else:
-        probs, names = _model_probs(model, decoded, device)
+    count = len(images)
+    with Activity(f"reading and classifying {count} images ...", f"reading {count} images", total=count,
+                  quiet=count <= MANY_IMAGES, console=err) as shown:
+        decoded = []
+        for path in images:  # every file checked before the model loads
+            decoded.append(read_image(path))
+            shown.update(None, len(decoded), count)
+        shown.update(f"classifying {count} images")
+        if model.suffix.lower() in (".onnx", ".pt2") and not model.is_dir():
+            probs, names = _exported_probs(model, decoded)
+        else:
+            probs, names = _model_probs(model, decoded, device)
     k = min(topk, probs.shape[1])
     top = probs.topk(k, dim=-1)
     for path, values, indices in zip(images, top.values.tolist(), top.indices.tolist()):

@@ -59,16 +59,19 @@ def export(
     Example: finetune export runs/deit_tiny_cifar --format onnx
     """
     from ..export.exporter import export_run
+    from ..training.activity import Activity
 
     fixed = _batch(batch)
     refuse_unfinished_run(run_dir)
     if out_file is not None:
         check_writable_folder(out_file.parent, "--out")
-    # Tracing, writing and the parity runs take minutes on a CPU: say so before, not after.
-    err.print(f"exporting {escape(str(run_dir))} as {format.value} (trace, write, then check against PyTorch on "
-              "the run's test images; this can take a few minutes on a CPU) ...", highlight=False)
-    result = export_run(run_dir, format.value, out=out_file, batch=fixed, opset=opset, tolerance=tolerance,
-                        overwrite=overwrite, input=input.value)
+    # Tracing, writing and the parity runs take minutes on a CPU: say so before, not after, and
+    # on a terminal show which of them is under way.
+    line = (f"exporting {run_dir} as {format.value} (trace, write, then check against PyTorch on "
+            "the run's test images; this can take a few minutes on a CPU) ...")
+    with Activity(line, "starting", console=err) as shown, shown.decoding():
+        result = export_run(run_dir, format.value, out=out_file, batch=fixed, opset=opset, tolerance=tolerance,
+                            overwrite=overwrite, input=input.value, on_phase=shown.update)
     meta = result.meta
     out.print(
         f"parity at batch {' and '.join(map(str, result.batches))} on the run's test images: largest logit "

@@ -1,16 +1,19 @@
 """Decoding images: encoded bytes or files to ``uint8 (3, H, W)`` RGB tensors, upright (EXIF
 orientation applied), through one fallback chain (torchvision's batched JPEG decoder, then its
 ``decode_image``, then Pillow); whole lists of files decoded in a thread pool into one split
-tensor; and the choice between decoding a dataset into memory and streaming it."""
+tensor, with an optional report of how far that has got (:func:`decode_progress`); and the choice
+between decoding a dataset into memory and streaming it."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import struct
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,21 @@ from .splits import ImageTensors, SkippedFiles, printable
 TV_CODEC_DEPRECATION = "The image decoding and encoding capabilities of TorchVision are deprecated"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _DECODE_CHUNK = 512  # files per thread-pool task; small tasks cost more in overhead than they save
+# Who hears how far decode_files has got (decoded, total), in this context: set by decode_progress.
+_on_decoded: ContextVar[Callable[[int, int], None] | None] = ContextVar("finetune_decode_progress", default=None)
+
+
+@contextlib.contextmanager
+def decode_progress(callback: Callable[[int, int], None]) -> Iterator[None]:
+    """Within the block, :func:`decode_files` calls ``callback(decoded, total)`` in the calling
+    thread when it starts decoding (``decoded`` 0) and after each chunk of files, so that a caller
+    can show a progress bar. Images memory-mapped from the decode cache are not decoded and not
+    reported. Blocks nest: the innermost callback hears."""
+    token = _on_decoded.set(callback)
+    try:
+        yield
+    finally:
+        _on_decoded.reset(token)
 
 
 def decode_files(
@@ -75,6 +93,8 @@ def _decode_all(
     """
     chunks = [files[i : i + _DECODE_CHUNK] for i in range(0, len(files), _DECODE_CHUNK)]
     threads = min(len(chunks), os.cpu_count() or 1, 16)
+    report = _on_decoded.get() or (lambda decoded, total: None)
+    report(0, len(files))
     out: torch.Tensor | None = None
     kept: list[int] = []  # indices into files of the images in out, in order
     with warnings.catch_warnings(), ThreadPoolExecutor(threads) as pool:
@@ -106,6 +126,7 @@ def _decode_all(
                     out[len(kept)] = image
                     kept.append(index)
                 start += len(decoded)
+                report(start, len(files))
         except DataError:
             pool.shutdown(cancel_futures=True)  # no point decoding the rest
             raise

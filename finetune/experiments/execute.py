@@ -16,6 +16,7 @@ from ..recipe import Recipe, dump_recipe_yaml
 from ..runs import run as train
 from ..runs.folder import is_run_folder, lock_held, run_status, strict_json, write_marker
 from ..snapshot import write_text_atomically
+from ..training.activity import Activity
 from .plan import PlannedRun, experiment_to_yaml, plan_experiment
 from .report import write_experiment_report
 from .spec import EXPERIMENT_FILE, Experiment
@@ -120,9 +121,11 @@ def run_experiment(exp: Experiment, *, quiet: bool = False, nproc: int = 1,
                else VariantResult(plan.name, "skipped", plan.run_dir)
                for i, plan in enumerate(plans, start=1)]
     title = f"{exp.name}: {exp.description}" if exp.description else exp.name
-    paths, table = write_experiment_report(
-        [r.run_dir for r in results], exp.dir, title=title, sweep_keys=exp.sweep_keys, study=exp.study, wide=wide
-    )
+    # On a terminal only (no line is printed): a log reads as before.
+    with Activity(None, "writing the report", quiet=quiet, console=console) as shown:
+        paths, table = write_experiment_report([r.run_dir for r in results], exp.dir, title=title,
+                                               sweep_keys=exp.sweep_keys, study=exp.study, wide=wide,
+                                               progress=shown.update)
     return ExperimentResult(exp, results, paths, table)
 
 

@@ -17,7 +17,7 @@ Example:
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from ..errors import FinetuneError
@@ -38,6 +38,8 @@ from ..runs.records import (
 )
 
 _ERROR_WIDTH = 60  # characters of an error message that fit in a table cell
+# progress(what, done, total): where writing a report has got; total None while drawing.
+ReportProgress = Callable[[str, int, int | None], None]
 
 
 def _pct(acc: float | None) -> str:
@@ -214,6 +216,7 @@ def write_report(
     title: str | None = None,
     sweep_keys: Sequence[str] | None = None,
     study: Study | None = None,
+    progress: ReportProgress | None = None,
 ) -> dict[str, Path]:
     """Compare runs: a Markdown and a CSV table, accuracy curves and, for a sweep, its plot; for a
     study, its table and plot averaged over seeds too (:mod:`.study_report`).
@@ -228,6 +231,9 @@ def write_report(
         sweep_keys: flattened recipe keys that were swept (``["optim.lr", "data.batch_size"]``);
             they head the table's settings columns and get ``sweep.png``.
         study: which variant and grid point each run is, for an experiment with a ``grid``.
+        progress: called as ``progress(what, done, total)`` after each run is read (``total`` the
+            number of runs), then with ``total`` ``None`` as the figures are drawn, e.g. to move
+            a progress bar.
 
     Returns:
         The files written, by kind: ``markdown``, ``csv``, and, when any run has epochs to
@@ -240,9 +246,28 @@ def write_report(
         FinetuneError: no run directories, a sweep key that no run's recipe has, or a write that
             failed (a full disk, no permission); ``report.md`` is then the earlier one or none.
     """
-    records = [read_run(d) for d in run_dirs]
+    return _write_records(read_runs(run_dirs, progress), out_dir, title, sweep_keys, study, progress)
+
+
+def read_runs(run_dirs: Iterable[str | Path], progress: ReportProgress | None = None) -> list[RunRecord]:
+    """:func:`~finetune.runs.records.read_run` of each folder, in order, calling
+    ``progress("reading N runs", done, N)`` after each."""
+    run_dirs = list(run_dirs)
+    records = []
+    for run_dir in run_dirs:
+        records.append(read_run(run_dir))
+        if progress is not None:
+            progress(f"reading {len(run_dirs)} runs", len(records), len(run_dirs))
+    return records
+
+
+def _write_records(records: list[RunRecord], out_dir: str | Path, title: str | None,
+                   sweep_keys: Sequence[str] | None, study: Study | None, progress: ReportProgress | None) -> dict[str, Path]:
+    """:func:`write_report` on runs already read."""
     if not records:
         raise FinetuneError("No run directories to report on.", "Pass one or more run folders.")
+    if progress is not None:
+        progress("drawing the report", 0, None)
     sweep_keys = list(sweep_keys or [])
     keys = _columns(records, sweep_keys)
     out_dir = Path(out_dir)
@@ -390,6 +415,7 @@ def write_experiment_report(
     sweep_keys: Sequence[str] | None = None,
     study: Study | None = None,
     wide: bool = False,
+    progress: ReportProgress | None = None,
 ) -> tuple[dict[str, Path], str]:
     """:func:`write_report`, plus its comparison table as Markdown text to print (for a study,
     the study's table, one row per variant and grid point, instead of one row per run): the
@@ -399,9 +425,11 @@ def write_experiment_report(
         The files written by kind, and the table followed by its ranking line (as in ``report.md``):
         ``Ranked on validation: best ...`` or ``Ranked on test (...): best ...``, so that what is
         printed never ranks on test without saying so.
+
+    ``progress``: as :func:`write_report`'s (each run is read once, for the files and the table).
     """
-    paths = write_report(run_dirs, out_dir, title=title, sweep_keys=sweep_keys, study=study)
-    records = [read_run(d) for d in run_dirs]
+    records = read_runs(run_dirs, progress)
+    paths = _write_records(records, out_dir, title, sweep_keys, study, progress)
     if study is not None:
         from .study_report import study_table
 

@@ -7,6 +7,7 @@ fed by finetune's own evaluation pipeline on the run's test images."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,7 +185,7 @@ def check_opset(opset: int | None, fmt: str) -> None:
 
 def export_run(run_dir: str | Path, fmt: str = "onnx", *, out: str | Path | None = None, batch: int | None = None,
                opset: int | None = None, tolerance: float = DEFAULT_TOLERANCE, overwrite: bool = False,
-               input: str = "uint8") -> ExportResult:
+               input: str = "uint8", on_phase: Callable[[str], None] | None = None) -> ExportResult:
     """Export a finished run's model and check it against PyTorch before it appears at ``out``.
 
     Args:
@@ -199,19 +200,19 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", *, out: str | Path | None
         input: what the graph takes: ``uint8`` (raw pixels ``(B, 3, H, W)`` at the run's stored
             size; normalising and resizing happen inside the graph) or ``float`` (normalised
             float32 at the model's input size, preprocessed by the caller).
+        on_phase: called with a few words on what starts next (loading, reading the test images,
+            exporting, checking), e.g. for a spinner's text.
 
     Raises:
         ExportError: not a run, no model, a missing extra, an ``out`` that exists (without
             ``overwrite``), is a folder or has another suffix, an opset for pt2 or out of range,
             an unknown format or input, an export that fails or does not match.
     """
-    if fmt not in FORMATS or input not in INPUTS:  # the CLI offers only these; a library call may not
-        raise ExportError(f"Cannot export format {fmt!r} with input {input!r}.",
-                          f"Pass a format from {', '.join(FORMATS)} and an input from {', '.join(INPUTS)}.")
+    phase = on_phase or (lambda text: None)
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / f"model.{fmt}"
-    check_opset(opset, fmt)
-    check_target(out, fmt, overwrite)
+    _check_request(fmt, input, opset, out, overwrite)
+    phase("loading the run's model")
     model, which = run_model(run_dir)
     for module in ("onnx", "onnxscript", "onnxruntime") if fmt == "onnx" else ():
         runtime.require(module)  # before any work
@@ -221,18 +222,15 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", *, out: str | Path | None
     pre = preprocess_of(model, run_dir)
     meta = export_meta(model, pre, which, batch, INPUTS[input])
     graph = graph_module(model, pre, meta.graph_dtype)
+    phase("reading the run's test images")
     graph_in, model_in = parity_inputs(run_dir, model, pre, meta, batch or PARITY_IMAGES)
-    if batch:  # a fixed batch: check on exactly that many, repeating the test images when there are fewer
-        rows = torch.arange(batch) % len(graph_in)
-        graph_in, model_in = graph_in[rows], model_in[rows]
-    # Checked at batch 1 (the common serving case) and at the largest; a fixed batch only at its size.
-    batches = (batch,) if batch else tuple(sorted({1, len(graph_in)}))
-    # The example traced: the fixed batch, or two rows (a batch of 1 would let the exporter treat it as a constant).
-    example = graph_in if batch else graph_in[torch.arange(2) % len(graph_in)]
+    graph_in, model_in, batches, example = _parity_batches(graph_in, model_in, batch)
     checked: dict[str, tuple[float, int]] = {}
 
     def write(tmp: Path) -> None:
+        phase(f"tracing the model and writing the {fmt} file")
         write_onnx(graph, example, tmp, meta, opset) if fmt == "onnx" else write_pt2(graph, example, tmp, meta)
+        phase(f"checking against PyTorch at batch {' and '.join(map(str, batches))}")
         checked["parity"] = check_parity(model, runtime.open_runner(tmp, fmt), graph_in, model_in, batches, tolerance)
         if fmt == "pt2":  # the JSON copy beside the file, readable without torch
             write_text_atomically(sidecar(out), meta.to_json())
@@ -241,3 +239,26 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", *, out: str | Path | None
     write_atomically(out, write)
     diff, agree = checked["parity"]
     return ExportResult(out, fmt, meta, diff, agree, len(graph_in), tolerance, batches)
+
+
+def _parity_batches(graph_in: torch.Tensor, model_in: torch.Tensor, batch: int | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], torch.Tensor]:
+    """The parity images (graph's and model's) to check on, the batch sizes to check at, and the
+    example to trace, for a fixed ``batch`` or (``None``) a dynamic one."""
+    if batch:  # a fixed batch: check on exactly that many, repeating the test images when there are fewer
+        rows = torch.arange(batch) % len(graph_in)
+        graph_in, model_in = graph_in[rows], model_in[rows]
+    # Checked at batch 1 (the common serving case) and at the largest; a fixed batch only at its size.
+    batches = (batch,) if batch else tuple(sorted({1, len(graph_in)}))
+    # The example traced: the fixed batch, or two rows (a batch of 1 would let the exporter treat it as a constant).
+    example = graph_in if batch else graph_in[torch.arange(2) % len(graph_in)]
+    return graph_in, model_in, batches, example
+
+
+def _check_request(fmt: str, input: str, opset: int | None, out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, a format, input, opset or file to write that cannot be exported to."""
+    if fmt not in FORMATS or input not in INPUTS:  # the CLI offers only these; a library call may not
+        raise ExportError(f"Cannot export format {fmt!r} with input {input!r}.",
+                          f"Pass a format from {', '.join(FORMATS)} and an input from {', '.join(INPUTS)}.")
+    check_opset(opset, fmt)
+    check_target(out, fmt, overwrite)

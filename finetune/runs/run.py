@@ -24,6 +24,7 @@ from ..models.saving import model_from_config
 from ..recipe import Recipe, load_recipe
 from ..training import distributed, setup
 from ..training.callbacks import Callbacks, StopRequested
+from ..training.activity import Activity
 from ..training.components import optimizer_kernel
 from ..training.device import describe_precision_choice, environment, reset_peak_memory, resolve_device
 from ..training.loop import fit
@@ -65,9 +66,10 @@ def run(
         if prepared is None:
             processes.on_main(lambda: check_run_dir(folder, recipe.output.overwrite))
         _require_extras(recipe)
+        quiet = quiet or not processes.is_main
         with _start_up_stops_on_sigterm():
-            p = prepared or setup.prepare(recipe, processes=processes)
-            quiet = quiet or not processes.is_main
+            with _decoding_shown(quiet):
+                p = prepared or setup.prepare(recipe, processes=processes)
             _warn_skipped(p, processes.is_main)
             state = build(p, processes)
         if state.precision_choice is not None and not quiet:  # train.precision auto on a CPU
@@ -120,8 +122,9 @@ def resume(run_dir: str | Path, *, quiet: bool = False) -> dict[str, Any]:
         checkpoint = read_checkpoint(run_dir, recipe)
         model = model_from_config(checkpoint["model_config"], checkpoint["model"], **setup.model_kwargs(recipe))
         # The data path the run took (checkpoints from before it was recorded: chosen again).
-        p = setup.prepare(recipe, model=model, processes=processes, data_path=checkpoint.get("data_path"))
         quiet = quiet or not processes.is_main
+        with _decoding_shown(quiet):
+            p = setup.prepare(recipe, model=model, processes=processes, data_path=checkpoint.get("data_path"))
         _warn_skipped(p, processes.is_main)
         # The precision the run chose; checkpoints from before train.precision=auto ran fp32 on a CPU.
         chosen = checkpoint.get("precision") or ("fp32" if p.device.type == "cpu" else None)
@@ -314,6 +317,15 @@ def _train(
             + ", ".join(str(p) for p in deleted), highlight=False, markup=False,
         )
     return recorder.summary
+
+
+@contextlib.contextmanager
+def _decoding_shown(quiet: bool):
+    """On a terminal, images decoded into memory before training (the decode cache being built)
+    move a bar of their own, taken down before the training bar appears; nothing when they come
+    from the cache, nothing off a terminal."""
+    with Activity(quiet=quiet, on_update=True) as shown, shown.decoding():
+        yield
 
 
 @contextlib.contextmanager
