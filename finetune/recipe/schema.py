@@ -129,7 +129,13 @@ class TrainConfig(_Section):
     last_k: int = Field(0, ge=0, description="Number of final blocks to train in last_k mode.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="Adapters for train.mode lora.")
     bitfit_norms: bool = Field(False, description="In bitfit mode, also train the norm layers' weights.")
-    epochs: int = Field(1, ge=1, description="Passes over the training set.")
+    epochs: int = Field(1, ge=1, description="Passes over the training set; ignored with train.time_budget.")
+    time_budget: float | None = Field(
+        None, gt=0.0, description="Minutes of training (evaluation not counted); null: off. At start-up the run times "
+        "its own training step on a copy for a few seconds and plans its optimizer steps so that the whole schedule "
+        "(warm-up, then the decay to schedule.min_lr) ends inside the budget less a 5% margin; train.epochs is then "
+        "ignored (the plan sets the epochs, the last one cut short) and finetune resume keeps the recorded plan."
+    )
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Autocast dtype. auto: bf16 on a GPU that has it (else fp16); on a CPU, fp32 unless bf16 "
@@ -412,7 +418,7 @@ class Recipe(_Section):
             )
         if (data.mean is None) != (data.std is None):
             problems.append("data.mean, data.std: set both or neither (null takes both from the model)")
-        if self.schedule.warmup_epochs > train.epochs:
+        if self.schedule.warmup_epochs > train.epochs and train.time_budget is None:  # else checked by the plan
             problems.append(
                 f"schedule.warmup_epochs: {self.schedule.warmup_epochs} is longer than train.epochs "
                 f"({train.epochs}), so the learning rate would never reach optim.lr"

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..training.budget import budget_record
 from ..training.callbacks import Callback
 from ..training.loop import check_finite
 from ..training.state import TrainState, throughput
@@ -33,7 +34,7 @@ def result_fields(state: TrainState) -> dict[str, Any]:
     p, seconds = state.progress, state.train_time()  # mid-epoch too: the stretch in progress counts
     fields: dict[str, Any] = {
         "selection": "val" if state.val_loader is not None else "final",
-        "epochs_done": min(p.epoch - 1, state.recipe.train.epochs),
+        "epochs_done": min(p.epoch - 1, state.epochs),
         "steps": p.step,
         "train_time_s": seconds,
         "images_per_s": throughput(p, seconds),
@@ -50,6 +51,8 @@ def result_fields(state: TrainState) -> dict[str, Any]:
         fields.update(best_epoch=p.best["epoch"], best_val_acc1=p.best["val_acc1"], best_test_acc1=p.best["test_acc1"])
     if p.peak_test is not None:
         fields.update(peak_test_acc1=p.peak_test["test_acc1"], peak_test_epoch=p.peak_test["epoch"])
+    if state.budget is not None:  # the plan, the time used so far and the accuracy at shares of the budget
+        fields["time_budget"] = budget_record(state.budget, p, seconds, done=p.epoch > state.epochs)
     states = [t for st in state.optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
     fields["optimizer_state_mb"] = sum(t.numel() * t.element_size() for t in states) / 2**20
     return fields
@@ -94,7 +97,7 @@ class RunRecorder(Callback):
                 self.rundir.save_model(_as_evaluated(state, self.summary.get("stored_size")), state.classes, BEST_DIR)
         finished = p.epoch - 1
         every = r.output.checkpoint_every
-        if state.stopping or finished == r.train.epochs or (every and finished % every == 0):
+        if state.stopping or finished == state.epochs or (every and finished % every == 0):
             self.checkpoint(state)
 
     def checkpoint(self, state: TrainState) -> None:

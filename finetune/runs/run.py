@@ -25,6 +25,7 @@ from ..recipe import Recipe, load_recipe
 from ..training import distributed, setup
 from ..training.callbacks import Callbacks, StopRequested
 from ..training.activity import Activity
+from ..training.budget import budget_record, describe_budget_use, describe_plan, noisy_warning, recorded_plan
 from ..training.components import optimizer_kernel
 from ..training.device import describe_precision_choice, environment, reset_peak_memory, resolve_device
 from ..training.loop import fit
@@ -74,6 +75,7 @@ def run(
             state = build(p, processes)
         if state.precision_choice is not None and not quiet:  # train.precision auto on a CPU
             console.print(describe_precision_choice(state.precision_choice), highlight=False, markup=False)
+        _say_plan(state, quiet)
         summary = _initial_summary(state, p, recipe_path)
         rundir = processes.on_main(lambda: RunDir.create(folder, recipe, summary, overwrite=recipe.output.overwrite))
         summary = _train(state, rundir, summary, folder=folder, quiet=quiet, wall_before_s=0.0)
@@ -81,6 +83,17 @@ def run(
         return summary
     finally:
         distributed.shutdown(processes)
+
+
+def _say_plan(state: TrainState, quiet: bool) -> None:
+    """On the main process: one line on a budgeted run's probe and plan (unless quiet), and one
+    warning line, even with -q, when the probe was noisy."""
+    if state.budget is None or not state.processes.is_main:
+        return
+    if not quiet:
+        console.print(describe_plan(state.budget, state.recipe), highlight=False, markup=False)
+    if state.budget.noisy:
+        console.print(noisy_warning(state.budget), highlight=False, markup=False)
 
 
 def _require_extras(recipe: Recipe) -> None:
@@ -128,7 +141,9 @@ def resume(run_dir: str | Path, *, quiet: bool = False) -> dict[str, Any]:
         _warn_skipped(p, processes.is_main)
         # The precision the run chose; checkpoints from before train.precision=auto ran fp32 on a CPU.
         chosen = checkpoint.get("precision") or ("fp32" if p.device.type == "cpu" else None)
-        state = build(p, processes, precision=chosen)
+        # A budgeted run keeps the plan it recorded: no new probe, the same steps and schedule.
+        budget = recorded_plan(recipe, checkpoint)
+        state = build(p, processes, precision=chosen, budget=budget)
         state.load_state_dict(checkpoint)
         summary = _resumed_summary(rundir, state, p, checkpoint) if rundir is not None else {}
     except BaseException as exc:
@@ -188,7 +203,7 @@ def _initial_summary(state: TrainState, p: Prepared, recipe_path: str | None) ->
         "mode": r.train.mode,
         "arch": getattr(model, "finetune_spec", {}).get("arch"),
         "source": r.model.source,
-        "epochs": r.train.epochs,
+        "epochs": state.epochs,  # a budgeted run's planned epochs
         "selection": "val" if p.data.val is not None else "final",
         "train_images": len(p.data.train),
         "val_images": len(p.data.val) if p.data.val is not None else 0,
@@ -206,6 +221,8 @@ def _initial_summary(state: TrainState, p: Prepared, recipe_path: str | None) ->
         "classes": state.classes,
         **environment(state.device),
     }
+    if state.budget is not None:
+        summary["time_budget"] = budget_record(state.budget, state.progress, 0.0, done=False)
     if getattr(model, "load_report", None) is not None:
         summary["load_report"] = model.load_report.summary()
     if p.data.skipped:
@@ -271,7 +288,7 @@ def _train(
     ``rundir`` is ``None`` on ranks other than 0, which write nothing."""
     r = state.recipe
     recorder = RunRecorder(rundir, summary, wall_before_s=wall_before_s)
-    progress = TrainProgress(state.steps_per_epoch * r.train.epochs, completed=state.progress.step, quiet=quiet)
+    progress = TrainProgress(state.total_steps, completed=state.progress.step, quiet=quiet)
     callbacks: list = [recorder, progress]
     reset_peak_memory(state.device)
     # Every way this run can fail says where the earlier runs it replaces are kept (if any).
@@ -385,6 +402,7 @@ def describe(summary: dict[str, Any], run_dir: Path) -> str:
                 f"(test top-1 there {pct(summary['best_test_acc1'])}), {final}")
     else:
         head = f"{final} (no validation split: no epoch selected)"
+    budget = f"; {describe_budget_use(summary['time_budget'])}" if summary.get("time_budget") else ""
     return (f"{summary['name']}: {head}, {summary['train_time_s']:.1f} s training, "
-            f"{summary['images_per_s']:,.0f} img/s -> {run_dir}")
+            f"{summary['images_per_s']:,.0f} img/s{budget} -> {run_dir}")
 

@@ -64,12 +64,16 @@ def build_optimizer(recipe: Recipe, model: nn.Module, device: torch.device) -> t
     return cls(groups, betas=tuple(o.betas), **kwargs)
 
 
-def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
-    """A timm scheduler stepped per optimizer update (``t_in_epochs=False``)."""
+def build_scheduler(
+    recipe: Recipe, optimizer: torch.optim.Optimizer, steps_per_epoch: int, total_steps: int | None = None
+):
+    """A timm scheduler stepped per optimizer update (``t_in_epochs=False``) over ``total_steps``
+    updates (default ``train.epochs * steps_per_epoch``; a budgeted run's plan gives its own): the
+    warm-up, then the cosine reaches ``schedule.min_lr`` at the last one."""
     from timm.scheduler import CosineLRScheduler, StepLRScheduler
 
     s = recipe.schedule
-    total = max(1, recipe.train.epochs * steps_per_epoch)
+    total = max(1, recipe.train.epochs * steps_per_epoch if total_steps is None else total_steps)
     warmup = int(round(s.warmup_epochs * steps_per_epoch))
     common = dict(warmup_t=warmup, warmup_lr_init=s.warmup_lr, t_in_epochs=False)
     if s.name == "cosine":
@@ -103,11 +107,11 @@ class NoEma:
         pass
 
 
-def build_ema(recipe: Recipe, model: nn.Module, total_steps: int) -> Any:
+def build_ema(recipe: Recipe, model: nn.Module, total_steps: int, *, note: bool = True) -> Any:
     """timm's ModelEmaV3 of ``model`` when ``train.ema`` is on, :class:`NoEma` otherwise.
 
-    Warns (:class:`TrainingWarning`, at the caller of :func:`.setup.build`) what the opt-in warm-up
-    does to a run of ``total_steps`` optimizer steps.
+    With ``note``, warns (:class:`TrainingWarning`, at the caller of :func:`.setup.build`) what the
+    opt-in warm-up does to a run of ``total_steps`` optimizer steps.
     """
     r = recipe
     if not r.train.ema:
@@ -118,7 +122,7 @@ def build_ema(recipe: Recipe, model: nn.Module, total_steps: int) -> Any:
     # average never leans on the starting weights. The warm-up is opt-in: its ramp reaches 0.9998
     # only after 354,000 steps, so on by default it would make ema_decay mean almost nothing.
     ema = ModelEmaV3(model, decay=r.train.ema_decay, use_warmup=r.train.ema_warmup)
-    if r.train.ema_warmup:
+    if r.train.ema_warmup and note:
         warnings.warn(ema_warmup_note(r.train.ema_decay, total_steps), TrainingWarning, stacklevel=3)
     return ema
 

@@ -31,24 +31,27 @@ from .state import TrainState
 
 
 def fit(state: TrainState, callbacks: Callback) -> None:
-    """Train from ``state.progress`` to the last epoch, evaluating as the recipe says.
+    """Train from ``state.progress`` to the last epoch (``state.epochs``: the recipe's, or a budgeted
+    run's plan), evaluating as the recipe says.
 
     Raises:
         DivergedError: the training loss stopped being a finite number.
         StopRequested: ``state.stop_requested`` was set; the run stopped at a step or epoch
             boundary after the callbacks had their say (a checkpoint, in a run folder).
     """
-    r, p = state.recipe, state.progress
-    while p.epoch <= r.train.epochs:
+    r, p, epochs = state.recipe, state.progress, state.epochs
+    while p.epoch <= epochs:
         if p.batch == 0:
             state.meters.reset_epoch()
         train_one_epoch(state, callbacks)
-        evaluated = p.epoch % r.train.eval_every == 0 or p.epoch == r.train.epochs
+        evaluated = p.epoch % r.train.eval_every == 0 or p.epoch == epochs
+        began = time.perf_counter()
         row = evaluate_epoch(state) if evaluated else None
+        p.eval_time_s += time.perf_counter() - began  # reported apart from the training time
         p.epoch, p.batch = p.epoch + 1, 0
         state.stopping = state.agree_to_stop(synced=True)
         callbacks.on_epoch_end(state, row)
-        if state.stopping and p.epoch <= r.train.epochs:
+        if state.stopping and p.epoch <= epochs:
             raise StopRequested(_stopped_by(state))
 
 
@@ -59,28 +62,22 @@ def train_one_epoch(state: TrainState, callbacks: Callback) -> None:
         DivergedError: a log interval's or the epoch's mean loss is not finite.
         StopRequested: ``state.stop_requested`` is set at a step boundary.
     """
-    r, p, m = state.recipe, state.progress, state.meters
-    loader, accum = state.train_loader, r.train.grad_accum
+    r, p = state.recipe, state.progress
+    loader, accum, limit = state.train_loader, r.train.grad_accum, state.step_limit
     n = len(loader)
     loader.set_epoch(p.epoch)
     state.model.train()
     state.segment_start = time.perf_counter()
     world = state.processes.world_size
-    for i, (x, y) in enumerate(loader.iter_from(p.batch), start=p.batch):
-        x, target = state.mixup(x, y)
+    # A budgeted run stops at its planned step, in its last epoch (and trains nothing more when it
+    # resumes from a checkpoint taken at that step).
+    batches = loader.iter_from(p.batch) if limit is None or p.step < limit else iter(())
+    for i, (x, y) in enumerate(batches, start=p.batch):
         last_micro = (i + 1) % accum == 0 or i + 1 == n
-        # Under DDP the gradients of the micro-batches before the last one stay local (no_sync):
-        # one all-reduce per optimizer step.
-        with contextlib.nullcontext() if last_micro else state.no_sync():
-            with autocast(state.device, state.amp_dtype):
-                logits = state.forward(x)
-                loss = state.loss_fn(logits, target)
-            # Average over the micro-batches of this optimizer step; the last group of an epoch
-            # may be shorter than grad_accum.
-            group_size = min(accum, n - (i - i % accum))
-            state.scaler.scale(loss / group_size).backward()
-        m.add(loss, logits, y)
-        p.images_seen += x.shape[0] * world  # every process trains an equal part of the batch
+        # Average over the micro-batches of this optimizer step; the last group of an epoch
+        # may be shorter than grad_accum.
+        images = train_micro_batch(state, x, y, group_size=min(accum, n - (i - i % accum)), sync=last_micro)
+        p.images_seen += images * world  # every process trains an equal part of the batch
         if not last_micro:
             continue
         _optimizer_step(state)
@@ -97,12 +94,33 @@ def train_one_epoch(state: TrainState, callbacks: Callback) -> None:
         callbacks.on_step_end(state)
         if state.stopping:
             raise StopRequested(_stopped_by(state))
+        if p.step == limit:
+            break
     g = state.global_meters()
     p.train_loss = _finite_mean(state, g.epoch_loss, g.epoch_images, f"the mean training loss of epoch {p.epoch}")
     p.train_acc1 = float(g.epoch_correct) / max(g.epoch_images, 1)
     synchronize(state.device)
     p.train_time_s = state.train_time()
     state.segment_start = None
+
+
+def train_micro_batch(state: TrainState, x: torch.Tensor, y: torch.Tensor, *, group_size: int, sync: bool) -> int:
+    """Forward and backward of one micro-batch (Mixup, autocast, loss, scaled backward), its loss
+    and accuracy added to the meters; returns its images.
+
+    Args:
+        group_size: micro-batches of this optimizer step; the loss is averaged over them.
+        sync: the step's last micro-batch: under DDP its backward all-reduces the gradients (the
+            others' stay local, ``no_sync``), one all-reduce per optimizer step.
+    """
+    x, target = state.mixup(x, y)
+    with contextlib.nullcontext() if sync else state.no_sync():
+        with autocast(state.device, state.amp_dtype):
+            logits = state.forward(x)
+            loss = state.loss_fn(logits, target)
+        state.scaler.scale(loss / group_size).backward()
+    state.meters.add(loss, logits, y)
+    return x.shape[0]
 
 
 def _optimizer_step(state: TrainState) -> None:
@@ -200,4 +218,6 @@ def evaluate_epoch(state: TrainState) -> dict[str, Any]:
             p.best = {"epoch": p.epoch, "val_acc1": val.acc1, "test_acc1": test.acc1}
     if p.peak_test is None or test.acc1 > p.peak_test["test_acc1"]:
         p.peak_test = {"epoch": p.epoch, "test_acc1": test.acc1}
+    p.evaluations.append({"epoch": p.epoch, "time_s": p.train_time_s, "val_acc1": row["val_acc1"],
+                          "test_acc1": test.acc1})
     return row

@@ -31,7 +31,9 @@ from ..models.params import add_lora, set_trainable
 from ..models.shape import ModelShape, model_shape, planned_shape
 from ..models.sources import ResolvedSource, resolve_source
 from ..recipe import Recipe
+from .budget import BudgetPlan, check_recorded_plan, plan_budget, probe_step_time, warmup_steps
 from .components import (
+    NoEma,
     build_clipper,
     build_ema,
     build_loss,
@@ -259,13 +261,22 @@ def build_model(recipe: Recipe, num_classes: int, *, source: ResolvedSource | No
     )
 
 
-def build(prepared: Prepared, processes: Processes = SINGLE, *, precision: str | None = None) -> TrainState:
+def build(
+    prepared: Prepared, processes: Processes = SINGLE, *, precision: str | None = None,
+    budget: BudgetPlan | None = None,
+) -> TrainState:
     """Everything the loop needs, chosen once: model on the device, loaders, optimizer, schedule,
     GradScaler, loss, mixup, EMA and gradient clipping; with several processes, the model wrapped
     in DistributedDataParallel and each evaluation split cut into one part per process.
 
     ``precision`` (``fp32``, ``bf16``, ``fp16``) is the one a resumed run had chosen, so that
-    ``train.precision=auto`` is not measured again (and maybe decided otherwise) on resume.
+    ``train.precision=auto`` is not measured again (and maybe decided otherwise) on resume. With
+    ``train.time_budget``, ``budget`` is the plan a resumed run recorded; without one the run's
+    training step is timed here and the plan made (:func:`plan_time_budget`).
+
+    Raises:
+        FinetuneError: the time budget is too short for the run (nothing is written).
+        CheckpointError: ``budget`` was planned for another number of steps per epoch.
     """
     p = prepared
     r, device = p.recipe, p.device
@@ -279,24 +290,42 @@ def build(prepared: Prepared, processes: Processes = SINGLE, *, precision: str |
 
     steps_per_epoch = math.ceil(len(train_loader) / r.train.grad_accum)
     optimizer = build_optimizer(r, model, device)
-    scheduler = build_scheduler(r, optimizer, steps_per_epoch)
     # One code path for every precision: a disabled scaler passes losses and steps through.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    mixup = build_mixup(r, num_classes)
-    ema = build_ema(r, model, r.train.epochs * steps_per_epoch)
-    forward, no_sync = _wrap_model(model, r, device, processes)
-    # Everything random that must be equal on every process is built; from here torch's random state
-    # draws dropout and drop-path masks, which must differ between processes.
-    torch.manual_seed(model_rng_seed(r.seed, processes.rank))
-    return TrainState(
-        recipe=r, device=device, model=model, forward=forward,
-        optimizer=optimizer, scheduler=scheduler, scaler=scaler, loss_fn=build_loss(r), mixup=mixup, ema=ema,
-        clip_gradients=build_clipper(r, model, scaler, optimizer),
+    state = TrainState(
+        recipe=r, device=device, model=model, forward=model,
+        optimizer=optimizer, scheduler=None, scaler=scaler, loss_fn=build_loss(r), mixup=build_mixup(r, num_classes),
+        ema=NoEma(model), clip_gradients=build_clipper(r, model, scaler, optimizer),
         train_loader=train_loader, val_loader=val_loader, test_loader=test_loader,
         classes=list(p.data.classes), amp_dtype=amp_dtype, precision_choice=precision_choice, cpu_threads=threads,
         steps_per_epoch=steps_per_epoch, counts=counts,
-        mean=p.mean, std=p.std, out_size=p.out_size, meters=Meters.on(device), processes=processes, no_sync=no_sync,
+        mean=p.mean, std=p.std, out_size=p.out_size, meters=Meters.on(device), processes=processes,
     )
+    if r.train.time_budget is not None:
+        state.budget = check_recorded_plan(budget, steps_per_epoch) if budget else plan_time_budget(state)
+    # The schedule and the EMA span the run's steps: the recipe's epochs, or the budget's plan.
+    state.scheduler = build_scheduler(r, optimizer, steps_per_epoch, state.total_steps)
+    state.ema = build_ema(r, model, state.total_steps)
+    state.forward, state.no_sync = _wrap_model(model, r, device, processes)
+    # Everything random that must be equal on every process is built; from here torch's random state
+    # draws dropout and drop-path masks, which must differ between processes.
+    torch.manual_seed(model_rng_seed(r.seed, processes.rank))
+    return state
+
+
+def plan_time_budget(state: TrainState, **timing: Any) -> BudgetPlan:
+    """Time the run's training step (:func:`.budget.probe_step_time`, on a copy, before the run's
+    model is wrapped for DDP) and plan its steps within ``train.time_budget``.
+
+    Every process times steps in lockstep (under DDP each step waits for the slowest process), and
+    every one plans from rank 0's measurement, so all of them follow one plan.
+
+    Raises:
+        FinetuneError: the budget leaves no step, or less than the warm-up (on every process).
+    """
+    r = state.recipe
+    probe = state.processes.broadcast_object(probe_step_time(state, _wrap_model, **timing))
+    return plan_budget(r.train.time_budget, probe, state.steps_per_epoch, warmup_steps(r, state.steps_per_epoch))
 
 
 def _set_cpu_threads(r: Recipe, device: torch.device, processes: Processes) -> int | None:

@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from ..recipe import Recipe, recipe_to_dict
 from .components import no_mixup
 from .device import precision_name
 from .distributed import SINGLE, Processes, model_rng_seed
+
+if TYPE_CHECKING:
+    from .budget import BudgetPlan
 
 
 @dataclass
@@ -76,7 +79,7 @@ class Progress:
     """Where the run is, and what it has found so far; saved in every checkpoint.
 
     Attributes:
-        epoch: the epoch in progress, from 1; ``train.epochs + 1`` once training is done.
+        epoch: the epoch in progress, from 1; :attr:`TrainState.epochs` + 1 once training is done.
         batch: micro-batches of ``epoch`` already trained (a checkpoint is always at a step boundary).
         step: optimizer steps taken.
         images_seen: training images seen.
@@ -94,6 +97,9 @@ class Progress:
         last_val_acc1: the last evaluated epoch's validation top-1, when there is a validation split.
         train_loss: mean training loss of the last finished epoch.
         train_acc1: training top-1 of the last finished epoch (meaningless with Mixup/CutMix).
+        eval_time_s: seconds spent evaluating, apart from ``train_time_s``.
+        evaluations: ``{"epoch", "time_s", "val_acc1", "test_acc1"}`` of every evaluation so far,
+            ``time_s`` being the training seconds at its epoch's end.
     """
 
     epoch: int = 1
@@ -110,6 +116,8 @@ class Progress:
     last_val_acc1: float | None = None
     train_loss: float | None = None
     train_acc1: float | None = None
+    eval_time_s: float = 0.0
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -147,6 +155,22 @@ class TrainState:
     pictures: Any = None  # visual.RunPictures, made once at the end for the run folder and TensorBoard
     precision_choice: dict[str, Any] | None = None  # train.precision=auto on a CPU: the measurement behind it
     cpu_threads: int | None = None  # threads per process on a CPU
+    budget: BudgetPlan | None = None  # train.time_budget: the plan (from the start-up probe, or the checkpoint)
+
+    @property
+    def epochs(self) -> int:
+        """Epochs of the run: the budget plan's, else ``train.epochs``."""
+        return self.budget.epochs if self.budget is not None else self.recipe.train.epochs
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run, over which the schedule runs."""
+        return self.budget.steps if self.budget is not None else self.recipe.train.epochs * self.steps_per_epoch
+
+    @property
+    def step_limit(self) -> int | None:
+        """The step a budgeted run stops at, in its last epoch; ``None``: every epoch runs whole."""
+        return self.budget.steps if self.budget is not None else None
 
     @property
     def precision(self) -> str:
@@ -212,6 +236,7 @@ class TrainState:
             "rng": capture_rng(self.device),
             "precision": self.precision,
             "data_path": "streamed" if self.train_loader.streaming else "in_memory",
+            "time_budget": self.budget.to_dict() if self.budget is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
