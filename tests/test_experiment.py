@@ -223,8 +223,13 @@ def test_rerun_reuses_finished_runs_resumes_interrupted_ones_and_replaces_the_re
         ("replace", "no readable summary.json"),
     ]
     calls.clear()
-    result = run_experiment(load_experiment(path), quiet=True)
+    from finetune.experiments.execute import console
+
+    with console.capture() as captured:
+        result = run_experiment(load_experiment(path), quiet=True)
     assert calls == ["c"] and resumed == ["b"]
+    said = " ".join(captured.get().split())  # quiet, yet a log says what was resumed or replaced
+    assert "c: (replacing an unfinished run: no readable summary.json)" in said and "b: (resuming: " in said
     assert [v.status for v in result.variants] == ["reused", "finished", "finished"]
     assert (exp_dir / "a" / "summary.json").stat().st_mtime_ns == a_mtime
     assert summary_of(exp_dir / "b")["status"] == "finished"

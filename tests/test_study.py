@@ -190,6 +190,8 @@ def test_a_killed_study_resumes_where_it_stopped_and_reruns_nothing_finished(tmp
     result = runner.invoke(app, ["compare", str(path), "-q"])
     assert result.exit_code == 0, result.output
     assert resumed == ["head_s0_n48"]
+    # Even with -q the log says which folder was resumed and why.
+    assert "head_s0_n48: (resuming: status interrupted, from its last checkpoint)" in " ".join(result.output.split())
     assert calls == ["full_s0_n48", "head_s1_n24", "full_s1_n24", "head_s1_n48", "full_s1_n48"]
     rows = list(csv.DictReader((exp_dir / "study.csv").open()))
     assert all(r["seeds_finished"] == "2" and math.isfinite(float(r["score_mean_pct"])) for r in rows)

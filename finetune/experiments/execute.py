@@ -136,10 +136,12 @@ def _run_variant(exp: Experiment, plan: PlannedRun, prefix: str, quiet: bool, np
         if not quiet:
             console.print(f"{prefix}: [dim]reusing the finished run in {plan.run_dir}[/]", highlight=False)
         return VariantResult(plan.name, "reused", plan.run_dir)
+    again = {"replace": f" (replacing an unfinished run: {plan.reason})",
+             "resume": f" (resuming: {plan.reason})"}.get(plan.action, "")
     if not quiet:
-        again = {"replace": f" (replacing an unfinished run: {plan.reason})",
-                 "resume": f" (resuming: {plan.reason})"}.get(plan.action, "")
         console.rule(f"{prefix}{again}", style="dim")
+    elif again:  # even with -q: a log says why a folder was resumed or replaced
+        console.print(f"{prefix}:{again}", highlight=False, markup=False)
     # An unfinished run being replaced is moved aside when the new one starts and deleted only
     # once it finishes (output.overwrite), so a failure loses nothing.
     overwrite = plan.action == "replace"
