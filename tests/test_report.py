@@ -232,6 +232,18 @@ def test_varied_keys_key_present_in_only_some_recipes(tmp_path):
     assert varied_keys([read_run(a), read_run(b)]) == ["train.ema"]
 
 
+def test_a_key_newer_than_a_run_differs_only_when_set_to_something_else_than_its_default(tmp_path):
+    # A run recorded before train.time_budget existed ran without one: null is no difference.
+    old, off, on = make_run(tmp_path, "old"), make_run(tmp_path, "off"), make_run(tmp_path, "on")
+    for run, value in ((off, None), (on, 30.0)):
+        rec = yaml.safe_load((run / "recipe.yaml").read_text())
+        rec["train"]["time_budget"] = value
+        (run / "recipe.yaml").write_text(yaml.safe_dump(rec))
+    assert "time_budget" not in (old / "recipe.yaml").read_text()
+    assert varied_keys([read_run(old), read_run(off)]) == []
+    assert varied_keys([read_run(old), read_run(off), read_run(on)]) == ["train.time_budget"]
+
+
 def test_format_table_values(tmp_path):
     records = [
         read_run(make_run(tmp_path, "lr1e-3", peak=0.9, optim__lr=1e-3)),

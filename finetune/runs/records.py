@@ -15,6 +15,7 @@ through it without importing each other.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -229,17 +230,28 @@ def varied_keys(records: Sequence[RunRecord]) -> list[str]:
 
     ``name``, ``description`` and ``output.*`` are ignored. Runs without a readable recipe are
     left out, so that one broken run does not make every key look varied. A key that only some
-    recipes have counts as varied.
+    recipes have counts as varied, unless the others, written before the key existed, would have
+    had its default (``train.time_budget: null`` against a recipe without it is no difference).
     """
     recipes = [r.recipe for r in records if r.recipe]
+    defaults = _schema_defaults()
     keys: dict[str, None] = {}  # ordered set: first-seen order keeps model/train/optim/... order
     for recipe in recipes:
         keys.update(dict.fromkeys(recipe))
     return [
         key for key in keys
         if key not in IGNORED_KEYS and not key.startswith(IGNORED_PREFIXES)
-        and len({json.dumps(r.get(key, "<absent>"), sort_keys=True) for r in recipes}) > 1
+        and len({json.dumps(r.get(key, defaults.get(key, "<absent>")), sort_keys=True) for r in recipes}) > 1
     ]
+
+
+@functools.cache
+def _schema_defaults() -> dict[str, Any]:
+    """Every recipe key's default, flattened (``{"train.time_budget": None, ...}``)."""
+    from ..recipe import Recipe
+    from ..recipe.loading import recipe_to_dict
+
+    return flatten(recipe_to_dict(Recipe.model_construct()))
 
 
 def number(value: Any) -> float | None:
