@@ -195,6 +195,8 @@ def test_kill_9_from_outside_at_any_moment_then_resume(tmp_path):
 def test_sigterm_checkpoints_at_the_next_step_and_resume_finishes_the_same(tmp_path, monkeypatch):
     send_at_step(monkeypatch, 6)
     recipe = quick(tmp_path, "name=stopped", *FULL_STATE)
+    # The handlers the process had (SIGINT is ignored, not Python's default, under a shell's background job).
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with pytest.raises(RunInterrupted, match="finetune resume") as info:
         run(recipe, quiet=True)
     stopped = run_dir_for(recipe)
@@ -202,7 +204,7 @@ def test_sigterm_checkpoints_at_the_next_step_and_resume_finishes_the_same(tmp_p
     summary = json.loads((stopped / "summary.json").read_text())
     assert summary["status"] == "interrupted" and "SIGTERM" in summary["error"]
     assert load_state(stopped / CHECKPOINT)["progress"]["step"] == 6  # saved at the step it stopped
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # put back as they were
     assert not lock_held(stopped)
 
     monkeypatch.undo()
