@@ -246,11 +246,6 @@ def smallest_budget(steps: int, step_s: float, margin: float = BUDGET_MARGIN) ->
     return round(math.ceil(minutes / scale * (1 - 1e-12)) * scale, 12)
 
 
-def warmup_steps(recipe: Recipe, steps_per_epoch: int) -> int:
-    """Optimizer steps of the linear warm-up: ``schedule.warmup_epochs`` through steps_per_epoch."""
-    return round(recipe.schedule.warmup_epochs * steps_per_epoch)  # as build_scheduler counts it
-
-
 def recorded_plan(recipe: Recipe, checkpoint: dict[str, Any]) -> BudgetPlan | None:
     """The plan a budgeted run's checkpoint holds, for its resume (``None`` without a budget).
 

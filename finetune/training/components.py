@@ -64,6 +64,11 @@ def build_optimizer(recipe: Recipe, model: nn.Module, device: torch.device) -> t
     return cls(groups, betas=tuple(o.betas), **kwargs)
 
 
+def warmup_steps(recipe: Recipe, steps_per_epoch: int) -> int:
+    """Optimizer steps of the linear warm-up: ``schedule.warmup_epochs`` through steps_per_epoch."""
+    return round(recipe.schedule.warmup_epochs * steps_per_epoch)
+
+
 def build_scheduler(
     recipe: Recipe, optimizer: torch.optim.Optimizer, steps_per_epoch: int, total_steps: int | None = None
 ):
@@ -74,7 +79,7 @@ def build_scheduler(
 
     s = recipe.schedule
     total = max(1, recipe.train.epochs * steps_per_epoch if total_steps is None else total_steps)
-    warmup = int(round(s.warmup_epochs * steps_per_epoch))
+    warmup = warmup_steps(recipe, steps_per_epoch)
     common = dict(warmup_t=warmup, warmup_lr_init=s.warmup_lr, t_in_epochs=False)
     if s.name == "cosine":
         # The cosine starts after the warmup (warmup_prefix), so the peak lr is reached.

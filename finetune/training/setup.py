@@ -31,7 +31,7 @@ from ..models.params import add_lora, set_trainable
 from ..models.shape import ModelShape, model_shape, planned_shape
 from ..models.sources import ResolvedSource, resolve_source
 from ..recipe import Recipe
-from .budget import BudgetPlan, check_recorded_plan, plan_budget, probe_step_time, warmup_steps
+from .budget import BudgetPlan, check_recorded_plan, plan_budget, probe_step_time
 from .components import (
     NoEma,
     build_clipper,
@@ -41,6 +41,7 @@ from .components import (
     build_optimizer,
     build_scheduler,
     choose_precision,
+    warmup_steps,
 )
 from .device import autocast_dtype, available_memory, cpu_threads, format_bytes, resolve_device
 from .distributed import SINGLE, Processes, check_batch_split, model_rng_seed
