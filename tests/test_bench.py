@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -414,3 +415,42 @@ def test_time_to_accuracy_reads_a_real_run_folder(tmp_path):
     assert "- made 'here'" in text and saved["notes"] == ["made 'here'"]
     bad = CliRunner().invoke(tta.app, [str(tmp_path / "nothing")])
     assert bad.exit_code == 2 and "not a run folder" in bad.output
+
+
+def test_time_to_accuracy_reports_a_budgeted_run_its_selection_and_share_of_peak(tmp_path, monkeypatch):
+    """A run trained to a time budget: the table shows its plan and use, the figure is the test
+    top-1 at the epoch validation chose, and --flops with a given peak gives the share of it."""
+    import finetune.training.budget as budget
+
+    spec = importlib.util.spec_from_file_location("time_to_accuracy", REPO_ROOT / "benchmarks" / "time_to_accuracy.py")
+    tta = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tta)
+    # A fixed probe record (0.01 s a step), so the plan does not depend on how busy the machine is.
+    monkeypatch.setattr(budget, "time_steps", lambda step, **kwargs: {
+        "median_s": 0.01, "p90_s": 0.01, "steps": 7, "seconds": 0.5, "noisy": False})
+    recipe = load_recipe(REPO_ROOT / "recipes" / "quick_cpu.yaml",
+                         [f"output.dir={tmp_path}", "output.plots=false", "train.time_budget=0.004",
+                          "data.val_split=64"])
+    run(recipe, quiet=True)
+    folder = run_dir_for(recipe)
+    record = read_run(folder)
+    planned = record.summary["time_budget"]["planned_steps"]
+    assert planned == math.floor(0.004 * 60 * 0.95 / 0.01)  # 22 steps of 0.01 s in 95% of 0.24 s
+    epochs = record.summary["time_budget"]["planned_epochs"]
+    assert epochs == math.ceil(planned / record.summary["time_budget"]["steps_per_epoch"])
+    out = tmp_path / "result"
+    result = CliRunner().invoke(tta.app, [str(folder), "--out", str(out), "--flops", "--peak-gflops", "100"])
+    assert result.exit_code == 0, result.output
+    described = json.loads(out.with_suffix(".json").read_text())["runs"][0]
+    best = max(record.epoch_rows, key=lambda r: r["val_acc1"])  # the first best, as the run keeps it
+    assert described["selected"]["epoch"] == record.best_epoch == best["epoch"]
+    assert described["selected"]["test_acc1"] == best["test_acc1"]
+    assert described["time_budget"]["planned_steps"] == planned
+    assert described["flops_per_image"] > 0
+    assert described["achieved_gflops"] == pytest.approx(described["flops_per_image"] * record.summary["images_per_s"] / 1e9)
+    assert described["share_of_peak"] == pytest.approx(described["achieved_gflops"] / 100)
+    text = out.with_suffix(".md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith(f"| {folder} | 0.004 min"))
+    within = {True: "yes", False: "no"}[record.summary["time_budget"]["within_budget"]]  # the fake probe may be short
+    assert f"| {planned:,} ({epochs}) |" in row and f"| {within} |" in row
+    assert f"{100 * described['share_of_peak']:.1f}%" in text and "given with --peak-gflops" in text
