@@ -42,6 +42,8 @@ SECTION_TEXT = {
 
 
 def _default(field: Any) -> str:
+    if field.default_factory is dict:
+        return "`{}`"
     if field.default_factory is not None:
         return ""
     value = field.default

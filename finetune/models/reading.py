@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from timm.models import clean_state_dict  # drops DDP's "module." and torch.compile's "_orig_mod."
 
-from ..errors import CheckpointError, FinetuneError, SourceNotFoundError
+from ..errors import CheckpointError, FinetuneError, RecipeError, SourceNotFoundError
 
 def read_checkpoint(path: str | Path, *, use_ema: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a weights file safely.
@@ -247,7 +247,8 @@ _SIZE_ARGS = {"img_size": (1, 16384), "patch_size": (1, 1024), "ref_feat_shape":
 _RATE_ARGS = ("drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate")
 _NAME_ARGS = ("global_pool", "pos_embed", "weight_init", "act_layer", "norm_layer", "embed_norm_layer")
 ALLOWED_MODEL_ARGS = (*_FLAG_ARGS, *_INT_ARGS, *_STAGE_ARGS, *_SIZE_ARGS, *_RATE_ARGS, *_NAME_ARGS, "mlp_ratio",
-                      "init_values", "fc_norm", "window_size", "pretrained_window_sizes", "head_dim", "norm_eps")
+                      "init_values", "fc_norm", "window_size", "pretrained_window_sizes", "head_dim", "norm_eps",
+                      "stem_channels")
 
 
 def check_num_classes(num_classes: Any, call: str) -> None:
@@ -264,10 +265,11 @@ def check_num_classes(num_classes: Any, call: str) -> None:
 
 
 def check_model_args(
-    args: dict[str, Any], state_dict: dict[str, torch.Tensor], origin: str, *, keywords: bool = False
+    args: dict[str, Any], state_dict: dict[str, torch.Tensor], origin: str, *, keywords: bool = False,
+    recipe: bool = False,
 ) -> None:
     """Check a model folder's ``model_args`` (or ``load_model``'s keyword arguments, with
-    ``keywords``) before anything is built from them.
+    ``keywords``, or a recipe's ``model.args``, with ``recipe``) before anything is built from them.
 
     Only :data:`ALLOWED_MODEL_ARGS` are accepted, each of its type and within bounds, and the
     ones the weights pin down (``depth``, ``embed_dim``, ``patch_size``, ``num_heads`` dividing
@@ -277,44 +279,17 @@ def check_model_args(
     Raises:
         CheckpointError: naming the argument, what it should be, and the file (or, with
             ``keywords``, the keyword argument).
+        RecipeError: with ``recipe``, the same, naming ``model.args``.
     """
-    problems = []
-
-    def bad(key: str, why: str) -> None:
-        problems.append(f"{key}={_short(args[key])} {why}")
-
-    for key, value in args.items():
-        if key not in ALLOWED_MODEL_ARGS:
-            problems.append(f"{key!r} is not an argument finetune passes on (it accepts {', '.join(ALLOWED_MODEL_ARGS[:8])}, ...)")
-        elif key in _FLAG_ARGS and not isinstance(value, bool):
-            bad(key, "should be true or false")
-        elif key == "fc_norm" and not (value is None or isinstance(value, bool)):
-            bad(key, "should be true, false or null")
-        elif key in _INT_ARGS and not _int_in(value, *_INT_ARGS[key]):
-            bad(key, f"should be a whole number from {_INT_ARGS[key][0]} to {_INT_ARGS[key][1]}")
-        elif key in _SIZE_ARGS and not _size_in(value, *_SIZE_ARGS[key]):
-            bad(key, f"should be a whole number (or two) from {_SIZE_ARGS[key][0]} to {_SIZE_ARGS[key][1]}")
-        elif key == "pretrained_window_sizes" and not (_int_in(value, 0, 1024) or _per_stage(value, _size_in, 0, 1024)):
-            bad(key, f"should be a whole number from 0 to 1024, or one (or two) per stage (at most {MAX_STAGES})")
-        elif key in _STAGE_ARGS and not (_int_in(value, *_STAGE_ARGS[key]) or _per_stage(value, _int_in, *_STAGE_ARGS[key])):
-            bad(key, f"should be a whole number from {_STAGE_ARGS[key][0]} to {_STAGE_ARGS[key][1]}, or one per stage "
-                     f"(at most {MAX_STAGES})")
-        elif key == "window_size" and not (_size_in(value, 1, 1024) or _per_stage(value, _size_in, 1, 1024)):
-            bad(key, f"should be a whole number (or two) from 1 to 1024, or one such per stage (at most {MAX_STAGES})")
-        elif key == "head_dim" and not (value is None or _int_in(value, 1, 4096)):
-            bad(key, "should be null or a whole number from 1 to 4096")
-        elif key in _RATE_ARGS and not _number_in(value, 0.0, 1.0, high_open=True):
-            bad(key, "should be a number in [0, 1)")
-        elif key in _NAME_ARGS and not (isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_]{0,40}", value)):
-            bad(key, "should be a short name such as 'token', 'avg' or 'gelu'")
-        elif key == "mlp_ratio" and not _number_in(value, 0.0, 64.0, low_open=True):
-            bad(key, "should be a number in (0, 64]")
-        elif key == "norm_eps" and not _number_in(value, 0.0, 0.1, low_open=True):  # LayerNorm eps
-            bad(key, "should be a number in (0, 0.1]")
-        elif key == "init_values" and not (value is None or _number_in(value, 0.0, 10.0)):
-            bad(key, "should be null or a number in [0, 10]")
+    problems = [p for p in (_arg_problem(key, value) for key, value in args.items()) if p is not None]
     if not problems:
         problems = _disagreements(args, state_dict)
+    if problems and recipe:
+        raise RecipeError(
+            f"{origin}: model.args that cannot be used: {'; '.join(problems)}.",
+            "Give only ViT constructor arguments within their bounds, e.g. model.args.depth=6 or "
+            "model.args.stem_channels=[32,64,128] (the recipe reference lists them).",
+        )
     if problems and keywords:
         raise CheckpointError(
             f"load_model({origin!r}, ...): keyword arguments that cannot be used: {'; '.join(problems)}.",
@@ -323,6 +298,47 @@ def check_model_args(
         )
     if problems:
         raise CheckpointError(f"{origin}: config.json's model_args cannot be used: {'; '.join(problems)}.", _CONFIG_FIX)
+
+
+
+def _arg_problem(key: str, value: Any) -> str | None:
+    """What is wrong with one model argument (``depth=100000 should be ...``), or None."""
+
+    def why(text: str) -> str:
+        return f"{key}={_short(value)} {text}"
+
+    if key not in ALLOWED_MODEL_ARGS:
+        return f"{key!r} is not an argument finetune passes on (it accepts {', '.join(ALLOWED_MODEL_ARGS[:8])}, ...)"
+    if key in _FLAG_ARGS and not isinstance(value, bool):
+        return why("should be true or false")
+    if key == "fc_norm" and not (value is None or isinstance(value, bool)):
+        return why("should be true, false or null")
+    if key in _INT_ARGS and not _int_in(value, *_INT_ARGS[key]):
+        return why(f"should be a whole number from {_INT_ARGS[key][0]} to {_INT_ARGS[key][1]}")
+    if key in _SIZE_ARGS and not _size_in(value, *_SIZE_ARGS[key]):
+        return why(f"should be a whole number (or two) from {_SIZE_ARGS[key][0]} to {_SIZE_ARGS[key][1]}")
+    if key == "pretrained_window_sizes" and not (_int_in(value, 0, 1024) or _per_stage(value, _size_in, 0, 1024)):
+        return why(f"should be a whole number from 0 to 1024, or one (or two) per stage (at most {MAX_STAGES})")
+    if key in _STAGE_ARGS and not (_int_in(value, *_STAGE_ARGS[key]) or _per_stage(value, _int_in, *_STAGE_ARGS[key])):
+        return why(f"should be a whole number from {_STAGE_ARGS[key][0]} to {_STAGE_ARGS[key][1]}, or one per "
+                   f"stage (at most {MAX_STAGES})")
+    if key == "window_size" and not (_size_in(value, 1, 1024) or _per_stage(value, _size_in, 1, 1024)):
+        return why(f"should be a whole number (or two) from 1 to 1024, or one such per stage (at most {MAX_STAGES})")
+    if key == "stem_channels" and not _per_stage(value, _int_in, 1, 4096):
+        return why(f"should be a list of 1 to {MAX_STAGES} whole numbers from 1 to 4096 (channels per conv stage)")
+    if key == "head_dim" and not (value is None or _int_in(value, 1, 4096)):
+        return why("should be null or a whole number from 1 to 4096")
+    if key in _RATE_ARGS and not _number_in(value, 0.0, 1.0, high_open=True):
+        return why("should be a number in [0, 1)")
+    if key in _NAME_ARGS and not (isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_]{0,40}", value)):
+        return why("should be a short name such as 'token', 'avg' or 'gelu'")
+    if key == "mlp_ratio" and not _number_in(value, 0.0, 64.0, low_open=True):
+        return why("should be a number in (0, 64]")
+    if key == "norm_eps" and not _number_in(value, 0.0, 0.1, low_open=True):  # LayerNorm eps
+        return why("should be a number in (0, 0.1]")
+    if key == "init_values" and not (value is None or _number_in(value, 0.0, 10.0)):
+        return why("should be null or a number in [0, 10]")
+    return None
 
 
 def _disagreements(args: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> list[str]:

@@ -9,11 +9,11 @@ which ``finetune validate`` and the docs show.
 from __future__ import annotations
 
 import re
-import reprlib
-import types
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from .words import describe_type, section_type, short_repr  # noqa: F401  (section_type: imported from here)
 
 TrainMode = Literal["head", "full", "last_k", "scratch", "lora", "bitfit", "attn"]
 """What a run trains (``train.mode``); ``finetune.models.params.set_trainable`` implements each."""
@@ -90,6 +90,37 @@ class ModelConfig(_Section):
     )
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0, description="Stochastic depth rate.")
     strict: bool = Field(True, description="Fail when checkpoint keys do not load into the model.")
+    args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Constructor arguments of a model built from scratch (train.mode scratch), on top of "
+        "model.arch's: e.g. {embed_dim: 192, depth: 6, num_heads: 3, mlp_ratio: 2.0}, or a conv tokenizer's "
+        "stem_channels: [32, 64, 128] (each stage halves the grid). Plain numbers, flags, short names and "
+        "lists of numbers, each within bounds (checked before anything is built); they are saved with the "
+        "model, so eval, predict and export rebuild it. img_size, patch_size, num_classes and drop_path_rate "
+        "have their own keys.",
+    )
+
+    @field_validator("args")
+    @classmethod
+    def _plain_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        own = {"img_size": "model.img_size", "patch_size": "model.patch_size", "num_classes": "model.num_classes",
+               "drop_path_rate": "model.drop_path_rate"}
+        for key, arg in value.items():
+            if not (isinstance(key, str) and key.isidentifier() and len(key) <= 40):
+                raise ValueError(f"{short_repr(key)} is not an argument name (letters, digits and _)")
+            if key in own:
+                raise ValueError(f"{key} has its own key: set {own[key]} instead of model.args.{key}")
+            items = arg if isinstance(arg, list) else [arg]
+            if len(items) > 64 or not all(v is None or isinstance(v, (bool, int, float, str)) for v in items):
+                raise ValueError(f"{key}: {short_repr(arg)} is not a plain value (a number, true/false, a short "
+                                 "name, or a list of numbers)")
+        return value
+
+    def __hash__(self) -> int:
+        # A recipe is hashable; model.args is the one mapping in it, hashed as sorted pairs.
+        frozen = {k: tuple(v) if isinstance(v, list) else v for k, v in self.args.items()}
+        return hash(tuple((name, tuple(sorted(frozen.items())) if name == "args" else getattr(self, name))
+                          for name in type(self).model_fields))
 
     @field_validator("img_size")
     @classmethod
@@ -384,23 +415,7 @@ class Recipe(_Section):
     def _check_consistency(self) -> Recipe:
         """Cross-field rules; all broken rules are reported together, one per line."""
         model, train, data = self.model, self.train, self.data
-        problems = []
-        if train.mode == "scratch":
-            if model.arch is None:
-                problems.append(
-                    "model.arch: train.mode 'scratch' builds a new model from a preset; set model.arch, "
-                    "e.g. vit_lab"
-                )
-            if model.source is not None:
-                problems.append(
-                    f"model.source: train.mode 'scratch' starts from random weights, so model.source must "
-                    f"be null (got {model.source!r}); remove it, or use train.mode full, head or last_k"
-                )
-        elif model.source is None:
-            problems.append(
-                f"model.source: train.mode {train.mode!r} fine-tunes pretrained weights; set model.source, "
-                "e.g. deit_tiny_patch16_224.fb_in1k (or use train.mode scratch with model.arch)"
-            )
+        problems = _source_problems(model, train)
         if train.mode == "last_k" and train.last_k < 1:
             problems.append(
                 f"train.last_k: train.mode 'last_k' needs train.last_k >= 1 (how many final blocks to "
@@ -441,6 +456,33 @@ class Recipe(_Section):
         return self
 
 
+def _source_problems(model: ModelConfig, train: TrainConfig) -> list[str]:
+    """Where the weights come from: a preset (and its args) from scratch, a source otherwise."""
+    problems = []
+    if train.mode == "scratch":
+        if model.arch is None:
+            problems.append(
+                "model.arch: train.mode 'scratch' builds a new model from a preset; set model.arch, "
+                "e.g. vit_lab"
+            )
+        if model.source is not None:
+            problems.append(
+                f"model.source: train.mode 'scratch' starts from random weights, so model.source must "
+                f"be null (got {model.source!r}); remove it, or use train.mode full, head or last_k"
+            )
+    elif model.source is None:
+        problems.append(
+            f"model.source: train.mode {train.mode!r} fine-tunes pretrained weights; set model.source, "
+            "e.g. deit_tiny_patch16_224.fb_in1k (or use train.mode scratch with model.arch)"
+        )
+    if model.args and train.mode != "scratch":
+        problems.append(
+            f"model.args: shapes a model built from scratch, but train.mode is {train.mode!r}, whose shape comes "
+            "from the pretrained weights; remove model.args, or use train.mode scratch"
+        )
+    return problems
+
+
 def check_name_length(name: str) -> None:
     """Refuse a run name too long for a folder name (:data:`MAX_NAME_BYTES`).
 
@@ -454,41 +496,3 @@ def check_name_length(name: str) -> None:
             f"allow 255 bytes, so finetune takes at most {MAX_NAME_BYTES} (room for the names it gives beside "
             "the folder): choose a shorter name"
         )
-
-
-# ---------------------------------------------------------------------------------------------
-# Plain-words types and values, for error messages.
-# ---------------------------------------------------------------------------------------------
-
-
-def section_type(annotation: Any) -> type[BaseModel] | None:
-    """The section class an annotation names (``DataConfig``), or None for a plain value."""
-    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-
-
-def describe_type(annotation: Any) -> str:
-    """Plain-words type name for error messages: ``float | None`` -> 'a number or null'."""
-    origin, args = get_origin(annotation), get_args(annotation)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin in (Union, types.UnionType):
-        words = [describe_type(a) for a in args if a is not type(None)]
-        return " or ".join(words + (["null"] if type(None) in args else []))
-    if origin is tuple:
-        element = {float: "numbers", int: "integers", str: "strings"}.get(args[0], "values")
-        return f"a list of {element}" if args[-1] is Ellipsis else f"a list of {len(args)} {element}"
-    if section_type(annotation):
-        return "a section of keys (a mapping)"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
-        annotation, str(annotation)
-    )
-
-
-_SHORT = reprlib.Repr()  # Python 3.11's takes no arguments: set the limits one by one
-_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxtuple = 3, 6, 8, 8
-_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 60, 60, 40
-
-
-def short_repr(value: Any) -> str:
-    """``repr`` cut short, so that a huge or deeply nested bad value gives a short message quickly."""
-    return _SHORT.repr(value)

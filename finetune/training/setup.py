@@ -28,6 +28,7 @@ from ..data.splits import DatasetSplits, ImageTensors, shard
 from ..errors import DataError, FinetuneError
 from ..models.build import create_model, load_model
 from ..models.params import add_lora, set_trainable
+from ..models.reading import check_model_args
 from ..models.shape import ModelShape, model_shape, planned_shape
 from ..models.sources import ResolvedSource, resolve_source
 from ..recipe import Recipe
@@ -227,6 +228,15 @@ def model_kwargs(recipe: Recipe) -> dict[str, Any]:
     return {"drop_path_rate": recipe.model.drop_path_rate} if recipe.model.drop_path_rate else {}
 
 
+def scratch_args(recipe: Recipe) -> dict[str, Any]:
+    """``model.args`` of a from-scratch model, checked against the bounds a saved model's
+    config.json is held to (they are saved with it); empty for a pretrained source."""
+    args = dict(recipe.model.args) if recipe.train.mode == "scratch" else {}
+    if args:
+        check_model_args(args, {}, f"model.arch {recipe.model.arch}", recipe=True)
+    return args
+
+
 def resolve_model_source(recipe: Recipe) -> ResolvedSource | None:
     """The weights and self-description of ``model.source`` (read once), or ``None`` from scratch."""
     if recipe.train.mode == "scratch":
@@ -238,7 +248,8 @@ def planned_model_shape(recipe: Recipe, source: ResolvedSource | None) -> ModelS
     """The shape of the model :func:`build_model` will make, from a meta-device build (nothing allocated)."""
     m = recipe.model
     arch = m.arch if source is None else source.arch
-    return planned_shape(arch, resolved=source, img_size=m.img_size, patch_size=m.patch_size, **model_kwargs(recipe))
+    return planned_shape(arch, resolved=source, img_size=m.img_size, patch_size=m.patch_size,
+                         **scratch_args(recipe), **model_kwargs(recipe))
 
 
 def build_model(recipe: Recipe, num_classes: int, *, source: ResolvedSource | None = None) -> nn.Module:
@@ -247,9 +258,8 @@ def build_model(recipe: Recipe, num_classes: int, *, source: ResolvedSource | No
     m = recipe.model
     extra = model_kwargs(recipe)
     if recipe.train.mode == "scratch":
-        return create_model(
-            m.arch, num_classes=m.num_classes or num_classes, img_size=m.img_size, patch_size=m.patch_size, **extra
-        )
+        return create_model(m.arch, num_classes=m.num_classes or num_classes, img_size=m.img_size,
+                            patch_size=m.patch_size, **scratch_args(recipe), **extra)
     return load_model(
         source if source is not None else m.source,
         num_classes=m.num_classes or num_classes,
