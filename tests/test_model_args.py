@@ -76,3 +76,15 @@ def test_an_argument_the_architecture_does_not_take_is_a_message(tmp_path):
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert "Cannot build 'vit_tiny_patch16_224'" in result.output and "stem_channels" in result.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_sweep_over_an_argument_runs_each_shape_and_reports_it(tmp_path):
+    result = runner.invoke(app, ["sweep", str(QUICK), "--grid", "model.args.depth=1,2", f"output.dir={tmp_path / 'runs'}",
+                                 "output.plots=false", "data.synthetic_train=64", "-q"])
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "runs" / "quick_cpu_sweep_depth"
+    assert [len(load_model(folder / name).blocks) for name in ("depth1", "depth2")] == [1, 2]
+    report = (folder / "report.md").read_text()
+    assert "| Run | Status | model.args.depth |" in report and "| depth2 | finished | 2 |" in report
+    bad = runner.invoke(app, ["sweep", str(QUICK), "--grid", "model.args.de-pth=1,2", f"output.dir={tmp_path / 'bad'}"])
+    assert bad.exit_code != 0 and "unknown key 'model.args.de-pth'" in bad.output

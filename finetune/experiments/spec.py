@@ -65,6 +65,7 @@ from ..recipe import (
     RecipeError,
     apply_overrides,
     find_recipe,
+    mapping_keys,
     parse_yaml,
     read_yaml_file,
     recipe_from_dict,
@@ -196,6 +197,8 @@ def key_problem(
     if key in reserved:
         return f"{where}: {key!r} cannot be set here: {_RESERVED[key]}."
     leaves = valid_keys()
+    if any(key.startswith(f"{m}.") and key[len(m) + 1:].isidentifier() for m in mapping_keys()):
+        return None  # an entry of a mapping (model.args.depth): the recipe's validation checks it
     sections = {k.rsplit(".", i)[0] for k in leaves for i in range(1, k.count(".") + 1)}
     if key not in leaves and (leaf or key not in sections):
         hint = suggest_key(key.split("."))

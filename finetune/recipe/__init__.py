@@ -30,7 +30,7 @@ from .loading import (
     recipe_from_dict,
     recipe_to_dict,
 )
-from .messages import suggest_key, valid_keys
+from .messages import mapping_keys, suggest_key, valid_keys
 from .schema import (
     MAX_IMG_SIDE,
     TRAIN_MODES,
@@ -74,6 +74,7 @@ __all__ = [
     "parse_yaml",
     "recipe_from_dict",
     "recipe_to_dict",
+    "mapping_keys",
     "suggest_key",
     "valid_keys",
 ]

@@ -5,7 +5,7 @@ the nearest one to suggest for an unknown key."""
 from __future__ import annotations
 
 import difflib
-from typing import Any
+from typing import Any, get_origin
 
 from pydantic import BaseModel, ValidationError
 
@@ -23,6 +23,20 @@ def valid_keys() -> list[str]:
         return keys
 
     return walk(Recipe, "")
+
+
+def mapping_keys() -> list[str]:
+    """The leaf keys whose value is a mapping of free names (``model.args``): ``model.args.depth``
+    names an entry of one, not a key of the schema."""
+    return [k for k in valid_keys() if get_origin(_field(k).annotation) is dict]
+
+
+def _field(dotted: str) -> Any:
+    model: Any = Recipe
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        model = section_type(model.model_fields[part].annotation)
+    return model.model_fields[leaf]
 
 
 def suggest_key(path: list[str]) -> str | None:
