@@ -160,6 +160,33 @@ def test_the_study_report_averages_seeds_per_variant_and_size(finished_study):
     assert (exp.dir / "study_tradeoff.png").read_bytes()[:8] == PNG_MAGIC
 
 
+def test_the_convergence_tool_reads_each_runs_last_rise_of_validation(finished_study, tmp_path):
+    """tools/study_convergence.py: every finished run with two evaluations, in the study's order,
+    the last rise of validation top-1 exact, the table's cell its mean over seeds, and the same
+    table again from the CSV it wrote."""
+    import importlib.util
+
+    _, exp, _ = finished_study
+    spec = importlib.util.spec_from_file_location("study_convergence", REPO_ROOT / "tools" / "study_convergence.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "convergence.csv"
+    result = CliRunner().invoke(tool.app, [str(exp.dir), "--csv", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(out.open()))
+    # 24 images train 2 epochs (two evaluations); 48 images one, which says nothing about a rise.
+    assert [r["run"] for r in rows] == ["head_s0_n24", "full_s0_n24", "head_s1_n24", "full_s1_n24"]
+    for row in rows:
+        evals = read_run(exp.dir / row["run"]).epoch_rows
+        assert float(row["rise_pts"]) == pytest.approx(100 * (evals[1]["val_acc1"] - evals[0]["val_acc1"]), abs=1e-3)
+    head = statistics.fmean(float(r["rise_pts"]) for r in rows if r["variant"] == "head")
+    assert result.output.splitlines()[0] == "| images | head | full |"
+    assert result.output.splitlines()[2].startswith(f"| 24 | {head:+.1f} |".replace("+0.0", "0.0").replace("-0.0", "0.0"))
+    again = CliRunner().invoke(tool.app, ["--from-csv", str(out)])
+    assert again.exit_code == 0 and again.output == result.output
+    assert CliRunner().invoke(tool.app, [str(tmp_path / "nothing"), "--from-csv", str(out)]).exit_code == 2
+
+
 def test_experiment_yaml_remembers_the_study_and_report_rebuilds_it(finished_study, tmp_path):
     _, exp, _ = finished_study
     raw = yaml.safe_load((exp.dir / EXPERIMENT_FILE).read_text())
