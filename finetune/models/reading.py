@@ -286,7 +286,7 @@ def check_model_args(
         problems = _disagreements(args, state_dict)
     if problems and recipe:
         raise RecipeError(
-            f"{origin}: model.args that cannot be used: {'; '.join(problems)}.",
+            f"model.args for {origin} cannot be used: {'; '.join(problems)}.",
             "Give only ViT constructor arguments within their bounds, e.g. model.args.depth=6 or "
             "model.args.stem_channels=[32,64,128] (the recipe reference lists them).",
         )
@@ -298,7 +298,6 @@ def check_model_args(
         )
     if problems:
         raise CheckpointError(f"{origin}: config.json's model_args cannot be used: {'; '.join(problems)}.", _CONFIG_FIX)
-
 
 
 def _arg_problem(key: str, value: Any) -> str | None:

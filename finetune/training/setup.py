@@ -233,7 +233,7 @@ def scratch_args(recipe: Recipe) -> dict[str, Any]:
     config.json is held to (they are saved with it); empty for a pretrained source."""
     args = dict(recipe.model.args) if recipe.train.mode == "scratch" else {}
     if args:
-        check_model_args(args, {}, f"model.arch {recipe.model.arch}", recipe=True)
+        check_model_args(args, {}, str(recipe.model.arch), recipe=True)
     return args
 
 
