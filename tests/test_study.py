@@ -145,6 +145,10 @@ def test_the_study_report_averages_seeds_per_variant_and_size(finished_study):
         assert float(row["score_mean_pct"]) == pytest.approx(statistics.fmean(scores), abs=1e-3)
         assert float(row["score_std_pct"]) == pytest.approx(statistics.stdev(scores), abs=1e-3)
         assert row["scores_pct"] == " ".join(f"{s:.2f}" for s in scores)
+        # Every run's training time, so a median or the least disturbed run can be read from the file.
+        times = [float(t) for t in row["train_times_s"].split()]
+        assert times == pytest.approx([r.train_time_s for r in runs], abs=0.05)
+        assert float(row["train_time_mean_s"]) == pytest.approx(statistics.fmean(times), abs=0.05)
         assert int(row["params_trainable"]) == runs[0].params_trainable
     head, full = rows[0], rows[1]
     assert int(head["params_trainable"]) < int(full["params_trainable"])

@@ -119,7 +119,7 @@ def _write_csv(cells: Sequence[StudyCell], study: Study, basis: str, path: Path)
         writer = csv.writer(f)
         writer.writerow(["variant", *keys, "seeds_finished", "seeds", "ranked_on", "score_mean_pct", "score_std_pct",
                          "best_val_mean_pct", "best_val_std_pct", "train_time_mean_s", "params_trainable",
-                         "training_state_mb", "scores_pct"])
+                         "training_state_mb", "scores_pct", "train_times_s"])
         for c in cells:
             scores = [_score(r, basis) for r in c.scored]
             (mean, std), (val, val_std) = mean_std(scores), mean_std([r.best_val_acc1 for r in c.scored])
@@ -129,6 +129,7 @@ def _write_csv(cells: Sequence[StudyCell], study: Study, basis: str, path: Path)
                 RANKED_ON[basis].removeprefix("ranked on "), *(_round(v) for v in (mean, std, val, val_std)),
                 mean_std([r.train_time_s for r in c.scored])[0], trainable.pop() if len(trainable) == 1 else None,
                 mean_std([training_state_mb(r) for r in c.scored])[0], " ".join(f"{100 * s:.2f}" for s in scores),
+                " ".join("-" if r.train_time_s is None else f"{r.train_time_s:.1f}" for r in c.scored),
             ])
     return path
 
