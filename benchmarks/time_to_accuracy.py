@@ -14,9 +14,9 @@ budget (``train.time_budget``) also shows its plan (the probe's step time, the p
 the training time it used and whether that was within the budget, and the accuracy it had at a
 quarter, a half, three quarters and all of the budget.
 
-With ``--flops`` the model's FLOPs per training image are counted (``benchmarks/bench.py``'s
-counter, on the run's preset built afresh, as if every weight trained: a figure for runs that
-train the whole model) and the achieved GFLOP/s printed beside the run's throughput; with ``--peak-gflops`` (the machine's fp32 matmul peak, e.g. from
+With ``--flops`` the FLOPs per training image of the model the run saved are counted
+(``benchmarks/bench.py``'s counter, as if every weight trained: a figure for runs that train the
+whole model) and the achieved GFLOP/s printed beside the run's throughput; with ``--peak-gflops`` (the machine's fp32 matmul peak, e.g. from
 ``benchmarks/cpu_lab.py``, or ``--measure-peak`` to time a 4096 x 4096 matmul now) also the share
 of that peak.
 
@@ -63,22 +63,23 @@ def selected(record: Any) -> dict[str, Any] | None:
             "train_time_s": None if row is None else row["time_s"]}
 
 
-def count_flops(summary: dict[str, Any]) -> float | None:
-    """FLOPs per training image of the run's model, built from its preset (or timm name) with the
-    run's classes and image size; None when it cannot be built here."""
+def count_flops(folder: Path) -> float | None:
+    """FLOPs per training image of the model the run saved (its config.json: architecture,
+    arguments, image and patch size), or None when the run saved no model or it cannot be read."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench import flops_per_image
 
-    import finetune.models.presets  # noqa: F401  (registers the presets with timm)
-    from finetune.models.build import timm_create
+    from finetune import load_model
+    from finetune.errors import FinetuneError
 
-    size = summary.get("img_size")
-    side = size[0] if isinstance(size, list) else size
     try:
-        model = timm_create(summary["arch"], num_classes=len(summary["classes"]), img_size=size)
-    except Exception:  # noqa: BLE001 - a figure we cannot compute is left out, not a failure
+        model = load_model(folder)
+    except FinetuneError:
         return None
-    return flops_per_image(model, int(side))
+    size = model.patch_embed.img_size if hasattr(model, "patch_embed") else None
+    if size is None:
+        return None
+    return flops_per_image(model, int(size if isinstance(size, int) else size[0]))
 
 
 def describe(folder: Path, target: float, minutes: list[float], flops: bool = False,
@@ -102,7 +103,7 @@ def describe(folder: Path, target: float, minutes: list[float], flops: bool = Fa
         hit = first_at(rows, key, target)
         out[f"first_{key}_at_target"] = None if hit is None else {"epoch": hit["epoch"], "train_time_s": hit["time_s"]}
         out[f"{key}_by_minutes"] = {f"{m:g}": at_minutes(rows, key, m) for m in minutes}
-    per_image = count_flops(summary) if flops and summary.get("arch") else None
+    per_image = count_flops(folder) if flops else None
     achieved = per_image * out["images_per_s"] / 1e9 if per_image and out["images_per_s"] else None
     out["flops_per_image"] = per_image
     out["achieved_gflops"] = achieved
@@ -118,7 +119,7 @@ def chosen(r: dict[str, Any]) -> str:
     """``80.12% (epoch 15, 28.5 min)``: the val-selected test top-1, or ``-`` without a validation split."""
     sel = r["selected"]
     if sel is None:
-        return "- (no validation split)"
+        return "- (no evaluation yet)" if r.get("val_images") else "- (no validation split)"
     when = "" if sel["train_time_s"] is None else f", {sel['train_time_s'] / 60:.1f} min"
     return f"{pct(sel['test_acc1'])} (epoch {sel['epoch']}{when}; val {pct(sel['val_acc1'])})"
 
@@ -189,8 +190,8 @@ def markdown(runs: list[dict[str, Any]], target: float, minutes: list[float], co
             lines.append(f"| {r['run']} | " + " | ".join(pct(r[f"{key}_by_minutes"][f"{m:g}"]) for m in minutes) + " |")
     lines += throughput_lines(runs)
     if peak:
-        lines += ["", f"Peak: fp32 matmul {peak['n']}x{peak['n']}, {peak['best_gflops']:.0f} GFLOP/s "
-                  f"({peak['source']})."]
+        what = f"fp32 matmul {peak['n']}x{peak['n']}, " if peak.get("n") else ""
+        lines += ["", f"Peak: {what}{peak['best_gflops']:.0f} GFLOP/s ({peak['source']})."]
     lines += ["", "Per epoch (training minutes: test top-1):", ""]
     for r in runs:
         points = ", ".join(f"{c['epoch']}: {c['train_time_s'] / 60:.1f} min {pct(c['test_acc1'])}" for c in r["curve"])
@@ -231,8 +232,9 @@ def main(
     out: Annotated[Path | None, typer.Option(help="Write OUT.json, OUT.md and OUT.png.")] = None,
     note: Annotated[list[str] | None, typer.Option(help="A line for the Notes (how the runs were made).")] = None,
     flops: Annotated[bool, typer.Option(help="Count each model's FLOPs per training image; print GFLOP/s.")] = False,
-    peak_gflops: Annotated[float | None, typer.Option(help="The machine's fp32 matmul peak (GFLOP/s), measured "
-                                                     "elsewhere: the share of it each run reached (with --flops).")] = None,
+    peak_gflops: Annotated[float | None, typer.Option(min=1e-3, max=1e9, help="The machine's fp32 matmul peak "
+                                                     "(GFLOP/s), measured elsewhere: the share of it each run "
+                                                     "reached (counts the FLOPs, as --flops).")] = None,
     measure_peak: Annotated[bool, typer.Option(help="Time a 4096x4096 fp32 matmul now for the peak (alone on the "
                                                 "machine, or the figure is low).")] = False,
 ) -> None:
@@ -250,7 +252,7 @@ def main(
 
         peak = {**matmul_peak(4096, torch.float32), "source": "measured by this command, best of 5"}
     elif peak_gflops is not None:
-        peak = {"n": 4096, "best_gflops": peak_gflops, "source": "given with --peak-gflops"}
+        peak = {"best_gflops": peak_gflops, "source": "given with --peak-gflops"}
     described = [describe(folder, target, marks, flops or peak is not None, peak and peak["best_gflops"])
                  for folder in runs]
     command = "python benchmarks/time_to_accuracy.py " + shlex.join(sys.argv[1:])

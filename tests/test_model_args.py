@@ -54,14 +54,63 @@ def test_args_from_the_command_line_show_in_the_recipe_the_run_records(tmp_path)
 @pytest.mark.parametrize(("override", "says"), [
     ("model.args.depth=100000", "depth=100000 should be a whole number from 1 to 256"),
     ("model.args.stem_channels=[8,0]", "stem_channels=[8, 0] should be a list of 1 to 8 whole numbers"),
-    ("model.args.checkpoint_path=/etc/passwd", "'checkpoint_path' is not an argument finetune passes on"),
+    ("model.args.checkpoint_path=x.pth", "'checkpoint_path' is not a model argument finetune passes on"),
+    ("model.args.dpeth=3", "'dpeth' is not a model argument finetune passes on; did you mean 'depth'?"),
     ("model.args.img_size=64", "set model.img_size instead of model.args.img_size"),
-    ("model.args.depth={a: 1}", "is not a plain value"),
+    ("model.args.in_chans=1", "the images a run reads are RGB"),
+    ("model.args.depth=[1,2]", "depth=[1, 2] should be a whole number"),
 ])
-def test_bad_args_are_one_paragraph_before_anything_is_written(tmp_path, override, says):
+def test_bad_args_are_refused_when_the_recipe_validates(tmp_path, override, says):
+    """The bounds a saved config.json is held to, checked by the schema: `validate` says so, and a
+    run or sweep stops before anything is written."""
+    checked = runner.invoke(app, ["validate", str(QUICK), override])
+    assert checked.exit_code != 0 and says in checked.output and "Traceback" not in checked.output
     result = runner.invoke(app, ["run", str(QUICK), f"output.dir={tmp_path / 'runs'}", override])
-    assert result.exit_code != 0
-    assert says in result.output and "Traceback" not in result.output
+    assert result.exit_code != 0 and says in result.output
+    swept = runner.invoke(app, ["sweep", str(QUICK), "--grid", "seed=0,1", override, f"output.dir={tmp_path / 'runs'}"])
+    assert swept.exit_code != 0 and says in swept.output and "Traceback" not in swept.output
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("overrides", "says"), [
+    (["model.args.embed_dim=99"], "dim should be divisible by num_heads"),
+    (["model.args.act_layer=foo"], "no layer named 'foo'"),
+    (["model.args.global_pool=token", "model.args.class_token=false"], "Token pooling needs the class token"),
+    (["model.arch=vit_lab", "model.args.stem_channels=[8,8,8,8]"], "turn the image into a 2x2 grid, which 4-px"),
+])
+def test_a_shape_timm_cannot_build_is_one_paragraph_before_the_run_folder(tmp_path, overrides, says):
+    result = runner.invoke(app, ["run", str(QUICK), f"output.dir={tmp_path / 'runs'}", *overrides])
+    assert result.exit_code != 0 and says in result.output, result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_plain_preset_given_a_conv_stem_is_saved_under_its_own_name_and_loads_again(tmp_path):
+    """vit_lab has no conv tokenizer of its own; with stem_channels it needs finetune's, so it is
+    not saved as plain timm's ViT (which has no such argument)."""
+    recipe = quick(tmp_path, "model.arch=vit_lab", "model.args.stem_channels=[8]", "model.args.depth=1")
+    run(recipe, quiet=True)
+    folder = run_dir_for(recipe)
+    assert json.loads((folder / "config.json").read_text())["architecture"] == "vit_lab"
+    model = load_model(folder)
+    assert model.patch_embed.grid_size == (4, 4) and len(model.blocks) == 1  # 16 px after one stage, 4-px patches
+    assert runner.invoke(app, ["eval", str(folder)]).exit_code == 0
+
+
+def test_recipes_with_args_hash_as_they_compare():
+    one = load_recipe(QUICK, ["model.args.depth=1", "model.args.stem_channels=[8,16]"])
+    same = load_recipe(QUICK, ["model.args.stem_channels=[8,16]", "model.args.depth=1"])
+    other = load_recipe(QUICK, ["model.args.depth=1", "model.args.stem_channels=[8,32]"])
+    assert one == same and hash(one) == hash(same)
+    assert one != other and len({one, same, other}) == 2
+
+
+def test_a_grid_and_an_override_of_the_whole_mapping_clash(tmp_path):
+    result = runner.invoke(app, ["sweep", str(QUICK), "--grid", "model.args.depth=1,2", "model.args={depth: 3}",
+                                 f"output.dir={tmp_path / 'runs'}"])
+    assert result.exit_code != 0 and "both swept (--grid) and overridden" in result.output
+    whole = runner.invoke(app, ["sweep", str(QUICK), "--grid", "model.args={depth: 1}", f"output.dir={tmp_path / 'runs'}"])
+    assert whole.exit_code != 0 and "'model.args' is a mapping; sweep one entry of it" in whole.output
     assert not (tmp_path / "runs").exists()
 
 

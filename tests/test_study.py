@@ -189,6 +189,8 @@ def test_the_convergence_tool_reads_each_runs_last_rise_of_validation(finished_s
     again = CliRunner().invoke(tool.app, ["--from-csv", str(out)])
     assert again.exit_code == 0 and again.output == result.output
     assert CliRunner().invoke(tool.app, [str(tmp_path / "nothing"), "--from-csv", str(out)]).exit_code == 2
+    missing = CliRunner().invoke(tool.app, [str(tmp_path / "nothing")])
+    assert missing.exit_code == 2 and "is not a folder" in missing.output
 
 
 def test_experiment_yaml_remembers_the_study_and_report_rebuilds_it(finished_study, tmp_path):

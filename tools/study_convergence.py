@@ -19,7 +19,7 @@ import re
 import statistics
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -35,18 +35,19 @@ FIELDS = ("run", "variant", "seed", "images", "epochs", "last_epoch", "previous_
           "previous_val_pct", "rise_pts", "best_epoch")
 
 
-def study_runs(study: Path) -> list[tuple[Path, str, int, int]]:
-    """(folder, variant, seed, images) of each run of the study, in the study's order."""
+def study_runs(study: Path) -> list[tuple[Path, str, Any, Any]]:
+    """(folder, variant, seed, images) of each run of the study, in the study's order; seed and
+    images are None where the study's grid has no such axis."""
     resolved = study / "experiment.yaml"
     if resolved.is_file():
         runs = (parse_yaml(resolved.read_text(), str(resolved)).get("study") or {}).get("runs") or {}
-        return [(study / name, r["variant"], int(r["point"]["seed"]), int(r["point"]["data.train_subset"]))
+        return [(study / name, r["variant"], r["point"].get("seed"), r["point"].get("data.train_subset"))
                 for name, r in runs.items()]
     named = [(f, RUN_NAME.fullmatch(f.name)) for f in sorted(study.iterdir()) if f.is_dir()]
     return [(f, m["variant"], int(m["seed"]), int(m["images"])) for f, m in named if m is not None]
 
 
-def run_rise(folder: Path, variant: str, seed: int, images: int) -> dict | None:
+def run_rise(folder: Path, variant: str, seed: Any, images: Any) -> dict | None:
     """One finished run's last-interval rise of validation top-1, or None (absent, unfinished, or
     fewer than two evaluations with validation)."""
     if not (folder / "summary.json").is_file():
@@ -65,14 +66,15 @@ def run_rise(folder: Path, variant: str, seed: int, images: int) -> dict | None:
 def table(rows: list[dict]) -> str:
     """Mean rise over seeds, a row per variant and a column per size (in the order first seen)."""
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    sizes = sorted({int(r["images"]) for r in rows})
+    sizes = list(dict.fromkeys(str(r["images"]) for r in rows))  # as the study orders them
     out = ["| images | " + " | ".join(variants) + " |", "| ---: |" + " ---: |" * len(variants)]
     for size in sizes:
         cells = []
         for v in variants:
-            rises = [float(r["rise_pts"]) for r in rows if r["variant"] == v and int(r["images"]) == size]
+            rises = [float(r["rise_pts"]) for r in rows if r["variant"] == v and str(r["images"]) == size]
             cells.append(f"{statistics.mean(rises):+.1f}" if rises else "-")
-        out.append(f"| {size:,} | " + " | ".join(cells).replace("+0.0", "0.0").replace("-0.0", "0.0") + " |")
+        label = f"{int(size):,}" if size.isdigit() else size
+        out.append(f"| {label} | " + " | ".join(cells).replace("+0.0", "0.0").replace("-0.0", "0.0") + " |")
     return "\n".join(out) + "\n"
 
 
@@ -87,11 +89,23 @@ def main(
         typer.echo("error: give a study folder or --from-csv FILE (one of them).", err=True)
         raise typer.Exit(2)
     if from_csv is not None:
-        rows = list(csv.DictReader(from_csv.open()))
+        try:
+            with from_csv.open(newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        except OSError as err:
+            typer.echo(f"error: cannot read {from_csv}: {err.strerror}.", err=True)
+            raise typer.Exit(2) from None
+        if not rows or any(k not in rows[0] for k in ("variant", "images", "rise_pts")):
+            typer.echo(f"error: {from_csv} is not a CSV this tool wrote (no variant, images and rise_pts columns).",
+                       err=True)
+            raise typer.Exit(2)
     else:
+        if not study.is_dir():
+            typer.echo(f"error: {study} is not a folder; give a study folder (runs/NAME).", err=True)
+            raise typer.Exit(2)
         rows = [r for r in (run_rise(*run) for run in study_runs(study)) if r is not None]
         if not rows:
-            typer.echo(f"error: {study} holds no finished run folder named <variant>_s<seed>_n<images>.", err=True)
+            typer.echo(f"error: {study} holds no finished study run with two validation evaluations.", err=True)
             raise typer.Exit(2)
     typer.echo(table(rows), nl=False)
     if csv_out is not None:

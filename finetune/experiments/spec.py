@@ -66,6 +66,7 @@ from ..recipe import (
     apply_overrides,
     find_recipe,
     mapping_keys,
+    overlaps,
     parse_yaml,
     read_yaml_file,
     recipe_from_dict,
@@ -190,13 +191,13 @@ def _check_overrides(overrides: Sequence[str], where: str, reserved: Sequence[st
     _check_keys([override_key(o) for o in overrides], where, reserved)
 
 
-def key_problem(
-    key: str, where: str, reserved: Sequence[str] = tuple(_RESERVED), *, leaf: bool = False
-) -> str | None:
+def key_problem(key: str, where: str, reserved: Sequence[str] = tuple(_RESERVED), *, leaf: bool = False) -> str | None:
     """A message when ``key`` is not a recipe key (a leaf, or a section unless ``leaf``) or is reserved."""
     if key in reserved:
         return f"{where}: {key!r} cannot be set here: {_RESERVED[key]}."
     leaves = valid_keys()
+    if leaf and key in mapping_keys():
+        return f"{where}: {key!r} is a mapping; sweep one entry of it (e.g. {key}.depth=4,6)."
     if any(key.startswith(f"{m}.") and key[len(m) + 1:].isidentifier() for m in mapping_keys()):
         return None  # an entry of a mapping (model.args.depth): the recipe's validation checks it
     sections = {k.rsplit(".", i)[0] for k in leaves for i in range(1, k.count(".") + 1)}
@@ -363,7 +364,7 @@ def _grid_clashes(axes: list, variants: list, cli_overrides: Sequence[str], shar
                          *((f"variant {name!r}", [k for k, _ in own]) for name, own, _ in variants),
                          *((f"grid.{key} value {value!r}", [k for k, _ in own]) for key, pairs in axes
                            for value, own in pairs)]:
-        clash = sorted(keys & set(given))
+        clash = sorted(k for k in keys if any(overlaps(k, g) for g in given))
         if clash:
             problems.append(f"{where} sets {', '.join(clash)}, which the grid sets for every run.")
     return problems

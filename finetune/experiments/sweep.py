@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ExperimentError
-from ..recipe import RecipeError, find_recipe, load_recipe, recipe_from_dict, recipe_to_dict
+from ..recipe import RecipeError, find_recipe, load_recipe, overlaps, recipe_from_dict, recipe_to_dict
 from ..runs.records import flatten
 from .spec import (
     DEFAULT_VAL_SPLIT,
@@ -154,7 +154,7 @@ def sweep_experiment(
     base_recipe = load_recipe(file, overrides)  # the recipe alone must be valid: a clear first error
     override_keys = {override_key(o) for o in overrides}
     keys = [k for k, _ in parsed]
-    both = [k for k in keys if k in override_keys]
+    both = [k for k in keys if any(overlaps(k, o) for o in override_keys)]
     if both:
         raise ExperimentError(
             f"{', '.join(both)} is both swept (--grid) and overridden.", "Drop the override, or the --grid."

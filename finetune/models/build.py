@@ -87,9 +87,17 @@ def timm_create(arch: str, **kwargs: Any) -> nn.Module:
         kwargs["norm_layer"] = partial(get_norm_layer(kwargs.get("norm_layer")) or nn.LayerNorm, eps=eps)
     try:
         return timm.create_model(arch, pretrained=False, **kwargs)
-    except TypeError as exc:
+    except FinetuneError:
+        raise  # already one paragraph (a conv stem's grid that the patches do not divide)
+    except (TypeError, AssertionError, KeyError, ValueError) as exc:
+        # timm refuses an argument it does not take (TypeError), a combination it cannot build
+        # (AssertionError: a width that the heads do not divide, a pooling without its token) and
+        # an unknown layer name (KeyError): all of them a model.args or config.json to fix.
+        why = f"no layer named {exc}" if isinstance(exc, KeyError) else (str(exc).rstrip(".") or type(exc).__name__)
         raise FinetuneError(
-            f"Cannot build '{arch}' with {kwargs}: {exc}.", "Remove or fix the unsupported model argument."
+            f"Cannot build '{arch}' with {kwargs}: {why}.",
+            "Remove or fix the model argument: num_heads must divide embed_dim, layer names are timm's "
+            "('gelu', 'layernorm'), token pooling needs class_token.",
         ) from None
 
 

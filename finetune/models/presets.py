@@ -110,9 +110,15 @@ class ConvTokenizer(HybridEmbed):
     def __init__(self, *, img_size: Any = 32, patch_size: Any = 1, in_chans: int = 3,
                  stem_channels: tuple[int, ...] = (64, 128), **kwargs: Any) -> None:
         ratio = 2 ** len(stem_channels)
+        grid = _feature_size(img_size, (ratio, ratio))
+        patch = patch_size if isinstance(patch_size, (tuple, list)) else (patch_size, patch_size)
+        if grid[0] % patch[0] or grid[1] % patch[1]:
+            raise GridError(
+                f"The conv stem's {len(stem_channels)} stages turn the image into a {grid[0]}x{grid[1]} grid, which "
+                f"{patch[0]}-px patches do not divide.",
+                "Use fewer stem_channels stages, a larger image, or a preset whose patch size is 1 (vit_cifar_conv).")
         super().__init__(conv_stem(in_chans, tuple(stem_channels)), img_size=img_size, patch_size=patch_size,
-                         feature_size=_feature_size(img_size, (ratio, ratio)), feature_ratio=ratio,
-                         in_chans=in_chans, **kwargs)
+                         feature_size=grid, feature_ratio=ratio, in_chans=in_chans, **kwargs)
 
     def set_input_size(self, img_size: Any = None, patch_size: Any = None, feature_size: Any = None,
                        feature_ratio: Any = None, feature_dim: int | None = None) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import pickle
 import pickletools
 import re
@@ -24,7 +23,16 @@ from typing import Any
 import torch
 from timm.models import clean_state_dict  # drops DDP's "module." and torch.compile's "_orig_mod."
 
-from ..errors import CheckpointError, FinetuneError, RecipeError, SourceNotFoundError
+from ..errors import CheckpointError, FinetuneError, SourceNotFoundError
+from ..recipe.model_args import (  # noqa: F401  (ALLOWED_MODEL_ARGS, MAX_STAGES: imported from here too)
+    ALLOWED_MODEL_ARGS,
+    MAX_CLASSES,
+    MAX_STAGES,
+    arg_problem,
+)
+from ..recipe.model_args import number_in as _number_in
+from ..recipe.model_args import short as _short
+from ..recipe.model_args import size_in as _size_in
 
 def read_checkpoint(path: str | Path, *, use_ema: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a weights file safely.
@@ -225,32 +233,6 @@ def read_config(path: Path) -> dict[str, Any]:
 
 _CONFIG_FIX = "Use the config.json that came with the weights, or save the model again with finetune.save_model."
 
-# What a model folder may ask of timm's ViT-family constructors (ViT, EVA, BEiT, Swin, Swin V2):
-# numbers, flags and layer names, each bounded. Anything else (checkpoint_path,
-# pretrained_cfg_overlay, pretrained, a class...) could make timm open another file or build
-# something unbounded, so it is refused.
-_FLAG_ARGS = ("qkv_bias", "qk_norm", "scale_attn_norm", "scale_mlp_norm", "proj_bias", "class_token", "no_embed_class",
-              "pre_norm", "final_norm", "pool_include_prefix", "dynamic_img_size", "dynamic_img_pad", "fix_init",
-              # EVA, BEiT and Swin
-              "use_rot_pos_emb", "use_abs_pos_emb", "use_rel_pos_bias", "use_shared_rel_pos_bias", "swiglu_mlp",
-              "scale_mlp", "scale_attn_inner", "qkv_fused", "use_fc_norm", "always_partition", "strict_img_size")
-MAX_CLASSES = 1_000_000
-"""Most classes a head may have, from a config.json or ``load_model``/``create_model``'s ``num_classes``:
-far beyond any classification set (ImageNet-21k has 21,841), yet a ViT-B head of this size still fits
-in memory (3 GB)."""
-_INT_ARGS = {"depth": (1, 256), "embed_dim": (1, 16384), "reg_tokens": (0, 64),
-             "in_chans": (1, 64), "num_classes": (0, MAX_CLASSES)}
-# One whole number, or one per stage (Swin's depths and heads): at most MAX_STAGES of them.
-_STAGE_ARGS = {"num_heads": (1, 1024), "depths": (1, 256)}
-MAX_STAGES = 8
-_SIZE_ARGS = {"img_size": (1, 16384), "patch_size": (1, 1024), "ref_feat_shape": (1, 1024)}
-_RATE_ARGS = ("drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate")
-_NAME_ARGS = ("global_pool", "pos_embed", "weight_init", "act_layer", "norm_layer", "embed_norm_layer")
-ALLOWED_MODEL_ARGS = (*_FLAG_ARGS, *_INT_ARGS, *_STAGE_ARGS, *_SIZE_ARGS, *_RATE_ARGS, *_NAME_ARGS, "mlp_ratio",
-                      "init_values", "fc_norm", "window_size", "pretrained_window_sizes", "head_dim", "norm_eps",
-                      "stem_channels")
-
-
 def check_num_classes(num_classes: Any, call: str) -> None:
     """Raise a :class:`FinetuneError` unless ``num_classes`` is a whole number from 1 to :data:`MAX_CLASSES`.
 
@@ -265,11 +247,11 @@ def check_num_classes(num_classes: Any, call: str) -> None:
 
 
 def check_model_args(
-    args: dict[str, Any], state_dict: dict[str, torch.Tensor], origin: str, *, keywords: bool = False,
-    recipe: bool = False,
+    args: dict[str, Any], state_dict: dict[str, torch.Tensor], origin: str, *, keywords: bool = False
 ) -> None:
     """Check a model folder's ``model_args`` (or ``load_model``'s keyword arguments, with
-    ``keywords``, or a recipe's ``model.args``, with ``recipe``) before anything is built from them.
+    ``keywords``) before anything is built from them (a recipe's ``model.args`` are checked by the
+    same rules when the recipe validates: :mod:`finetune.recipe.model_args`).
 
     Only :data:`ALLOWED_MODEL_ARGS` are accepted, each of its type and within bounds, and the
     ones the weights pin down (``depth``, ``embed_dim``, ``patch_size``, ``num_heads`` dividing
@@ -279,17 +261,10 @@ def check_model_args(
     Raises:
         CheckpointError: naming the argument, what it should be, and the file (or, with
             ``keywords``, the keyword argument).
-        RecipeError: with ``recipe``, the same, naming ``model.args``.
     """
-    problems = [p for p in (_arg_problem(key, value) for key, value in args.items()) if p is not None]
+    problems = [p for p in (arg_problem(key, value) for key, value in args.items()) if p is not None]
     if not problems:
         problems = _disagreements(args, state_dict)
-    if problems and recipe:
-        raise RecipeError(
-            f"model.args for {origin} cannot be used: {'; '.join(problems)}.",
-            "Give only ViT constructor arguments within their bounds, e.g. model.args.depth=6 or "
-            "model.args.stem_channels=[32,64,128] (the recipe reference lists them).",
-        )
     if problems and keywords:
         raise CheckpointError(
             f"load_model({origin!r}, ...): keyword arguments that cannot be used: {'; '.join(problems)}.",
@@ -298,46 +273,6 @@ def check_model_args(
         )
     if problems:
         raise CheckpointError(f"{origin}: config.json's model_args cannot be used: {'; '.join(problems)}.", _CONFIG_FIX)
-
-
-def _arg_problem(key: str, value: Any) -> str | None:
-    """What is wrong with one model argument (``depth=100000 should be ...``), or None."""
-
-    def why(text: str) -> str:
-        return f"{key}={_short(value)} {text}"
-
-    if key not in ALLOWED_MODEL_ARGS:
-        return f"{key!r} is not an argument finetune passes on (it accepts {', '.join(ALLOWED_MODEL_ARGS[:8])}, ...)"
-    if key in _FLAG_ARGS and not isinstance(value, bool):
-        return why("should be true or false")
-    if key == "fc_norm" and not (value is None or isinstance(value, bool)):
-        return why("should be true, false or null")
-    if key in _INT_ARGS and not _int_in(value, *_INT_ARGS[key]):
-        return why(f"should be a whole number from {_INT_ARGS[key][0]} to {_INT_ARGS[key][1]}")
-    if key in _SIZE_ARGS and not _size_in(value, *_SIZE_ARGS[key]):
-        return why(f"should be a whole number (or two) from {_SIZE_ARGS[key][0]} to {_SIZE_ARGS[key][1]}")
-    if key == "pretrained_window_sizes" and not (_int_in(value, 0, 1024) or _per_stage(value, _size_in, 0, 1024)):
-        return why(f"should be a whole number from 0 to 1024, or one (or two) per stage (at most {MAX_STAGES})")
-    if key in _STAGE_ARGS and not (_int_in(value, *_STAGE_ARGS[key]) or _per_stage(value, _int_in, *_STAGE_ARGS[key])):
-        return why(f"should be a whole number from {_STAGE_ARGS[key][0]} to {_STAGE_ARGS[key][1]}, or one per "
-                   f"stage (at most {MAX_STAGES})")
-    if key == "window_size" and not (_size_in(value, 1, 1024) or _per_stage(value, _size_in, 1, 1024)):
-        return why(f"should be a whole number (or two) from 1 to 1024, or one such per stage (at most {MAX_STAGES})")
-    if key == "stem_channels" and not _per_stage(value, _int_in, 1, 4096):
-        return why(f"should be a list of 1 to {MAX_STAGES} whole numbers from 1 to 4096 (channels per conv stage)")
-    if key == "head_dim" and not (value is None or _int_in(value, 1, 4096)):
-        return why("should be null or a whole number from 1 to 4096")
-    if key in _RATE_ARGS and not _number_in(value, 0.0, 1.0, high_open=True):
-        return why("should be a number in [0, 1)")
-    if key in _NAME_ARGS and not (isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_]{0,40}", value)):
-        return why("should be a short name such as 'token', 'avg' or 'gelu'")
-    if key == "mlp_ratio" and not _number_in(value, 0.0, 64.0, low_open=True):
-        return why("should be a number in (0, 64]")
-    if key == "norm_eps" and not _number_in(value, 0.0, 0.1, low_open=True):  # LayerNorm eps
-        return why("should be a number in (0, 0.1]")
-    if key == "init_values" and not (value is None or _number_in(value, 0.0, 10.0)):
-        return why("should be null or a number in [0, 10]")
-    return None
 
 
 def _disagreements(args: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> list[str]:
@@ -432,31 +367,7 @@ def check_pretrained_cfg(cfg: dict[str, Any], origin: str) -> None:
         raise CheckpointError(f"{origin}: its pretrained config cannot be used: {'; '.join(problems)}.", _CONFIG_FIX)
 
 
-def _int_in(value: Any, low: int, high: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
-
-def _size_in(value: Any, low: int, high: int) -> bool:
-    """One whole number in ``low..high``, or a pair of them (an (H, W) size)."""
-    return _int_in(value, low, high) or (
-        isinstance(value, (list, tuple)) and len(value) == 2 and all(_int_in(v, low, high) for v in value))
-
-
-def _per_stage(value: Any, check: Any, low: int, high: int) -> bool:
-    """A list of 1 to :data:`MAX_STAGES` values, each passing ``check(v, low, high)``."""
-    return (isinstance(value, (list, tuple)) and 1 <= len(value) <= MAX_STAGES
-            and all(check(v, low, high) for v in value))
-
-
-def _number_in(value: Any, low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return False
-    return (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def file_sha256(path: Path) -> str:

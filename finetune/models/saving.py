@@ -35,7 +35,7 @@ def plain_timm(arch: str, args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     ``vit_tiny_patch16_224`` with ``embed_dim=64, depth=12, ...``); any other architecture as it is.
     A preset with a conv tokenizer keeps its name: only finetune can build it."""
     preset = PRESETS.get(arch)
-    if preset is None or "stem_channels" in preset[0]:
+    if preset is None or "stem_channels" in {**preset[0], **args}:  # a conv tokenizer, the preset's or given
         return arch, args
     return PLAIN_VIT, {**{k: v for k, v in preset[0].items() if k not in ("img_size", "patch_size")}, **args}
 

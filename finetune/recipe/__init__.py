@@ -30,7 +30,7 @@ from .loading import (
     recipe_from_dict,
     recipe_to_dict,
 )
-from .messages import mapping_keys, suggest_key, valid_keys
+from .messages import mapping_keys, overlaps, suggest_key, valid_keys
 from .schema import (
     MAX_IMG_SIDE,
     TRAIN_MODES,
@@ -75,6 +75,7 @@ __all__ = [
     "recipe_from_dict",
     "recipe_to_dict",
     "mapping_keys",
+    "overlaps",
     "suggest_key",
     "valid_keys",
 ]

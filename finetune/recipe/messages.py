@@ -31,6 +31,12 @@ def mapping_keys() -> list[str]:
     return [k for k in valid_keys() if get_origin(_field(k).annotation) is dict]
 
 
+def overlaps(a: str, b: str) -> bool:
+    """Whether two dotted keys set the same value: equal, or one inside the other
+    (``model.args`` and ``model.args.depth``)."""
+    return a == b or a.startswith(f"{b}.") or b.startswith(f"{a}.")
+
+
 def _field(dotted: str) -> Any:
     model: Any = Recipe
     *parents, leaf = dotted.split(".")

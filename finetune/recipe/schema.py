@@ -1,6 +1,7 @@
 """The recipe schema: one frozen pydantic section per part of a run (``model``, ``train``,
 ``optim``, ``schedule``, ``data``, ``output``) and :class:`Recipe`, which holds them and checks the
-rules between them; and the plain words (``a number or null``) messages use for types and values.
+rules between them. The plain words messages use for types and values (``a number or null``) are in
+:mod:`.words`; the rules for ``model.args`` in :mod:`.model_args`.
 
 Field names are a contract with the engine and the command line; every field has a description,
 which ``finetune validate`` and the docs show.
@@ -13,6 +14,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from .model_args import recipe_arg_problem
 from .words import describe_type, section_type, short_repr  # noqa: F401  (section_type: imported from here)
 
 TrainMode = Literal["head", "full", "last_k", "scratch", "lora", "bitfit", "attn"]
@@ -95,25 +97,17 @@ class ModelConfig(_Section):
         description="Constructor arguments of a model built from scratch (train.mode scratch), on top of "
         "model.arch's: e.g. {embed_dim: 192, depth: 6, num_heads: 3, mlp_ratio: 2.0}, or a conv tokenizer's "
         "stem_channels: [32, 64, 128] (each stage halves the grid). Plain numbers, flags, short names and "
-        "lists of numbers, each within bounds (checked before anything is built); they are saved with the "
-        "model, so eval, predict and export rebuild it. img_size, patch_size, num_classes and drop_path_rate "
-        "have their own keys.",
+        "lists of numbers, each within the bounds a saved config.json is held to (checked when the recipe "
+        "validates); they are saved with the model, so eval, predict and export rebuild it. img_size, "
+        "patch_size, num_classes and drop_path_rate have their own keys.",
     )
 
     @field_validator("args")
     @classmethod
     def _plain_args(cls, value: dict[str, Any]) -> dict[str, Any]:
-        own = {"img_size": "model.img_size", "patch_size": "model.patch_size", "num_classes": "model.num_classes",
-               "drop_path_rate": "model.drop_path_rate"}
-        for key, arg in value.items():
-            if not (isinstance(key, str) and key.isidentifier() and len(key) <= 40):
-                raise ValueError(f"{short_repr(key)} is not an argument name (letters, digits and _)")
-            if key in own:
-                raise ValueError(f"{key} has its own key: set {own[key]} instead of model.args.{key}")
-            items = arg if isinstance(arg, list) else [arg]
-            if len(items) > 64 or not all(v is None or isinstance(v, (bool, int, float, str)) for v in items):
-                raise ValueError(f"{key}: {short_repr(arg)} is not a plain value (a number, true/false, a short "
-                                 "name, or a list of numbers)")
+        problems = [p for key, arg in value.items() if (p := recipe_arg_problem(key, arg)) is not None]
+        if problems:
+            raise ValueError("; ".join(problems))
         return value
 
     def __hash__(self) -> int:

@@ -28,7 +28,6 @@ from ..data.splits import DatasetSplits, ImageTensors, shard
 from ..errors import DataError, FinetuneError
 from ..models.build import create_model, load_model
 from ..models.params import add_lora, set_trainable
-from ..models.reading import check_model_args
 from ..models.shape import ModelShape, model_shape, planned_shape
 from ..models.sources import ResolvedSource, resolve_source
 from ..recipe import Recipe
@@ -229,12 +228,9 @@ def model_kwargs(recipe: Recipe) -> dict[str, Any]:
 
 
 def scratch_args(recipe: Recipe) -> dict[str, Any]:
-    """``model.args`` of a from-scratch model, checked against the bounds a saved model's
-    config.json is held to (they are saved with it); empty for a pretrained source."""
-    args = dict(recipe.model.args) if recipe.train.mode == "scratch" else {}
-    if args:
-        check_model_args(args, {}, str(recipe.model.arch), recipe=True)
-    return args
+    """``model.args`` of a from-scratch model (the recipe checked them against the bounds a saved
+    model's config.json is held to: they are saved with it); empty for a pretrained source."""
+    return dict(recipe.model.args) if recipe.train.mode == "scratch" else {}
 
 
 def resolve_model_source(recipe: Recipe) -> ResolvedSource | None:
