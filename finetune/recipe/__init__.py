@@ -8,7 +8,8 @@ is missing, bad YAML, an unknown key, a wrong type, settings that contradict eac
 :class:`RecipeError` whose message names the file, the dotted key and what to do.
 
 :mod:`.schema` holds the sections and :class:`Recipe` (:mod:`.words` the plain words for types and
-values its messages use); :mod:`.yaml_io` the YAML dialect;
+values its messages use, :mod:`.model_args` the bounded constructor arguments a recipe's
+``model.args`` or a saved ``config.json`` may give a model); :mod:`.yaml_io` the YAML dialect;
 :mod:`.messages` the one-line-per-field error messages; :mod:`.loading` finding, overriding,
 validating and listing recipes. The names below are re-exported here, so ``from finetune.recipe
 import load_recipe`` is the way in.
