@@ -34,6 +34,7 @@ from ..recipe.model_args import number_in as _number_in
 from ..recipe.model_args import short as _short
 from ..recipe.model_args import size_in as _size_in
 
+
 def read_checkpoint(path: str | Path, *, use_ema: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a weights file safely.
 
@@ -365,9 +366,6 @@ def check_pretrained_cfg(cfg: dict[str, Any], origin: str) -> None:
         problems.append(f"stored_size={_short(stored)} should be [height, width], each from 2 to 4096")
     if problems:
         raise CheckpointError(f"{origin}: its pretrained config cannot be used: {'; '.join(problems)}.", _CONFIG_FIX)
-
-
-
 
 
 def file_sha256(path: Path) -> str:
