@@ -16,9 +16,9 @@ quarter, a half, three quarters and all of the budget.
 
 With ``--flops`` the FLOPs per training image of the model the run saved are counted
 (``benchmarks/bench.py``'s counter, as if every weight trained: a figure for runs that train the
-whole model) and the achieved GFLOP/s printed beside the run's throughput; with ``--peak-gflops`` (the machine's fp32 matmul peak, e.g. from
-``benchmarks/cpu_lab.py``, or ``--measure-peak`` to time a 4096 x 4096 matmul now) also the share
-of that peak.
+whole model) and the achieved GFLOP/s printed beside the run's throughput; with
+``--peak-gflops`` (the machine's fp32 matmul peak, e.g. from ``benchmarks/cpu_lab.py``) or
+``--measure-peak`` (a 4096 x 4096 matmul timed now) also the share of that peak.
 
 Times are the runs' own clocks on whatever machine ran them: compare runs only when they ran on
 the same machine under the same load, and say so.

@@ -7,7 +7,7 @@ For every finished run of a study folder (the runs its ``experiment.yaml`` lists
 without one, the folders named ``<variant>_s<seed>_n<images>``) it takes the last two
 evaluations that have a validation top-1 and the difference between them (in points): near zero
 when the curve has flattened, large when the run stopped while still learning. Prints a Markdown
-table with the mean over seeds for each variant (rows) and training-set size (columns), and with
+table with the mean over seeds for each training-set size (rows) and variant (columns), and with
 ``--csv`` writes every run's figures, so the table can be made again from the committed file
 (``--from-csv FILE`` instead of a folder).
 """
