@@ -54,8 +54,8 @@ def test_args_from_the_command_line_show_in_the_recipe_the_run_records(tmp_path)
 @pytest.mark.parametrize(("override", "says"), [
     ("model.args.depth=100000", "depth=100000 should be a whole number from 1 to 256"),
     ("model.args.stem_channels=[8,0]", "stem_channels=[8, 0] should be a list of 1 to 8 whole numbers"),
-    ("model.args.checkpoint_path=x.pth", "'checkpoint_path' is not a model argument finetune passes on"),
-    ("model.args.dpeth=3", "'dpeth' is not a model argument finetune passes on; did you mean 'depth'?"),
+    ("model.args.checkpoint_path=x.pth", "'checkpoint_path' is not an argument finetune passes on"),
+    ("model.args.dpeth=3", "'dpeth' is not an argument finetune passes on; did you mean 'depth'?"),
     ("model.args.img_size=64", "set model.img_size instead of model.args.img_size"),
     ("model.args.in_chans=1", "the images a run reads are RGB"),
     ("model.args.depth=[1,2]", "depth=[1, 2] should be a whole number"),

@@ -24,15 +24,7 @@ import torch
 from timm.models import clean_state_dict  # drops DDP's "module." and torch.compile's "_orig_mod."
 
 from ..errors import CheckpointError, FinetuneError, SourceNotFoundError
-from ..recipe.model_args import (  # noqa: F401  (ALLOWED_MODEL_ARGS, MAX_STAGES: imported from here too)
-    ALLOWED_MODEL_ARGS,
-    MAX_CLASSES,
-    MAX_STAGES,
-    arg_problem,
-)
-from ..recipe.model_args import number_in as _number_in
-from ..recipe.model_args import short as _short
-from ..recipe.model_args import size_in as _size_in
+from ..recipe.model_args import MAX_CLASSES, arg_problem, number_in, short, size_in
 
 
 def read_checkpoint(path: str | Path, *, use_ema: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
@@ -254,7 +246,7 @@ def check_model_args(
     ``keywords``) before anything is built from them (a recipe's ``model.args`` are checked by the
     same rules when the recipe validates: :mod:`finetune.recipe.model_args`).
 
-    Only :data:`ALLOWED_MODEL_ARGS` are accepted, each of its type and within bounds, and the
+    Only :data:`finetune.recipe.model_args.ALLOWED_MODEL_ARGS` are accepted, each of its type and within bounds, and the
     ones the weights pin down (``depth``, ``embed_dim``, ``patch_size``, ``num_heads`` dividing
     ``embed_dim``) must agree with the tensors' shapes. So a config.json can neither make timm read
     another file nor build a model far larger than its weights.
@@ -292,7 +284,7 @@ def _disagreements(args: dict[str, Any], state_dict: dict[str, torch.Tensor]) ->
             stages[int(parts[1])] = max(stages.get(int(parts[1]), 0), int(parts[3]) + 1)
     depths = args.get("depths")
     if isinstance(depths, (list, tuple)) and stages and list(depths) != [stages.get(i, 0) for i in range(max(stages) + 1)]:
-        problems.append(f"depths={_short(depths)} but the weights have {[stages.get(i, 0) for i in range(max(stages) + 1)]} "
+        problems.append(f"depths={short(depths)} but the weights have {[stages.get(i, 0) for i in range(max(stages) + 1)]} "
                         "blocks per stage")
     if isinstance(args.get("num_heads"), int) and (args.get("embed_dim") or width or 0) % args["num_heads"]:
         problems.append(f"num_heads={args['num_heads']} does not divide the width {args.get('embed_dim') or width}")
@@ -300,7 +292,7 @@ def _disagreements(args: dict[str, Any], state_dict: dict[str, torch.Tensor]) ->
     if "patch_size" in args and proj is not None and proj.ndim == 4:
         patch = args["patch_size"]
         if tuple(patch if isinstance(patch, (list, tuple)) else (patch, patch)) != tuple(proj.shape[-2:]):
-            problems.append(f"patch_size={_short(patch)} but the patch kernel is {proj.shape[-2]}x{proj.shape[-1]}")
+            problems.append(f"patch_size={short(patch)} but the patch kernel is {proj.shape[-2]}x{proj.shape[-1]}")
     return problems
 
 
@@ -354,16 +346,16 @@ def check_pretrained_cfg(cfg: dict[str, Any], origin: str) -> None:
     for key in ("mean", "std"):
         value = cfg.get(key)
         if value is not None and not (isinstance(value, (list, tuple)) and len(value) in (1, 3)
-                                      and all(_number_in(v, -1e3, 1e3) for v in value)):
-            problems.append(f"{key}={_short(value)} should be 3 numbers")
+                                      and all(number_in(v, -1e3, 1e3) for v in value)):
+            problems.append(f"{key}={short(value)} should be 3 numbers")
         elif key == "std" and value is not None and min(value) <= 0:
-            problems.append(f"std={_short(value)} should be positive")
+            problems.append(f"std={short(value)} should be positive")
     names = cfg.get("label_names")
     if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
         problems.append("label_names should be a list of class names")
     stored = cfg.get("stored_size")  # finetune's own key: the size a run kept its images at
-    if stored is not None and not (isinstance(stored, list) and len(stored) == 2 and _size_in(stored, 2, 4096)):
-        problems.append(f"stored_size={_short(stored)} should be [height, width], each from 2 to 4096")
+    if stored is not None and not (isinstance(stored, list) and len(stored) == 2 and size_in(stored, 2, 4096)):
+        problems.append(f"stored_size={short(stored)} should be [height, width], each from 2 to 4096")
     if problems:
         raise CheckpointError(f"{origin}: its pretrained config cannot be used: {'; '.join(problems)}.", _CONFIG_FIX)
 

@@ -45,8 +45,8 @@ RECIPE_OWN_KEYS = {"img_size": "model.img_size", "patch_size": "model.patch_size
 
 def recipe_arg_problem(key: Any, value: Any) -> str | None:
     """What is wrong with one entry of a recipe's ``model.args``, or None: the rules of a saved
-    model's config.json (:func:`arg_problem`), a did-you-mean for a misspelt name, and what a
-    recipe sets elsewhere or cannot use (its images are RGB; its head classifies pooled features)."""
+    model's config.json (:func:`arg_problem`, with its did-you-mean for a misspelt name), and what
+    a recipe sets elsewhere or cannot use (its images are RGB; its head classifies pooled features)."""
     if not (isinstance(key, str) and key.isidentifier() and len(key) <= 40):
         return f"{short(key)} is not an argument name (letters, digits and _)"
     if key in RECIPE_OWN_KEYS:
@@ -55,10 +55,6 @@ def recipe_arg_problem(key: Any, value: Any) -> str | None:
         return "in_chans: the images a run reads are RGB (3 channels); remove it"
     if key == "global_pool" and value == "":
         return "global_pool='' leaves the head without pooled features; use 'avg' or 'token'"
-    if key not in ALLOWED_MODEL_ARGS:
-        near = difflib.get_close_matches(key, ALLOWED_MODEL_ARGS, n=1)
-        return (f"{key!r} is not a model argument finetune passes on" + (f"; did you mean {near[0]!r}?" if near else
-                " (it takes e.g. depth, embed_dim, num_heads, mlp_ratio, stem_channels, qkv_bias, global_pool)"))
     return arg_problem(key, value)
 
 
@@ -69,7 +65,10 @@ def arg_problem(key: str, value: Any) -> str | None:
         return f"{key}={short(value)} {text}"
 
     if key not in ALLOWED_MODEL_ARGS:
-        return f"{key!r} is not an argument finetune passes on (it accepts {', '.join(ALLOWED_MODEL_ARGS[:8])}, ...)"
+        near = difflib.get_close_matches(key, ALLOWED_MODEL_ARGS, n=1)
+        return f"{key!r} is not an argument finetune passes on" + (
+            f"; did you mean {near[0]!r}?" if near else
+            " (it takes e.g. depth, embed_dim, num_heads, mlp_ratio, stem_channels, qkv_bias, global_pool)")
     if key in FLAG_ARGS and not isinstance(value, bool):
         return why("should be true or false")
     if key == "fc_norm" and not (value is None or isinstance(value, bool)):
