@@ -409,6 +409,29 @@ def test_a_damaged_or_mismatched_checkpoint_is_a_clear_error(tmp_path, damage):
     assert not lock_held(folder)
 
 
+def test_a_checkpoint_from_before_a_recipe_key_existed_resumes(tmp_path):
+    """A checkpoint keeps the recipe as it was written; a key added to recipes since (with a default
+    that trains as before, as ``model.args`` was) must not make the run another recipe's, while a
+    key today's schema refuses still does."""
+    folder = tmp_path / "runs" / "quick_cpu"
+    recipe = quick(tmp_path, "train.epochs=1", "output.plots=false")
+    RunDir.create(folder, recipe, {"status": "running"}, overwrite=False).close()
+    from finetune.training.setup import build, prepare
+
+    tree = build(prepare(recipe)).state_dict()
+    tree.update(metrics_offset=0, wall_time_s=0.0)
+    assert tree["recipe"]["model"].pop("args") == {}  # as a checkpoint from before model.args stored it
+    (folder / "checkpoints").mkdir()
+    save_state(folder / CHECKPOINT, tree)
+    assert resume(folder, quiet=True)["status"] == "finished"
+
+    tree["recipe"]["model"]["width"] = 3  # a key no recipe has: not this run's recipe
+    save_state(folder / CHECKPOINT, tree)
+    (folder / "summary.json").write_text('{"status": "running"}')
+    with pytest.raises(CheckpointError, match="written by another recipe"):
+        resume(folder)
+
+
 def test_resume_refuses_what_cannot_be_resumed(tmp_path):
     finished = quick(tmp_path, "name=finished", "output.plots=false")
     run(finished, quiet=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, FinetuneError, RunDirError
-from ..recipe import Recipe, computed_settings, dump_recipe_yaml
+from ..recipe import Recipe, RecipeError, computed_settings, dump_recipe_yaml, recipe_from_dict
 from ..snapshot import fsync_dir, load_state, save_state, write_new_text_synced, write_text_atomically
 from .folder import (
     CHECKPOINT,
@@ -360,12 +360,24 @@ def read_checkpoint(run_dir: Path, recipe: Recipe) -> dict[str, Any]:
     state = load_state(path)
     if not isinstance(state, dict) or not {"recipe", "progress", "model", "model_config"} <= set(state):
         raise CheckpointError(f"{path} is not a finetune training checkpoint.", "Start the run again with output.overwrite=true.")
-    if computed_settings(state["recipe"]) != computed_settings(recipe):
+    if not _same_settings(state["recipe"], recipe):
         raise CheckpointError(
             f"{path} was written by another recipe than {run_dir / 'recipe.yaml'}, so it cannot continue that run.",
             "Restore the recipe.yaml the run started with, or start the run again with output.overwrite=true.",
         )
     return state
+
+
+def _same_settings(stored: Any, recipe: Recipe) -> bool:
+    """Whether a checkpoint's stored recipe trains like ``recipe``. The stored mapping is read
+    through today's schema first, so a key added to recipes since the checkpoint was written (with
+    a default that trains as before) does not stop an old run from resuming; a mapping today's
+    schema refuses is another recipe."""
+    try:
+        stored = recipe_from_dict(stored, where="the checkpoint's recipe")
+    except RecipeError:
+        return False
+    return computed_settings(stored) == computed_settings(recipe)
 
 
 def _no_checkpoint(path: Path, summary: dict[str, Any] | None) -> RunDirError:
