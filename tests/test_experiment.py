@@ -328,6 +328,9 @@ def test_failed_variants_are_recorded_and_the_rest_still_run(tmp_path, monkeypat
     assert result.exit_code == 1
     assert "2 of 4 variants failed: no_weights, crash" in result.output
     assert "| last | finished |" in result.output  # the table is printed before the error
+    # Even with -q each failure says what went wrong, where it happened: a run refused before it
+    # could write its folder (a resume from an unusable checkpoint, say) is recorded nowhere else.
+    assert "[2/4] no_weights failed: " in result.output and "[3/4] crash failed: RuntimeError: boom in evaluation" in result.output
 
     exp_dir = tmp_path / "runs" / "exp"
     rows = {r["name"]: r for r in read_csv(exp_dir / "report.csv")}

@@ -79,7 +79,8 @@ def _run_and_report(experiment: Any, dry_run: bool, quiet: bool, nproc: int = 1,
         names = ", ".join(v.name for v in result.failed)
         raise FinetuneError(
             f"{len(result.failed)} of {len(result.variants)} variants failed: {names}.",
-            f"The errors are in {result.report['markdown']}. Fix them and rerun the same command: "
+            f"Each failure's error is printed above (and in {result.report['markdown']} where the run "
+            "recorded it). Fix them and rerun the same command: "
             "finished runs are reused, the others resume from their last checkpoint or start again.",
         )
 

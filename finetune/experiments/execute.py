@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import DivergedError, ExperimentError, FinetuneError
 from ..recipe import Recipe, dump_recipe_yaml
@@ -157,10 +158,11 @@ def _run_variant(exp: Experiment, plan: PlannedRun, prefix: str, quiet: bool, np
         error = f"{type(exc).__name__}: {exc}"
         _record_failure(plan.run_dir, plan.recipe, error, exp.source)
         status = "diverged" if isinstance(exc, DivergedError) else "failed"
-        if not quiet:
-            if not isinstance(exc, FinetuneError):  # a bug, not a user error: keep the traceback
-                console.print(traceback.format_exc(), style="dim", highlight=False, markup=False)
-            console.print(f"[red]{prefix} {status}:[/] {error}", highlight=False)
+        if not quiet and not isinstance(exc, FinetuneError):  # a bug, not a user error: keep the traceback
+            console.print(traceback.format_exc(), style="dim", highlight=False, markup=False)
+        # Even with -q: a failure that happened before the run could write its folder (a resume
+        # refused, say) is recorded nowhere else.
+        console.print(f"[red]{prefix} {status}:[/] {escape(error)}", highlight=False)
         return VariantResult(plan.name, status, plan.run_dir, error)
     return VariantResult(plan.name, "finished", plan.run_dir)
 
