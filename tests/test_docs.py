@@ -296,14 +296,35 @@ def test_getting_started_commands_run_in_order(offline_folder):
     assert (offline_folder / "runs" / "quick_report" / "report.md").is_file()
 
 
-def test_the_readme_study_table_is_made_from_the_committed_results_file():
-    """The README's head-only vs full vs scratch table is tools/study_table.py's output for the
-    committed study.csv, so every figure in it can be regenerated from that file."""
-    text = README.read_text()
-    match = re.search(r"<!-- study-table: made by tools/study_table.py (\S+) -->\n(.*?)\n<!-- /study-table -->", text, re.S)
-    assert match, "README.md has no study table between its markers"
-    csv_path = REPO_ROOT / match.group(1)
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "study_table.py"), str(csv_path)],
-                            capture_output=True, text=True, check=True)
+STUDY_TABLE = re.compile(r"<!-- study-table: made by tools/study_table.py (\S+)( --costs)? -->\n(.*?)\n<!-- /study-table -->", re.S)
+
+
+def test_the_study_tables_are_made_from_the_committed_results_file():
+    """The README's head-only vs full vs scratch table and the results page's cost table are
+    tools/study_table.py's output for the committed study.csv, so every figure in them can be
+    regenerated from that file."""
+    tables = {page.name: STUDY_TABLE.findall(page.read_text()) for page in (README, DOCS / "results.md")}
+    assert [costs for _, costs, _ in tables["README.md"]] == [""], "README.md needs one study table between markers"
+    assert " --costs" in [costs for _, costs, _ in tables["results.md"]], "docs/results.md has no cost table"
+    for page, found in tables.items():
+        for csv_name, costs, shown in found:
+            result = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "study_table.py"),
+                                     str(REPO_ROOT / csv_name), *costs.split()], capture_output=True, text=True, check=True)
+            assert shown == result.stdout.strip(), f"{page}: the table made from {csv_name}{costs} differs"
+            if costs:
+                assert " s |" in shown and "| - |" not in shown  # every cell a measured time
+            else:
+                assert "± " in shown  # means with a spread over seeds, not single runs
+
+
+def test_the_convergence_table_is_made_from_the_committed_results_file():
+    """The results page's "long enough?" table is tools/study_convergence.py's output for the
+    committed convergence.csv (every run's last rise of validation top-1)."""
+    text = (DOCS / "results.md").read_text()
+    match = re.search(r"<!-- convergence-table: made by tools/study_convergence.py --from-csv (\S+) -->\n(.*?)\n"
+                      r"<!-- /convergence-table -->", text, re.S)
+    assert match, "docs/results.md has no convergence table between its markers"
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "study_convergence.py"), "--from-csv",
+                             str(REPO_ROOT / match.group(1))], capture_output=True, text=True, check=True)
     assert match.group(2) == result.stdout.strip()
-    assert "± " in match.group(2)  # means with a spread over seeds, not single runs
+    assert match.group(2).count("\n| ") >= 2  # a row per training-set size
