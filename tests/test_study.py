@@ -164,6 +164,22 @@ def test_the_study_report_averages_seeds_per_variant_and_size(finished_study):
     assert (exp.dir / "study_tradeoff.png").read_bytes()[:8] == PNG_MAGIC
 
 
+def test_the_study_figure_shows_each_points_fastest_seed(finished_study):
+    """study.png's time panel: per point the training time of the fastest seed (a run slowed by
+    another process on the machine must not move it), beside every seed's score."""
+    from finetune.experiments.study_report import _series, study_cells
+
+    _, exp, _ = finished_study
+    runs = [read_run(exp.dir / name) for name, _ in exp.variants]
+    series = _series(study_cells(runs, exp.study, "val"), exp.study, "val")
+    assert sorted(series) == ["full", "head"]
+    for variant, points in series.items():
+        for x, scores, time_s in points:
+            seeds = [read_run(exp.dir / f"{variant}_s{s}_n{x}") for s in (0, 1)]
+            assert time_s == min(r.train_time_s for r in seeds)
+            assert scores == [100 * r.best_test_acc1 for r in seeds]
+
+
 def test_the_convergence_tool_reads_each_runs_last_rise_of_validation(finished_study, tmp_path):
     """tools/study_convergence.py: every finished run with two evaluations, in the study's order,
     the last rise of validation top-1 exact, the table's cell its mean over seeds, and the same

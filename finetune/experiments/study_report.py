@@ -203,7 +203,9 @@ def _last_x(cells: Sequence[StudyCell], x_key: str) -> Any:
 
 def _series(cells: Sequence[StudyCell], study: Study, basis: str) -> dict[str, list[tuple[Any, list[float], float | None]]]:
     """Per line of ``study.png`` (a variant, plus any other non-repeat axis): ``(x, scores in %,
-    mean training time in s)`` per point with at least one finished run."""
+    training time in s of the fastest seed)`` per point with at least one finished run. The fastest,
+    not the mean: another process on the machine can only slow a run down, and one slowed run
+    would move the mean of three far from what the point costs on a machine alone."""
     x_key, others = study.x_key, [k for k in _columns(study) if k != study.x_key]
     series: dict[str, list] = {}
     for c in cells:
@@ -212,5 +214,5 @@ def _series(cells: Sequence[StudyCell], study: Study, basis: str) -> dict[str, l
         label = c.variant + "".join(f", {k.rsplit('.', 1)[-1]}={format_value(c.point.get(k))}" for k in others)
         times = [r.train_time_s for r in c.scored if r.train_time_s is not None]
         scores = [100 * s for r in c.scored if (s := _score(r, basis)) is not None and math.isfinite(s)]
-        series.setdefault(label, []).append((c.point.get(x_key), scores, statistics.fmean(times) if times else None))
+        series.setdefault(label, []).append((c.point.get(x_key), scores, min(times) if times else None))
     return series

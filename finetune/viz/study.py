@@ -27,10 +27,10 @@ def plot_study(
     seeds: str,
 ) -> Path:
     """Two panels: the score against ``x_key`` per series (the mean as a line, each seed as a dot,
-    a bar over +-1 standard deviation), and the mean training time against ``x_key``.
+    a bar over +-1 standard deviation), and the training time of the fastest seed against ``x_key``.
 
     Args:
-        series: label -> ``(x value, scores in %, mean training time in s or None)`` per point.
+        series: label -> ``(x value, scores in %, training time in s or None)`` per point.
         x_key: the dotted recipe key along the x-axis; numbers spanning 10x or more get a log axis.
         out_png: where to write the PNG.
         basis: ``val`` (scores are test top-1 at the epoch chosen on validation) or ``final``
@@ -67,7 +67,7 @@ def plot_study(
         elif not numeric:
             ax.set_xticks(list(order.values()), list(order))
     acc_ax.set(ylabel=score, title=f"Accuracy against {x_label}")
-    time_ax.set(ylabel="training time per run (s, mean)", title="What each point cost")
+    time_ax.set(ylabel="training time per run (s, fastest seed)", title="What each point cost")
     acc_ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(f"Study: mean of {seeds} per point, bars +-1 std, dots single seeds; {RANKED_ON[basis]}")
     return save_figure(fig, out_png)
