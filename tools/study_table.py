@@ -9,9 +9,8 @@ resting on fewer seeds than asked says how many). With ``--costs`` each cell is 
 training time of the fastest of the finished runs (evaluation not counted; the fastest, because
 another process sharing the machine can only slow a run down, so it is the nearest to the machine
 alone), beside each variant's trainable parameters and the memory their gradients and optimizer
-state take. ``tests/test_docs.py`` checks that the
-README's and the results page's tables are exactly this output, so their figures always come from
-the results file.
+state take. ``tests/test_docs.py`` checks that the README's and the results page's tables are
+exactly this output, so their figures always come from the results file.
 """
 
 from __future__ import annotations
@@ -21,11 +20,17 @@ import sys
 from pathlib import Path
 
 
-def study_table(csv_path: Path) -> str:
+def _read(csv_path: Path) -> tuple[list[str], list[str], dict[tuple[str, str], dict[str, str]]]:
+    """The study's sizes and variants in its order, and its rows by (variant, size)."""
     rows = list(csv.DictReader(csv_path.open()))
     sizes = list(dict.fromkeys(r["data.train_subset"] for r in rows))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     cell = {(r["variant"], r["data.train_subset"]): r for r in rows}
+    return sizes, variants, cell
+
+
+def study_table(csv_path: Path) -> str:
+    sizes, variants, cell = _read(csv_path)
     head = "| variant | trainable params | " + " | ".join(f"{int(s):,} images" for s in sizes) + " |"
     out = [head, "| --- | ---: | " + " | ".join("---:" for _ in sizes) + " |"]
     for v in variants:
@@ -48,10 +53,7 @@ def study_table(csv_path: Path) -> str:
 
 
 def cost_table(csv_path: Path) -> str:
-    rows = list(csv.DictReader(csv_path.open()))
-    sizes = list(dict.fromkeys(r["data.train_subset"] for r in rows))
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
-    cell = {(r["variant"], r["data.train_subset"]): r for r in rows}
+    sizes, variants, cell = _read(csv_path)
     head = ("| variant | trainable params | grad + optimizer state | "
             + " | ".join(f"{int(s):,} images" for s in sizes) + " |")
     out = [head, "| --- | ---: | ---: | " + " | ".join("---:" for _ in sizes) + " |"]
