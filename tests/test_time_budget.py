@@ -183,6 +183,17 @@ def test_a_budgeted_run_takes_exactly_its_planned_steps_and_records_the_plan(tmp
     assert "time budget 0.03 min: a training step takes" in result.output
 
 
+def test_a_budget_with_an_epoch_of_warm_up_and_the_default_epochs_logs_no_scheduler_warning(tmp_path, caplog):
+    """train.epochs is ignored with a budget, so its default (1) beside a one-epoch warm-up is a
+    valid recipe: neither the probe's schedule nor the run's may be an empty cosine (timm warns)."""
+    recipe = quick(tmp_path, "train.time_budget=0.02", "train.epochs=1", "schedule.name=cosine",
+                   "schedule.warmup_epochs=1", NO_PLOTS)
+    with caplog.at_level("WARNING"):
+        summary = run(recipe, quiet=True)
+    assert summary["status"] == "finished" and summary["time_budget"]["planned_steps"] >= 1
+    assert not [r for r in caplog.records if "no effect on the learning rate" in r.getMessage()]
+
+
 def test_the_probe_leaves_the_run_as_a_run_with_the_same_plan_and_no_probe(tmp_path, monkeypatch):
     # Drop path, Mixup and random crops draw from every random stream the probe must leave alone.
     args = ("train.time_budget=0.02", "model.drop_path_rate=0.2", "train.mixup_alpha=0.4", "train.ema=true",

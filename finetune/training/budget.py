@@ -25,7 +25,7 @@ import torch
 
 from ..errors import CheckpointError, FinetuneError
 from ..recipe import Recipe
-from .components import build_clipper, build_ema, build_scheduler
+from .components import build_clipper, build_ema, build_scheduler, warmup_steps
 from .device import synchronize
 from .loop import _optimizer_step, train_micro_batch
 from .state import Meters, Progress, TrainState, capture_rng, restore_rng
@@ -172,7 +172,10 @@ def _probe_state(state: TrainState, wrap: Callable[..., tuple[Any, Any]]) -> Tra
     forward, no_sync = wrap(model, r, state.device, state.processes)
     return dataclasses.replace(
         state, model=model, forward=forward, no_sync=no_sync, optimizer=optimizer, scaler=scaler,
-        scheduler=build_scheduler(r, optimizer, state.steps_per_epoch),
+        # The warm-up then an epoch of decay: train.epochs means nothing before the plan, and a
+        # schedule sized by it (1 epoch of warm-up in 1 epoch) would be an empty cosine.
+        scheduler=build_scheduler(r, optimizer, state.steps_per_epoch,
+                                  warmup_steps(r, state.steps_per_epoch) + state.steps_per_epoch),
         ema=build_ema(r, model, 1, note=False), clip_gradients=build_clipper(r, model, scaler, optimizer),
         progress=Progress(), meters=Meters.on(state.device), stop_requested=None, budget=None,
     )
