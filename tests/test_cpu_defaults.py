@@ -144,25 +144,32 @@ def test_a_run_records_its_optimizer_kernel_and_fused_matches_the_loop(tmp_path)
     assert summaries["true"]["final_loss"] == pytest.approx(summaries["false"]["final_loss"], rel=1e-3)
 
 
-@pytest.mark.parametrize("name", ["vit_lab_fast", "vit_cifar_cpu"])
+@pytest.mark.parametrize("name", ["vit_lab_fast", "vit_cifar_cpu_15min", "vit_cifar_cpu", "vit_cifar_cpu_60min"])
 def test_the_cpu_recipes_run_as_shipped_on_a_small_synthetic_set(tmp_path, name):
     """The CPU recipes resolve to what their headers promise and run end to end (on 96 synthetic
-    images instead of CIFAR-10, one epoch): precision measured, fused steps, validation kept."""
+    images instead of CIFAR-10, one epoch): fused steps, validation kept; the lab's recipe measures
+    its precision, the budgeted ones are fp32 in channels-last memory and plan from their budget."""
+    budgeted = name != "vit_lab_fast"
     recipe = load_recipe(REPO_ROOT / "recipes" / f"{name}.yaml", [
         f"output.dir={tmp_path}", "output.plots=false", "train.epochs=1", "data.name=synthetic",
         "data.synthetic_train=96", "data.synthetic_test=32", "data.batch_size=16",
-        *(["data.val_split=16"] if name == "vit_cifar_cpu" else [])])
-    assert recipe.train.precision == "auto" and recipe.optim.fused is None and recipe.train.cpu_threads is None
+        *(["data.val_split=16", "train.time_budget=null"] if budgeted else [])])
+    assert recipe.optim.fused is None and recipe.train.cpu_threads is None
+    assert recipe.train.precision == ("fp32" if budgeted else "auto")
     summary = run(recipe, quiet=True)
     assert summary["status"] == "finished" and summary["optimizer_kernel"] == "fused"
-    assert summary["precision"] in ("fp32", "bf16") and summary["precision_choice"]["chosen"] == summary["precision"]
     if name == "vit_lab_fast":  # the lab's model, unchanged: only the recipe differs
+        assert summary["precision"] in ("fp32", "bf16") and summary["precision_choice"]["chosen"] == summary["precision"]
         lab = load_recipe(REPO_ROOT / "recipes" / "vit_lab_cifar.yaml")
         assert recipe.model == lab.model and recipe.data.mean == lab.data.mean and summary["arch"] == "vit_lab"
     else:
         shipped = load_recipe(REPO_ROOT / "recipes" / f"{name}.yaml")
+        minutes = {"vit_cifar_cpu_15min": 15, "vit_cifar_cpu": 30, "vit_cifar_cpu_60min": 60}[name]
+        assert shipped.train.time_budget == minutes and shipped.train.channels_last
         assert shipped.data.val_split == 5000 and summary["arch"] == "vit_cifar_conv"
-        assert summary["selection"] == "val" and summary["val_images"] == 16
+        assert summary["selection"] == "val" and summary["val_images"] == 16 and summary["precision"] == "fp32"
+        # The three budgets train one model: only the minutes (and how often the hour evaluates) differ.
+        assert shipped.model == load_recipe(REPO_ROOT / "recipes" / "vit_cifar_cpu.yaml").model
 
 
 def test_the_conv_tokenizer_model_resumes_bit_identically(tmp_path, monkeypatch):

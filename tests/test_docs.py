@@ -44,6 +44,10 @@ README_COMMANDS = {
     "finetune eval runs/deit_tiny_cifar": ("error", "runs/deit_tiny_cifar"),
     "finetune predict runs/deit_tiny_cifar cat.jpg --topk 3": ("error", "cat.jpg does not exist"),
     "finetune resume runs/deit_tiny_cifar": ("error", "runs/deit_tiny_cifar"),
+    "finetune run recipes/vit_cifar_cpu_15min.yaml data.name=imagefolder data.root=data/cifar10-jpeg":
+        ("error", "data/cifar10-jpeg"),
+    "finetune run recipes/vit_cifar_cpu_60min.yaml data.name=imagefolder data.root=data/cifar10-jpeg":
+        ("error", "data/cifar10-jpeg"),
     "finetune compare recipes/transfer_pos_embed.yaml data.name=imagefolder data.root=data/cifar10-jpeg":
         ("dry-run", "runs/transfer_pretrain"),
     "finetune compare recipes/compare_cifar.yaml": ("dry-run", "deit_tiny_patch16_224"),
