@@ -168,7 +168,7 @@ def test_the_cpu_recipes_run_as_shipped_on_a_small_synthetic_set(tmp_path, name)
         assert shipped.train.time_budget == minutes and shipped.train.channels_last
         assert shipped.data.val_split == 5000 and summary["arch"] == "vit_cifar_conv"
         assert summary["selection"] == "val" and summary["val_images"] == 16 and summary["precision"] == "fp32"
-        # The three budgets train one model: only the minutes (and how often the hour evaluates) differ.
+        # The three budgets train one model.
         assert shipped.model == load_recipe(REPO_ROOT / "recipes" / "vit_cifar_cpu.yaml").model
 
 
